@@ -1,0 +1,1 @@
+"""Dataset -> webdataset shards (see the data issue)."""

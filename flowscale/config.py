@@ -1,0 +1,271 @@
+"""The typed config tree. Every field has a docstring (shown by ``flowscale train --help``).
+
+Loaded from a YAML file in ``configs/`` and dotted command-line overrides::
+
+    flowscale train configs/demo.yaml model.levels=2 optim.lr=1e-3
+
+Types and ``Literal`` choices are enforced by OmegaConf structured configs; ranges and
+cross-field rules by ``__post_init__``. Every problem is raised before any work starts as a
+:class:`ConfigError` naming the field and what is allowed. The resolved config is written to
+``<run_dir>/config.yaml``.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import textwrap
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A bad config key or value; the message names the field and what is allowed."""
+
+
+def _check(cond: bool, name: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"config field '{name}': {msg}")
+
+
+@dataclass
+class ModelConfig:
+    preset: Literal["nice", "realnvp", "glow"] = "glow"
+    """Architecture family. Fills every layer choice below that is left unset (null):
+    nice = additive coupling, reverse permutation, no ActNorm; realnvp = affine coupling with
+    tanh-bounded scales, checkerboard then channel masks, fixed N(0,I) priors; glow = ActNorm,
+    invertible 1x1 conv, affine coupling with sigmoid(h+2) scales, learned priors."""
+    levels: int = 3
+    """L, the number of scales (each: squeeze, K steps, split). image_size must be divisible by 2^L."""
+    steps: int = 4
+    """K, flow steps per level."""
+    width: int = 64
+    """Hidden channels of each coupling network."""
+    coupling: Optional[Literal["additive", "affine"]] = None
+    """Coupling kind; null = the preset's choice (nice: additive; realnvp, glow: affine)."""
+    mask: Optional[Literal["channel", "checkerboard", "alternate"]] = None
+    """Which inputs condition a coupling: channel halves, pixel checkerboard, or alternate =
+    checkerboard for the first half of each level's steps then channel (RealNVP). null = preset's."""
+    permutation: Optional[Literal["none", "reverse", "shuffle", "invconv", "invconv_lu"]] = None
+    """Channel mixing before each coupling; "none" alternates the mask parity instead. null = preset's."""
+    scale_fn: Optional[Literal["sigmoid", "tanh", "exp_clamp"]] = None
+    """Bounded scale of affine couplings: sigmoid(h+2) (Glow), alpha*tanh(h)+beta (RealNVP-style,
+    learned alpha, beta), or exp of a soft-clamped log-scale. null = preset's."""
+    clamp: float = 2.0
+    """Bound on |log scale| for scale_fn=exp_clamp."""
+    actnorm: Optional[bool] = None
+    """ActNorm at the start of every step. null = preset's (nice: false; realnvp, glow: true)."""
+    split_prior: Optional[Literal["learned", "fixed"]] = None
+    """Prior on each factored-out half: learned N(mu(z1), sigma(z1)) (Glow) or fixed N(0, I). null = preset's."""
+    learn_top: Optional[bool] = None
+    """Learned per-channel mean/scale of the top prior (Glow learntop). null = preset's."""
+    num_classes: int = 0
+    """> 0 makes the top prior class-conditional (Glow ycond) on labels in [0, num_classes)."""
+    lu_max_log_s: Optional[float] = None
+    """For permutation=invconv_lu: soft bound on |log| of the diagonal of U (conditioning of W); null = unbounded."""
+    seed: int = 0
+    """Seed for fixed permutations and the initial 1x1-conv rotations (weights use train.seed)."""
+
+    def __post_init__(self):
+        _check(self.levels >= 1, "model.levels", f"must be >= 1, got {self.levels}")
+        _check(self.steps >= 1, "model.steps", f"must be >= 1, got {self.steps}")
+        _check(self.width >= 1, "model.width", f"must be >= 1, got {self.width}")
+        _check(self.clamp > 0, "model.clamp", f"must be > 0, got {self.clamp}")
+        _check(self.num_classes >= 0, "model.num_classes", f"must be >= 0, got {self.num_classes}")
+
+
+@dataclass
+class DataConfig:
+    dataset: Literal["demo"] = "demo"
+    """Where images come from. demo = 32x32 crops of the RGB photos bundled with scikit-image
+    (train: astronaut, coffee, hubble_deep_field, ihc, motorcycle_left, retina; test: chelsea, rocket)."""
+    image_size: int = 32
+    """Height = width of training images in pixels."""
+    channels: int = 3
+    """Image channels (3 = RGB)."""
+    n_bits: int = 8
+    """Bits per colour channel after reduction x -> floor(x / 2^(8 - n_bits)); Glow's CelebA-HQ runs use 5."""
+    batch_size: int = 32
+    """Images per optimisation step (global batch)."""
+    train_size: int = 8192
+    """demo: number of training crops drawn (deterministically from data.seed)."""
+    test_size: int = 1024
+    """demo: number of held-out test crops."""
+    seed: int = 0
+    """Seed for building the demo crops and for the data order."""
+
+    def __post_init__(self):
+        _check(1 <= self.n_bits <= 8, "data.n_bits", f"must be in 1..8, got {self.n_bits}")
+        _check(self.image_size >= 2, "data.image_size", f"must be >= 2, got {self.image_size}")
+        _check(self.channels >= 1, "data.channels", f"must be >= 1, got {self.channels}")
+        _check(self.batch_size >= 1, "data.batch_size", f"must be >= 1, got {self.batch_size}")
+        _check(self.train_size >= 1, "data.train_size", f"must be >= 1, got {self.train_size}")
+        _check(self.test_size >= 1, "data.test_size", f"must be >= 1, got {self.test_size}")
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["adam", "adamw", "adamax"] = "adam"
+    """Optimizer (torch implementations)."""
+    lr: float = 1e-3
+    """Peak learning rate, reached after warmup_steps."""
+    warmup_steps: int = 50
+    """Linear warmup from 0 to lr over this many steps (Glow uses warmup; ActNorm-initialised flows need it)."""
+    decay: Literal["none", "cosine"] = "none"
+    """Learning-rate decay after warmup."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay (adamw) or L2 penalty (adam, adamax)."""
+    grad_clip: float = 50.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """Adam beta1, beta2."""
+
+    def __post_init__(self):
+        _check(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
+        _check(self.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        _check(self.grad_clip >= 0, "optim.grad_clip", f"must be >= 0 (0 = off), got {self.grad_clip}")
+        _check(all(0 <= b < 1 for b in self.betas), "optim.betas", f"each must be in [0, 1), got {self.betas}")
+
+
+@dataclass
+class MemoryConfig:
+    inverse_recompute: bool = False
+    """Memory-saving backprop: keep only each level's output and rebuild activations in backward
+    by running the steps' inverses (activation memory flat in model.steps)."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 500
+    """Optimisation steps to run (the loop stops at this global step)."""
+    run_dir: str = "runs/demo"
+    """Directory for config.yaml, checkpoints, samples and logs. Re-running resumes from it."""
+    seed: int = 0
+    """Seed for weight init, dequantisation noise and sampling."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto = cuda when available, else cpu."""
+    log_every: int = 50
+    """Print train bits/dim every this many steps."""
+    eval_every: int = 250
+    """Compute test bits/dim every this many steps (and at the end); 0 = only at the end."""
+    sample_every: int = 250
+    """Write a sample grid PNG every this many steps (and at the end); 0 = only at the end."""
+    checkpoint_every: int = 250
+    """Save a checkpoint every this many steps (and at the end)."""
+    keep_last: int = 2
+    """Checkpoints to keep (older ones are deleted)."""
+    temperatures: list[float] = field(default_factory=lambda: [0.0, 0.7, 1.0])
+    """Sampling temperatures for the sample grids."""
+    init_batch_size: int = 256
+    """Images used for the data-dependent ActNorm initialisation."""
+    progress: bool = True
+    """Show a tqdm progress bar when stdout is a terminal (plain log lines otherwise)."""
+
+    def __post_init__(self):
+        _check(self.steps >= 1, "train.steps", f"must be >= 1, got {self.steps}")
+        for name in ("log_every", "checkpoint_every"):
+            _check(getattr(self, name) >= 1, f"train.{name}", f"must be >= 1, got {getattr(self, name)}")
+        for name in ("eval_every", "sample_every"):
+            _check(getattr(self, name) >= 0, f"train.{name}", f"must be >= 0, got {getattr(self, name)}")
+        _check(self.keep_last >= 1, "train.keep_last", f"must be >= 1, got {self.keep_last}")
+        _check(all(t >= 0 for t in self.temperatures), "train.temperatures", f"must be >= 0, got {self.temperatures}")
+        _check(self.init_batch_size >= 1, "train.init_batch_size", f"must be >= 1, got {self.init_batch_size}")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The flow architecture."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Images, bit depth, batch size."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer and learning-rate schedule."""
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    """Memory-saving options."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """The training loop, run directory, logging and checkpoint cadence."""
+
+    def __post_init__(self):
+        size, levels = self.data.image_size, self.model.levels
+        _check(size % (2 ** levels) == 0, "model.levels",
+               f"data.image_size={size} must be divisible by 2^levels={2 ** levels}; lower model.levels or change the size")
+
+
+# -- loading ---------------------------------------------------------------------------------
+
+def _format_omegaconf_error(e: OmegaConfBaseException) -> str:
+    key = getattr(e, "full_key", None) or "?"
+    msg = str(e).split("\n")[0]
+    return f"config field '{key}': {msg}"
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults <- YAML file (optional) <- ``key.sub=value`` overrides; validated to a Config."""
+    schema = OmegaConf.structured(Config)
+    try:
+        layers = [schema]
+        if path is not None:
+            p = Path(path)
+            if not p.is_file():
+                raise ConfigError(f"config file '{p}' not found (give a YAML file such as configs/demo.yaml)")
+            loaded = OmegaConf.load(p)
+            if loaded is None or not hasattr(loaded, "keys"):
+                raise ConfigError(f"config file '{p}' must hold a mapping of sections (model:, data:, ...)")
+            layers.append(loaded)
+        for o in overrides:
+            if "=" not in o:
+                raise ConfigError(f"override '{o}' must look like section.field=value, e.g. model.levels=2")
+        if overrides:
+            layers.append(OmegaConf.from_dotlist(list(overrides)))
+        merged = OmegaConf.merge(*layers)
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        raise ConfigError(_format_omegaconf_error(e)) from None
+
+
+def from_dict(d: dict) -> Config:
+    """A Config from a plain dict (as saved in checkpoints), validated like a YAML file."""
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(d)))
+    except OmegaConfBaseException as e:
+        raise ConfigError(_format_omegaconf_error(e)) from None
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return OmegaConf.to_container(OmegaConf.structured(cfg))
+
+
+# -- field docs (for --help and the docstring test) -----------------------------------------
+
+def field_docs(cls) -> dict[str, str]:
+    """{field name: its attribute docstring} for a config dataclass."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
+                docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def describe_fields(cls=Config, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted name, default, doc) for every leaf field of the tree."""
+    rows = []
+    docs = field_docs(cls)
+    default = cls()
+    for f in fields(cls):
+        value = getattr(default, f.name)
+        if is_dataclass(value):
+            rows.extend(describe_fields(type(value), f"{prefix}{f.name}."))
+        else:
+            rows.append((f"{prefix}{f.name}", repr(value), docs.get(f.name, "")))
+    return rows

@@ -1,0 +1,1 @@
+"""Invertible layers and the multi-scale flows built from them."""

@@ -1,0 +1,99 @@
+"""ActNorm (Glow, Kingma & Dhariwal 2018): per-channel affine map with data-dependent init.
+
+    z = (x + bias) * exp(logs)          logdet = H * W * sum_c logs_c
+
+The data-dependent initialisation (zero mean, unit variance per channel on a first batch) is
+an explicit step, :func:`initialize_actnorm`, run once before training and before any
+distributed wrapper is applied. It is never done lazily inside ``forward``: under DeepSpeed a
+lazy init diverges across ranks, is overwritten by fp32 master weights, or is never applied
+under ZeRO-3. Statistics are all-reduced across ranks when a process group is up, so every
+rank gets the same parameters. Whether a layer was initialised is a buffer, saved in the
+state dict, so reloading a checkpoint never re-initialises.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .base import Flow
+
+
+class ActNorm(Flow):
+    """Per-channel scale and bias on [B, C, H, W] (or [B, C]) inputs.
+
+    Args:
+        channels: C.
+        scale: target standard deviation after data-dependent init (Glow uses 1).
+    """
+
+    def __init__(self, channels: int, scale: float = 1.0):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(1, channels, 1, 1))
+        self.logs = nn.Parameter(torch.zeros(1, channels, 1, 1))
+        self.scale = scale
+        self.register_buffer("initialized", torch.tensor(False))
+
+    def _view(self, p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return p.view(1, -1) if x.dim() == 2 else p
+
+    def _spatial(self, x: torch.Tensor) -> int:
+        return 1 if x.dim() == 2 else x.shape[2] * x.shape[3]
+
+    def _logdet(self, x: torch.Tensor) -> torch.Tensor:
+        ld = self.logs.float().sum() * self._spatial(x)
+        return ld.expand(x.shape[0])
+
+    def _forward(self, x, cond):
+        b, s = self._view(self.bias, x), self._view(self.logs, x)
+        z = (x + b.to(x.dtype)) * torch.exp(s).to(x.dtype)
+        return z, self._logdet(x)
+
+    def _inverse(self, z, cond):
+        b, s = self._view(self.bias, z), self._view(self.logs, z)
+        x = z * torch.exp(-s).to(z.dtype) - b.to(z.dtype)
+        return x, -self._logdet(z)
+
+    @torch.no_grad()
+    def data_init(self, x: torch.Tensor) -> None:
+        """Set bias/logs so the output of ``x`` has zero mean and std ``scale`` per channel."""
+        dims = [0] if x.dim() == 2 else [0, 2, 3]
+        xf = x.double()
+        stats = torch.stack([
+            torch.full_like(xf.sum(dim=dims), float(xf.numel() // x.shape[1])),
+            xf.sum(dim=dims),
+            (xf * xf).sum(dim=dims),
+        ])
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(stats)  # exact global mean/var, identical on every rank
+        n, s1, s2 = stats
+        mean = s1 / n
+        var = (s2 / n - mean * mean).clamp_min(0)
+        self.bias.copy_((-mean).view_as(self.bias).to(self.bias.dtype))
+        self.logs.copy_(torch.log(self.scale / (var.sqrt() + 1e-6)).view_as(self.logs).to(self.logs.dtype))
+        self.initialized.fill_(True)
+
+
+@torch.no_grad()
+def initialize_actnorm(model: nn.Module, *inputs, **kwargs) -> int:
+    """Run ``model(*inputs, **kwargs)`` once, initialising every not-yet-initialised ActNorm
+    from the activations that reach it (in network order). Returns how many were initialised.
+
+    Call on the raw single-device module, on every rank, before wrapping it for training.
+    """
+    pending = [m for m in model.modules() if isinstance(m, ActNorm) and not bool(m.initialized)]
+
+    def hook(module, args, kwargs_):
+        x = args[0]
+        # An ActNorm run in reverse sees latent-side inputs; data init is defined on the data side.
+        if not kwargs_.get("reverse", False) and not bool(module.initialized):
+            module.data_init(x)
+
+    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in pending]
+    try:
+        model(*inputs, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    return sum(bool(m.initialized) for m in pending)

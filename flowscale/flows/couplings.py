@@ -1,0 +1,120 @@
+"""Coupling layers (NICE additive, RealNVP/Glow affine) with channel or checkerboard masks.
+
+Split x into a conditioning part x_a (kept) and a transformed part x_b; h = net(x_a):
+
+    additive:  z_b = x_b + h                                 logdet = 0
+    affine:    z_b = (x_b + t) * exp(log_s),  (t, raw) = h    logdet = sum log_s
+
+``t`` takes the even output channels and ``raw`` the odd ones (Glow's layout). log_s is a
+bounded function of ``raw`` chosen by name (``scale_fn``):
+
+    "sigmoid":    log_s = log sigmoid(raw + 2)                    Glow; s in (0, 1)
+    "tanh":       log_s = alpha_c * tanh(raw) + beta_c            learned per-channel alpha (init 1), beta (init 0)
+    "exp_clamp":  log_s = clamp * (2/pi) * atan(raw / clamp)      soft clamp, |log_s| < clamp
+
+Bounded scales keep the inverse well conditioned, which the inverse-recompute backprop needs.
+Masks: "channel" splits channels in halves; "checkerboard" splits pixels by (h + w) parity.
+``parity`` swaps which half is kept, so alternating layers transform both halves.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import Flow, sum_except_batch, zeros_logdet
+
+NetFactory = Callable[[int, int], nn.Module]
+ScaleFn = Literal["sigmoid", "tanh", "exp_clamp"]
+
+
+class Coupling(Flow):
+    """Additive or affine coupling on [B, C, H, W].
+
+    Args:
+        channels: C.
+        net: constructor ``(in_channels, out_channels) -> module``; its output layer should be
+            zero-initialised so the layer starts as the identity.
+        kind: "additive" (NICE) or "affine" (RealNVP/Glow).
+        mask: "channel" or "checkerboard".
+        parity: 0 or 1, which half conditions the other.
+        scale_fn: see module docstring (affine only).
+        clamp: bound for "exp_clamp".
+    """
+
+    def __init__(self, channels: int, net: NetFactory, kind: Literal["additive", "affine"] = "affine",
+                 mask: Literal["channel", "checkerboard"] = "channel", parity: int = 0,
+                 scale_fn: ScaleFn = "sigmoid", clamp: float = 2.0):
+        super().__init__()
+        if mask == "channel" and channels < 2:
+            raise ValueError("a channel-mask coupling needs at least 2 channels")
+        self.kind, self.mask, self.parity, self.scale_fn, self.clamp = kind, mask, parity, scale_fn, clamp
+        if mask == "channel":
+            c_a = channels // 2 if parity == 0 else channels - channels // 2
+            c_b = channels - c_a
+            n_in, n_b = c_a, c_b
+        else:
+            n_in, n_b = channels, channels
+        self.n_b = n_b
+        self.net = net(n_in, n_b if kind == "additive" else 2 * n_b)
+        if kind == "affine" and scale_fn == "tanh":
+            self.alpha = nn.Parameter(torch.ones(1, n_b, 1, 1))
+            self.beta = nn.Parameter(torch.zeros(1, n_b, 1, 1))
+
+    # -- masks -------------------------------------------------------------------------
+    def _split(self, x):
+        """(x_a, x_b, b_mask): the conditioning input, the transformed input, and a mask of
+        the transformed positions (None for channel masks)."""
+        if self.mask == "channel":
+            c = x.shape[1]
+            c_a = c // 2 if self.parity == 0 else c - c // 2
+            return x[:, :c_a], x[:, c_a:], None
+        h, w = x.shape[2], x.shape[3]
+        grid = (torch.arange(h, device=x.device)[:, None] + torch.arange(w, device=x.device)[None, :] + self.parity) % 2
+        keep = (grid == 0).to(x.dtype)[None, None]
+        return x * keep, x, 1 - keep
+
+    def _merge(self, x_a, z_b, b_mask):
+        if b_mask is None:
+            return torch.cat([x_a, z_b], dim=1)
+        return x_a + z_b * b_mask  # x_a is already zero at the transformed positions
+
+    def _log_scale(self, raw):
+        if self.scale_fn == "sigmoid":
+            return F.logsigmoid(raw + 2.0)
+        if self.scale_fn == "tanh":
+            return self.alpha.to(raw.dtype) * torch.tanh(raw) + self.beta.to(raw.dtype)
+        if self.scale_fn == "exp_clamp":
+            return self.clamp * (2 / math.pi) * torch.atan(raw / self.clamp)
+        raise ValueError(f"unknown scale_fn {self.scale_fn!r}")
+
+    def _params(self, x_a):
+        h = self.net(x_a)
+        if self.kind == "additive":
+            return h, None
+        return h[:, 0::2], self._log_scale(h[:, 1::2])
+
+    # -- the bijection -----------------------------------------------------------------
+    def _forward(self, x, cond):
+        x_a, x_b, b_mask = self._split(x)
+        t, log_s = self._params(x_a)
+        if log_s is None:
+            return self._merge(x_a, x_b + t, b_mask), zeros_logdet(x)
+        z_b = (x_b + t) * torch.exp(log_s)
+        if b_mask is not None:
+            log_s = log_s * b_mask
+        return self._merge(x_a, z_b, b_mask), sum_except_batch(log_s)
+
+    def _inverse(self, z, cond):
+        z_a, z_b, b_mask = self._split(z)
+        t, log_s = self._params(z_a)
+        if log_s is None:
+            return self._merge(z_a, z_b - t, b_mask), zeros_logdet(z)
+        x_b = z_b * torch.exp(-log_s) - t
+        if b_mask is not None:
+            log_s = log_s * b_mask
+        return self._merge(z_a, x_b, b_mask), -sum_except_batch(log_s)

@@ -1,0 +1,105 @@
+"""The multi-scale architecture (RealNVP/Glow): L levels of [squeeze -> K steps -> split].
+
+    x [B,C,H,W] -> squeeze -> K steps -> split: keep z_1, factor out z_2 -> eps_1 = prior(z_2 | z_1)
+                -> squeeze -> K steps -> split ...
+                -> squeeze -> K steps -> eps_L = top_prior(z | y)
+
+``MultiScaleFlow`` is itself a flow under the one contract: ``forward(x, cond=y)`` returns
+(list of eps, logdet) and ``log p(x) = sum_l log N(eps_l; 0, I) + logdet``; the inverse takes
+the list back to x. Each level's chain of steps is a :class:`FlowSequence` in
+``level.steps`` so memory tricks (inverse recompute) wrap it from outside.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import Flow, FlowSequence, zeros_logdet
+
+
+class Squeeze(Flow):
+    """Space-to-depth by 2: [B, C, H, W] -> [B, 4C, H/2, W/2]; a permutation (logdet 0)."""
+
+    def _forward(self, x, cond):
+        if x.shape[2] % 2 or x.shape[3] % 2:
+            raise ValueError(f"cannot squeeze spatial size {tuple(x.shape[2:])}: height and width must be even")
+        return F.pixel_unshuffle(x, 2), zeros_logdet(x)
+
+    def _inverse(self, z, cond):
+        return F.pixel_shuffle(z, 2), zeros_logdet(z)
+
+
+class Level(nn.Module):
+    """One scale: squeeze, then ``steps``, then (except at the top) a split with ``prior``.
+
+    ``prior`` is None for a fixed N(0, I) prior on the factored-out half (RealNVP).
+    """
+
+    def __init__(self, steps: FlowSequence, prior: Flow | None, split: bool):
+        super().__init__()
+        self.squeeze = Squeeze()
+        self.steps = steps
+        self.prior = prior
+        self.split = split
+
+
+class MultiScaleFlow(Flow):
+    """x -> ([eps_1, ..., eps_L], logdet); see the module docstring."""
+
+    def __init__(self, levels: list[Level], top_prior: Flow | None):
+        super().__init__()
+        self.levels = nn.ModuleList(levels)
+        self.top_prior = top_prior
+
+    def _forward(self, x, cond):
+        logdet = zeros_logdet(x)
+        eps = []
+        h = x
+        for level in self.levels:
+            h, _ = level.squeeze(h)
+            h, ld = level.steps(h, cond=cond)
+            logdet = logdet + ld
+            if level.split:
+                h, z2 = h.chunk(2, dim=1)
+                if level.prior is not None:
+                    z2, ld = level.prior(z2, cond=h)
+                    logdet = logdet + ld
+                eps.append(z2)
+        if self.top_prior is not None:
+            h, ld = self.top_prior(h, cond=cond)
+            logdet = logdet + ld
+        eps.append(h)
+        return eps, logdet
+
+    def _inverse(self, eps, cond):
+        eps = list(eps)
+        h = eps.pop()
+        logdet = zeros_logdet(h)
+        if self.top_prior is not None:
+            h, ld = self.top_prior(h, cond=cond, reverse=True)
+            logdet = logdet + ld
+        for level in reversed(self.levels):
+            if level.split:
+                z2 = eps.pop()
+                if level.prior is not None:
+                    z2, ld = level.prior(z2, cond=h, reverse=True)
+                    logdet = logdet + ld
+                h = torch.cat([h, z2], dim=1)
+            h, ld = level.steps(h, cond=cond, reverse=True)
+            logdet = logdet + ld
+            h, _ = level.squeeze(h, reverse=True)
+        return h, logdet
+
+    def latent_shapes(self, channels: int, size: int) -> list[tuple[int, int, int]]:
+        """Shapes (C, H, W) of each eps for an input of ``channels`` x ``size`` x ``size``."""
+        shapes = []
+        c, s = channels, size
+        for level in self.levels:
+            c, s = c * 4, s // 2
+            if level.split:
+                shapes.append((c - c // 2, s, s))
+                c = c // 2
+        shapes.append((c, s, s))
+        return shapes

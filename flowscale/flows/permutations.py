@@ -1,0 +1,138 @@
+"""Channel mixing between couplings: fixed permutations and Glow's invertible 1x1 convolution.
+
+Log-determinants and inverses of learned matrices are computed in float64 whatever the
+compute dtype (``slogdet``/``inv``/LU reject bf16, and float32 inverses of a badly
+conditioned W drift); the result is cast back to the activation dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import Flow, zeros_logdet
+
+
+class ChannelPermutation(Flow):
+    """z[:, i] = x[:, perm[i]]; volume preserving (logdet = 0)."""
+
+    def __init__(self, perm: torch.Tensor):
+        super().__init__()
+        self.register_buffer("perm", perm.long().contiguous())
+        self.register_buffer("inv_perm", torch.argsort(perm).long().contiguous())
+
+    def _forward(self, x, cond):
+        return x[:, self.perm], zeros_logdet(x)
+
+    def _inverse(self, z, cond):
+        return z[:, self.inv_perm], zeros_logdet(z)
+
+
+class ReversePermutation(ChannelPermutation):
+    """Reverse the channel order (RealNVP/Glow "reverse")."""
+
+    def __init__(self, channels: int):
+        super().__init__(torch.arange(channels - 1, -1, -1))
+
+
+class ShufflePermutation(ChannelPermutation):
+    """A fixed random channel permutation drawn from ``seed`` (Glow "shuffle")."""
+
+    def __init__(self, channels: int, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        super().__init__(torch.randperm(channels, generator=g))
+
+
+def _random_rotation(channels: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(channels, channels, generator=g, dtype=torch.float64))
+    return q
+
+
+class InvConv1x1(Flow):
+    """Invertible 1x1 convolution z = W x per pixel; logdet = H*W*log|det W| (Glow).
+
+    W starts as a random rotation (|det W| = 1).
+    """
+
+    def __init__(self, channels: int, seed: int = 0):
+        super().__init__()
+        # QR returns a non-contiguous view; DeepSpeed needs contiguous parameters.
+        self.weight = nn.Parameter(_random_rotation(channels, seed).float().contiguous())
+
+    def _hw(self, x):
+        return x.shape[2] * x.shape[3]
+
+    def _forward(self, x, cond):
+        w = self.weight
+        z = F.conv2d(x, w.to(x.dtype)[:, :, None, None])
+        logdet = torch.linalg.slogdet(w.double())[1].to(torch.promote_types(x.dtype, torch.float32))
+        return z, (logdet * self._hw(x)).expand(x.shape[0])
+
+    def _inverse(self, z, cond):
+        w = self.weight.double()
+        w_inv = torch.linalg.inv(w)
+        x = F.conv2d(z, w_inv.to(z.dtype)[:, :, None, None])
+        logdet = torch.linalg.slogdet(w)[1].to(torch.promote_types(z.dtype, torch.float32))
+        return x, (-logdet * self._hw(z)).expand(z.shape[0])
+
+
+class InvConv1x1LU(Flow):
+    """LU-parameterised 1x1 convolution: W = P L (U + diag(sign * exp(log_s))).
+
+    P is fixed, L unit lower-triangular, U strictly upper-triangular; log|det W| = sum(log_s)
+    costs O(C) instead of O(C^3). ``max_log_s`` (optional) soft-bounds |log_s| to keep W's
+    conditioning, and so the accuracy of its inverse, under control.
+    """
+
+    def __init__(self, channels: int, seed: int = 0, max_log_s: float | None = None):
+        super().__init__()
+        w = _random_rotation(channels, seed)
+        p, l, u = torch.linalg.lu(w)
+        s = torch.diagonal(u)
+        self.register_buffer("p", p.float().contiguous())
+        self.register_buffer("sign_s", torch.sign(s).float().contiguous())
+        self.register_buffer("l_mask", torch.tril(torch.ones(channels, channels), -1))
+        self.register_buffer("eye", torch.eye(channels))
+        self.lower = nn.Parameter(l.float().contiguous())
+        self.upper = nn.Parameter(torch.triu(u, 1).float().contiguous())
+        self.log_s = nn.Parameter(torch.log(s.abs()).float().contiguous())
+        self.max_log_s = max_log_s
+
+    def _bounded_log_s(self) -> torch.Tensor:
+        if self.max_log_s is None:
+            return self.log_s
+        return self.max_log_s * torch.tanh(self.log_s / self.max_log_s)
+
+    def weight_and_logdet(self, dtype=torch.float64):
+        log_s = self._bounded_log_s().to(dtype)
+        lower = self.lower.to(dtype) * self.l_mask.to(dtype) + self.eye.to(dtype)
+        upper = self.upper.to(dtype) * self.l_mask.T.to(dtype) + torch.diag(self.sign_s.to(dtype) * torch.exp(log_s))
+        return self.p.to(dtype) @ lower @ upper, log_s.sum()
+
+    def _forward(self, x, cond):
+        w, ld = self.weight_and_logdet(torch.promote_types(x.dtype, torch.float32))
+        z = F.conv2d(x, w.to(x.dtype)[:, :, None, None])
+        return z, (ld * x.shape[2] * x.shape[3]).expand(x.shape[0])
+
+    def _inverse(self, z, cond):
+        w, ld = self.weight_and_logdet(torch.float64)
+        x = F.conv2d(z, torch.linalg.inv(w).to(z.dtype)[:, :, None, None])
+        ld = ld.to(torch.promote_types(z.dtype, torch.float32))
+        return x, (-ld * z.shape[2] * z.shape[3]).expand(z.shape[0])
+
+
+def build_permutation(kind: str, channels: int, seed: int = 0, max_log_s: float | None = None) -> Flow | None:
+    """``kind`` in {"none", "reverse", "shuffle", "invconv", "invconv_lu"}."""
+    if kind == "none":
+        return None
+    if kind == "reverse":
+        return ReversePermutation(channels)
+    if kind == "shuffle":
+        return ShufflePermutation(channels, seed)
+    if kind == "invconv":
+        return InvConv1x1(channels, seed)
+    if kind == "invconv_lu":
+        return InvConv1x1LU(channels, seed, max_log_s)
+    raise ValueError(f"unknown permutation {kind!r}; choose reverse, shuffle, invconv, invconv_lu or none")

@@ -1,0 +1,200 @@
+"""Memory-saving backprop: recompute activations by running the flow's own inverses.
+
+Plain autograd keeps every step's intermediate activations, so memory grows linearly with
+the number of steps K. A bijection does not need them: from a step's output z its input is
+x = f^{-1}(z). So the forward pass of a chain f_K o ... o f_1 runs without building a graph
+and keeps only the chain's output; backward walks the chain from the end:
+
+    for k = K .. 1:
+        x_k  = f_k^{-1}(z_k)                       (no graph: reconstruct the input)
+        z', ld' = f_k(x_k)                         (rebuild this step's local graph only)
+        backprop (dL/dz_k, dL/dlogdet) through (z', ld'), accumulating parameter gradients
+        dL/dz_{k-1} = dL/dx_k;  z_{k-1} = x_k
+
+The total log-det is the sum of the steps', so its output gradient (one value per sample)
+flows into every step's log-det unchanged. Activation memory is then one step's graph plus
+each level's output, flat in K. Inverse and recompute both go through ``module(...)``, so
+hooks (DeepSpeed ZeRO-3 parameter gathering) fire, and the autocast state of the forward is
+replayed in backward, so bf16 autocast works.
+
+Floating point breaks exact invertibility: reconstruction errors compound down the chain,
+worst for badly conditioned 1x1 convs and unbounded scales. :func:`reconstruction_errors`
+measures |x - f^{-1}(f(x))| / |x| per level and per step; :func:`check_and_flag` marks a
+step whose own error exceeds a bound so that it stores its activations instead (the chain
+is cut there into recomputed segments and ordinary autograd steps).
+
+Usage (applied from outside the single-device model)::
+
+    flow = inverse_checkpoint(build_flow(...), enabled=True, levels=None)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .flows.base import Flow, FlowSequence, run_chain, zeros_logdet
+
+
+def _autocast_state(device_type: str):
+    if torch.is_autocast_enabled(device_type):
+        return {"device_type": device_type, "dtype": torch.get_autocast_dtype(device_type), "enabled": True}
+    return {"device_type": device_type, "enabled": False}
+
+
+class _InverseRecompute(torch.autograd.Function):
+    """Runs ``steps`` forward without a graph; backward reconstructs inputs via inverses.
+
+    Inputs: (x, cond, anchor, *params). ``anchor`` is an empty tensor that requires grad so
+    the output is part of the graph even when neither x nor any parameter is (data input of
+    the first level under frozen weights); ``params`` are listed so autograd orders this
+    node correctly, but their gradients are accumulated directly by the inner backward, as in
+    reentrant activation checkpointing (and DeepSpeed's gradient hooks fire there).
+    """
+
+    @staticmethod
+    def forward(ctx, x, cond, anchor, steps, *params):
+        ctx.steps = steps
+        ctx.cond = cond
+        ctx.autocast = _autocast_state(x.device.type)
+        with torch.no_grad():
+            z, logdet = run_chain(steps, x, cond)
+        ctx.x_requires_grad = x.requires_grad
+        ctx.save_for_backward(z)
+        return z, logdet
+
+    @staticmethod
+    def backward(ctx, grad_z, grad_logdet):
+        (z,) = ctx.saved_tensors
+        cond, steps = ctx.cond, ctx.steps
+        if grad_z is None:
+            grad_z = torch.zeros_like(z)
+        if grad_logdet is None:
+            grad_logdet = torch.zeros(z.shape[0], dtype=torch.promote_types(z.dtype, torch.float32), device=z.device)
+        z = z.detach()
+        for step in reversed(steps):
+            with torch.no_grad(), torch.autocast(**ctx.autocast):
+                x, _ = step(z, cond=cond, reverse=True)
+            x = x.detach().requires_grad_(True)
+            with torch.enable_grad(), torch.autocast(**ctx.autocast):
+                z_re, ld_re = step(x, cond=cond)
+            outputs, grads = [z_re], [grad_z]
+            if ld_re.requires_grad:
+                outputs.append(ld_re)
+                grads.append(grad_logdet.to(ld_re.dtype))
+            torch.autograd.backward(outputs, grads)
+            grad_z = x.grad
+            z = x.detach()
+            del z_re, ld_re, outputs
+        grad_x = grad_z if ctx.x_requires_grad else None
+        return (grad_x, None, None, None) + (None,) * (len(ctx.needs_input_grad) - 4)
+
+
+class InvertibleSequence(FlowSequence):
+    """A FlowSequence whose forward under autograd keeps no intermediate activations.
+
+    Same parameters and state-dict keys as the FlowSequence it replaces. ``recompute`` turns
+    the behaviour on or off; a step with ``step.store_activations = True`` (set by
+    :func:`check_and_flag`) is run with ordinary autograd instead.
+    """
+
+    recompute: bool = True
+
+    def _segments(self):
+        """Consecutive runs of steps: (recompute?, [steps])."""
+        runs: list[tuple[bool, list[Flow]]] = []
+        for step in self.steps:
+            ok = not getattr(step, "store_activations", False)
+            if runs and runs[-1][0] == ok:
+                runs[-1][1].append(step)
+            else:
+                runs.append((ok, [step]))
+        return runs
+
+    def _forward(self, x, cond):
+        if not (self.recompute and torch.is_grad_enabled()):
+            return super()._forward(x, cond)
+        logdet = zeros_logdet(x)
+        for ok, steps in self._segments():
+            if ok:
+                params = [p for s in steps for p in s.parameters() if p.requires_grad]
+                anchor = torch.empty(0, device=x.device, requires_grad=True)
+                x, ld = _InverseRecompute.apply(x, cond, anchor, steps, *params)
+            else:
+                x, ld = run_chain(steps, x, cond)
+            logdet = logdet + ld
+        return x, logdet
+
+
+def inverse_checkpoint(flow: nn.Module, enabled: bool = True, levels: list[int] | None = None) -> nn.Module:
+    """Switch each level's step chain (``flow.levels[i].steps``) to inverse recompute.
+
+    ``levels``: indices of the levels to convert (None = all). Works in place and returns
+    ``flow``; parameters, buffers and state-dict keys are unchanged, so checkpoints load
+    either way. ``enabled=False`` returns ``flow`` untouched.
+    """
+    if not enabled:
+        return flow
+    for i, level in enumerate(flow.levels):
+        if levels is not None and i not in levels:
+            continue
+        seq = level.steps
+        if type(seq) is FlowSequence:
+            seq.__class__ = InvertibleSequence
+        seq.recompute = True
+    return flow
+
+
+# -- numerical health ----------------------------------------------------------------------------
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / a.norm().clamp_min(1e-30)).item()
+
+
+@torch.no_grad()
+def reconstruction_errors(flow: nn.Module, x: torch.Tensor, cond: torch.Tensor | None = None) -> dict:
+    """Relative reconstruction errors ``|x - f^{-1}(f(x))| / |x|`` on a batch.
+
+    Returns {"level": [per-level error of the whole chain], "step": [[per-step errors] per level]}.
+    """
+    out = {"level": [], "step": []}
+    h = x
+    for level in flow.levels:
+        h, _ = level.squeeze(h)
+        z = h
+        per_step, inputs = [], []
+        for step in level.steps:
+            inputs.append(z)
+            z_next, _ = step(z, cond=cond)
+            back, _ = step(z_next, cond=cond, reverse=True)
+            per_step.append(_rel_err(z, back))
+            z = z_next
+        back = z
+        for step in reversed(list(level.steps)):
+            back, _ = step(back, cond=cond, reverse=True)
+        out["level"].append(_rel_err(h, back))
+        out["step"].append(per_step)
+        h = z
+        if level.split:
+            h, _ = h.chunk(2, dim=1)
+    return out
+
+
+@torch.no_grad()
+def check_and_flag(flow: nn.Module, x: torch.Tensor, max_error: float, cond: torch.Tensor | None = None) -> dict:
+    """Measure reconstruction errors and flag unstable steps to store their activations.
+
+    A step whose own relative error exceeds ``max_error`` gets ``store_activations = True``;
+    steps back under the bound are returned to recompute. Returns the errors plus
+    ``"flagged"``: the number of flagged steps.
+    """
+    errs = reconstruction_errors(flow, x, cond)
+    flagged = 0
+    for level, per_step in zip(flow.levels, errs["step"]):
+        for step, e in zip(level.steps, per_step):
+            bad = not (e <= max_error)  # NaN counts as bad
+            step.store_activations = bad
+            flagged += bad
+    errs["flagged"] = flagged
+    return errs

@@ -1,0 +1,1 @@
+"""Slurm launching through submitit (see the Slurm issue)."""
