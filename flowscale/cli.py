@@ -96,6 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--n", type=int, default=8, help="samples per temperature (default: 8)")
             s.add_argument("--out", default=None, help="PNG path (default: RUN_DIR/samples/cli_samples.png)")
             s.set_defaults(func=cmd_sample)
+    b = sub.add_parser("bench", help="benchmarks that print a table (memory, ...)",
+                       description="Benchmarks. Each prints a table; ratios are measured side by side in one run.")
+    from .bench import add_parsers
+
+    add_parsers(b.add_subparsers(dest="bench", required=True, metavar="BENCHMARK"))
     return p
 
 

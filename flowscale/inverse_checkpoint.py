@@ -31,6 +31,7 @@ Usage (applied from outside the single-device model)::
 from __future__ import annotations
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from .flows.base import Flow, FlowSequence, run_chain, zeros_logdet
@@ -66,28 +67,47 @@ class _InverseRecompute(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_z, grad_logdet):
         (z,) = ctx.saved_tensors
-        cond, steps = ctx.cond, ctx.steps
         if grad_z is None:
             grad_z = torch.zeros_like(z)
         if grad_logdet is None:
             grad_logdet = torch.zeros(z.shape[0], dtype=torch.promote_types(z.dtype, torch.float32), device=z.device)
         z = z.detach()
-        for step in reversed(steps):
-            with torch.no_grad(), torch.autocast(**ctx.autocast):
-                x, _ = step(z, cond=cond, reverse=True)
-            x = x.detach().requires_grad_(True)
-            with torch.enable_grad(), torch.autocast(**ctx.autocast):
-                z_re, ld_re = step(x, cond=cond)
-            outputs, grads = [z_re], [grad_z]
-            if ld_re.requires_grad:
-                outputs.append(ld_re)
-                grads.append(grad_logdet.to(ld_re.dtype))
-            torch.autograd.backward(outputs, grads)
-            grad_z = x.grad
-            z = x.detach()
-            del z_re, ld_re, outputs
+        with torch.autocast(**ctx.autocast):
+            for step in reversed(ctx.steps):
+                z, grad_z = backprop_through(step, z, grad_z, grad_logdet, ctx.cond)
         grad_x = grad_z if ctx.x_requires_grad else None
         return (grad_x, None, None, None) + (None,) * (len(ctx.needs_input_grad) - 4)
+
+
+def backprop_through(layer: Flow, z: torch.Tensor, grad_z: torch.Tensor, grad_logdet: torch.Tensor, cond):
+    """Reconstruct a layer's input from its output z and backpropagate (dL/dz, dL/dlogdet)
+    through it, accumulating parameter gradients. Returns (x, dL/dx).
+
+    Sequences recurse into their children; layers with a fused ``reconstruct_and_backprop``
+    (couplings) use it; any other layer is inverted, rerun forward with a graph, and
+    backpropagated -- both through module calls.
+    """
+    if isinstance(layer, FlowSequence):
+        for child in reversed(layer.steps):
+            z, grad_z = backprop_through(child, z, grad_z, grad_logdet, cond)
+        return z, grad_z
+    fused = getattr(layer, "reconstruct_and_backprop", None)
+    if fused is not None:
+        return fused(z, grad_z, grad_logdet, cond)
+    with torch.no_grad():
+        x, _ = layer(z, cond=cond, reverse=True)
+    x = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        z_re, ld_re = layer(x, cond=cond)
+    outputs, grads = [z_re], [grad_z]
+    if ld_re.requires_grad:
+        outputs.append(ld_re)
+        grads.append(grad_logdet.to(ld_re.dtype))
+    if z_re.requires_grad or ld_re.requires_grad:
+        torch.autograd.backward([o for o in outputs if o.requires_grad],
+                                [g for o, g in zip(outputs, grads) if o.requires_grad])
+    grad_x = x.grad if x.grad is not None else torch.zeros_like(x)
+    return x.detach(), grad_x
 
 
 class InvertibleSequence(FlowSequence):
@@ -142,6 +162,28 @@ def inverse_checkpoint(flow: nn.Module, enabled: bool = True, levels: list[int] 
         if type(seq) is FlowSequence:
             seq.__class__ = InvertibleSequence
         seq.recompute = True
+    return flow
+
+
+class CheckpointedSequence(FlowSequence):
+    """Baseline for comparison: ``torch.utils.checkpoint`` around each step. Keeps every
+    step's input (memory still linear in K) and recomputes the step's internals in backward."""
+
+    def _forward(self, x, cond):
+        if not torch.is_grad_enabled():
+            return super()._forward(x, cond)
+        logdet = zeros_logdet(x)
+        for step in self.steps:
+            x, ld = torch.utils.checkpoint.checkpoint(step, x, cond, use_reentrant=False)
+            logdet = logdet + ld
+        return x, logdet
+
+
+def checkpoint_steps(flow: nn.Module) -> nn.Module:
+    """Switch every level's step chain to per-step ``torch.utils.checkpoint`` (in place)."""
+    for level in flow.levels:
+        if type(level.steps) is FlowSequence:
+            level.steps.__class__ = CheckpointedSequence
     return flow
 
 

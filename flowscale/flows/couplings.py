@@ -61,9 +61,9 @@ class Coupling(Flow):
             n_in, n_b = channels, channels
         self.n_b = n_b
         self.net = net(n_in, n_b if kind == "additive" else 2 * n_b)
-        if kind == "affine" and scale_fn == "tanh":
-            self.alpha = nn.Parameter(torch.ones(1, n_b, 1, 1))
-            self.beta = nn.Parameter(torch.zeros(1, n_b, 1, 1))
+        # The learned scale parameters live in a submodule so that every parameter is used
+        # through a module call (DeepSpeed ZeRO-3 gathers parameters in module hooks).
+        self.scale = TanhScale(n_b) if kind == "affine" and scale_fn == "tanh" else None
 
     # -- masks -------------------------------------------------------------------------
     def _split(self, x):
@@ -78,6 +78,12 @@ class Coupling(Flow):
         keep = (grid == 0).to(x.dtype)[None, None]
         return x * keep, x, 1 - keep
 
+    def _grad_of_input(self, g_a, g_b, b_mask):
+        """dL/dx from the gradients of the two views returned by ``_split``."""
+        if b_mask is None:
+            return torch.cat([g_a, g_b], dim=1)
+        return g_a * (1 - b_mask) + g_b  # x_a = x * keep, x_b = x
+
     def _merge(self, x_a, z_b, b_mask):
         if b_mask is None:
             return torch.cat([x_a, z_b], dim=1)
@@ -87,7 +93,7 @@ class Coupling(Flow):
         if self.scale_fn == "sigmoid":
             return F.logsigmoid(raw + 2.0)
         if self.scale_fn == "tanh":
-            return self.alpha.to(raw.dtype) * torch.tanh(raw) + self.beta.to(raw.dtype)
+            return self.scale(raw)
         if self.scale_fn == "exp_clamp":
             return self.clamp * (2 / math.pi) * torch.atan(raw / self.clamp)
         raise ValueError(f"unknown scale_fn {self.scale_fn!r}")
@@ -118,3 +124,44 @@ class Coupling(Flow):
         if b_mask is not None:
             log_s = log_s * b_mask
         return self._merge(z_a, x_b, b_mask), -sum_except_batch(log_s)
+
+    # -- memory-saving backprop (used by flowscale.inverse_checkpoint) ------------------
+    def reconstruct_and_backprop(self, z, grad_z, grad_logdet, cond):
+        """Rebuild the input from the output and backpropagate through this layer.
+
+        Given z = f(x), dL/dz and dL/dlogdet: returns (x, dL/dx) and accumulates parameter
+        gradients. The coupling network is evaluated once, on z_a = x_a, and serves both the
+        inverse (x_b from z_b) and the local graph, so this costs one network forward and
+        one backward instead of the two forwards of a generic inverse-then-recompute.
+        """
+        z_a, z_b, b_mask = self._split(z.detach())
+        x_a = z_a.requires_grad_(True)
+        with torch.enable_grad():
+            t, log_s = self._params(x_a)
+        with torch.no_grad():
+            x_b = z_b - t if log_s is None else z_b * torch.exp(-log_s) - t
+        x_b = x_b.requires_grad_(True)
+        with torch.enable_grad():
+            if log_s is None:
+                z_re = self._merge(x_a, x_b + t, b_mask)
+                outputs, grads = [z_re], [grad_z]
+            else:
+                z_re = self._merge(x_a, (x_b + t) * torch.exp(log_s), b_mask)
+                ld = sum_except_batch(log_s if b_mask is None else log_s * b_mask)
+                outputs, grads = [z_re, ld], [grad_z, grad_logdet.to(ld.dtype)]
+        torch.autograd.backward(outputs, grads)
+        with torch.no_grad():
+            x = self._merge(x_a, x_b, b_mask)
+        return x.detach(), self._grad_of_input(x_a.grad, x_b.grad, b_mask)
+
+
+class TanhScale(nn.Module):
+    """log_s = alpha_c * tanh(raw) + beta_c with learned per-channel alpha (init 1), beta (init 0)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.alpha = nn.Parameter(torch.ones(1, channels, 1, 1))
+        self.beta = nn.Parameter(torch.zeros(1, channels, 1, 1))
+
+    def forward(self, raw):
+        return self.alpha.to(raw.dtype) * torch.tanh(raw) + self.beta.to(raw.dtype)

@@ -1,0 +1,14 @@
+"""``flowscale bench NAME``: benchmark commands that print a table (and write files).
+
+Each benchmark is a module here with ``add_parser(subparsers)`` that registers its
+sub-command and sets ``func``; list it in ``BENCHMARKS``.
+"""
+
+BENCHMARKS = ["memory"]
+
+
+def add_parsers(subparsers) -> None:
+    import importlib
+
+    for name in BENCHMARKS:
+        importlib.import_module(f"{__name__}.{name}").add_parser(subparsers)
