@@ -30,7 +30,8 @@ LOG_2PI = math.log(2 * math.pi)
 
 def standard_normal_logprob(eps: torch.Tensor) -> torch.Tensor:
     """sum log N(eps; 0, I) over all dims but the batch: [B, ...] -> [B] (float32 or wider)."""
-    return sum_except_batch(-0.5 * (eps.float() ** 2 + LOG_2PI))
+    eps = eps.to(torch.promote_types(eps.dtype, torch.float32))
+    return sum_except_batch(-0.5 * (eps ** 2 + LOG_2PI))
 
 
 def _gaussianize(z, mean, logs):

@@ -30,5 +30,7 @@ def small_flow(preset: str = "glow", levels: int = 2, steps: int = 2, width: int
     flow = build_flow(ModelConfig(preset=preset, levels=levels, steps=steps, width=width, **overrides),
                       channels, size).to(dtype)
     x = torch.rand(16, channels, size, size, dtype=dtype) - 0.5
-    initialize_actnorm(flow, x)
+    n_classes = overrides.get("num_classes", 0)
+    y = torch.arange(16) % n_classes if n_classes else None
+    initialize_actnorm(flow, x, cond=y)
     return perturb_(flow, scale, seed)

@@ -42,7 +42,8 @@ class ActNorm(Flow):
         return 1 if x.dim() == 2 else x.shape[2] * x.shape[3]
 
     def _logdet(self, x: torch.Tensor) -> torch.Tensor:
-        ld = self.logs.float().sum() * self._spatial(x)
+        wide = torch.promote_types(torch.promote_types(self.logs.dtype, x.dtype), torch.float32)
+        ld = self.logs.to(wide).sum() * self._spatial(x)
         return ld.expand(x.shape[0])
 
     def _forward(self, x, cond):
