@@ -136,6 +136,21 @@ class MemoryConfig:
     inverse_recompute: bool = False
     """Memory-saving backprop: keep only each level's output and rebuild activations in backward
     by running the steps' inverses (activation memory flat in model.steps)."""
+    recompute_levels: Optional[list[int]] = None
+    """Levels (0 = finest) that use inverse recompute; null = all levels."""
+    max_reconstruction_error: float = 1e-3
+    """A step whose relative reconstruction error |x - f^-1(f(x))| / |x| exceeds this stores its
+    activations instead of recomputing them (checked every check_every steps)."""
+    check_every: int = 100
+    """Measure reconstruction errors (logged as recon_err/level_i) every this many steps; 0 = never."""
+    check_batch_size: int = 8
+    """Images used for the reconstruction check."""
+
+    def __post_init__(self):
+        _check(self.max_reconstruction_error > 0, "memory.max_reconstruction_error",
+               f"must be > 0, got {self.max_reconstruction_error}")
+        _check(self.check_every >= 0, "memory.check_every", f"must be >= 0, got {self.check_every}")
+        _check(self.check_batch_size >= 1, "memory.check_batch_size", f"must be >= 1, got {self.check_batch_size}")
 
 
 @dataclass
@@ -190,6 +205,9 @@ class Config:
     """The training loop, run directory, logging and checkpoint cadence."""
 
     def __post_init__(self):
+        for lvl in self.memory.recompute_levels or []:
+            _check(0 <= lvl < self.model.levels, "memory.recompute_levels",
+                   f"level {lvl} does not exist; model.levels={self.model.levels} (levels are 0..{self.model.levels - 1})")
         size, levels = self.data.image_size, self.model.levels
         _check(size % (2 ** levels) == 0, "model.levels",
                f"data.image_size={size} must be divisible by 2^levels={2 ** levels}; lower model.levels or change the size")

@@ -50,7 +50,7 @@ class SplitPrior(Flow):
         self.net = ZeroConv2d(cond_channels, 2 * channels)
 
     def _params(self, z1):
-        h = self.net(z1)
+        h = self.net(z1).to(z1.dtype)  # apply mean/scale in the latent's dtype (the conv may run in bf16)
         return h[:, 0::2], h[:, 1::2]
 
     def _forward(self, z2, cond):

@@ -21,7 +21,7 @@ from .data import TensorBatches, build_datasets
 from .evaluate import evaluate_bpd
 from .flows.actnorm import initialize_actnorm
 from .flows.models import build_flow
-from .inverse_checkpoint import inverse_checkpoint
+from .inverse_checkpoint import check_and_flag, inverse_checkpoint
 from .logging import RunLogger
 from .loss import flow_bpd
 from .data.quantize import preprocess
@@ -39,7 +39,7 @@ def pick_device(name: str) -> torch.device:
 def build_model(cfg: Config, device: torch.device | str = "cpu"):
     """The flow for ``cfg`` on ``device`` with the memory wrapper applied from outside."""
     flow = build_flow(cfg.model, cfg.data.channels, cfg.data.image_size).to(device)
-    return inverse_checkpoint(flow, enabled=cfg.memory.inverse_recompute)
+    return inverse_checkpoint(flow, enabled=cfg.memory.inverse_recompute, levels=cfg.memory.recompute_levels)
 
 
 def build_optimizer(cfg: Config, params) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
@@ -85,6 +85,17 @@ def train_step(flow, optimizer, scheduler, batch: torch.Tensor, cfg: Config, ste
     scheduler.step()
     return {"bpd": loss.item(), "grad_norm": grad_norm.item(), "lr": lr,
             "logdet_per_dim": (parts["logdet"].mean() / batch[0].numel()).item()}
+
+
+def health_metrics(flow, batch: torch.Tensor, cfg: Config) -> dict:
+    """Per-level inverse reconstruction error |x - f^-1(f(x))| / |x|; flags unstable steps so
+    they store activations instead of being recomputed through their inverse."""
+    # Own generator: the check must not consume the training RNG (exact resume).
+    x = preprocess(batch.cpu(), cfg.data.n_bits, generator=torch.Generator().manual_seed(cfg.train.seed)).to(batch.device)
+    errs = check_and_flag(flow, x, cfg.memory.max_reconstruction_error)
+    out = {f"recon_err/level_{i}": e for i, e in enumerate(errs["level"])}
+    out["recon_unstable_steps"] = errs["flagged"]
+    return out
 
 
 def main(cfg: Config, resume: bool = True) -> dict:
@@ -150,8 +161,12 @@ def main(cfg: Config, resume: bool = True) -> dict:
 
     metrics: dict = {}
     t0, seen = time.time(), 0
+    start_step = step
     while step < cfg.train.steps:
         batch = next(loader).to(device)
+        # Checked at the first step of every (re)start too: the unstable-step flags are runtime state.
+        if cfg.memory.check_every and (step % cfg.memory.check_every == 0 or step == start_step):
+            log.log(step, health_metrics(flow, batch[:cfg.memory.check_batch_size], cfg), echo=False)
         metrics = train_step(flow, optimizer, scheduler, batch, cfg, step)
         step += 1
         seen += len(batch)

@@ -99,7 +99,9 @@ class Coupling(Flow):
         raise ValueError(f"unknown scale_fn {self.scale_fn!r}")
 
     def _params(self, x_a):
-        h = self.net(x_a)
+        # The network may run in bf16 under autocast; the scale and shift are applied in the
+        # activations' dtype so that exp(-log_s) inverts exp(log_s) to that dtype's precision.
+        h = self.net(x_a).to(x_a.dtype)
         if self.kind == "additive":
             return h, None
         return h[:, 0::2], self._log_scale(h[:, 1::2])

@@ -2,7 +2,10 @@
 
 Log-determinants and inverses of learned matrices are computed in float64 whatever the
 compute dtype (``slogdet``/``inv``/LU reject bf16, and float32 inverses of a badly
-conditioned W drift); the result is cast back to the activation dtype.
+conditioned W drift); the result is cast back to the activation dtype. The 1x1 convolutions
+themselves run in the activations' dtype with autocast switched off: they are cheap, and a
+bf16 W x would not be invertible to better than bf16 precision, which the inverse-recompute
+backprop relies on.
 """
 
 from __future__ import annotations
@@ -50,6 +53,12 @@ def _random_rotation(channels: int, seed: int) -> torch.Tensor:
     return q
 
 
+def _conv1x1(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Per-pixel matrix product in x's dtype, outside autocast."""
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        return F.conv2d(x, w.to(x.dtype)[:, :, None, None])
+
+
 class InvConv1x1(Flow):
     """Invertible 1x1 convolution z = W x per pixel; logdet = H*W*log|det W| (Glow).
 
@@ -66,14 +75,14 @@ class InvConv1x1(Flow):
 
     def _forward(self, x, cond):
         w = self.weight
-        z = F.conv2d(x, w.to(x.dtype)[:, :, None, None])
+        z = _conv1x1(x, w)
         logdet = torch.linalg.slogdet(w.double())[1].to(torch.promote_types(x.dtype, torch.float32))
         return z, (logdet * self._hw(x)).expand(x.shape[0])
 
     def _inverse(self, z, cond):
         w = self.weight.double()
         w_inv = torch.linalg.inv(w)
-        x = F.conv2d(z, w_inv.to(z.dtype)[:, :, None, None])
+        x = _conv1x1(z, w_inv)
         logdet = torch.linalg.slogdet(w)[1].to(torch.promote_types(z.dtype, torch.float32))
         return x, (-logdet * self._hw(z)).expand(z.shape[0])
 
@@ -113,12 +122,12 @@ class InvConv1x1LU(Flow):
 
     def _forward(self, x, cond):
         w, ld = self.weight_and_logdet(torch.promote_types(x.dtype, torch.float32))
-        z = F.conv2d(x, w.to(x.dtype)[:, :, None, None])
+        z = _conv1x1(x, w)
         return z, (ld * x.shape[2] * x.shape[3]).expand(x.shape[0])
 
     def _inverse(self, z, cond):
         w, ld = self.weight_and_logdet(torch.float64)
-        x = F.conv2d(z, torch.linalg.inv(w).to(z.dtype)[:, :, None, None])
+        x = _conv1x1(z, torch.linalg.inv(w))
         ld = ld.to(torch.promote_types(z.dtype, torch.float32))
         return x, (-ld * z.shape[2] * z.shape[3]).expand(z.shape[0])
 
