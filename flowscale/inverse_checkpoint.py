@@ -83,29 +83,46 @@ def backprop_through(layer: Flow, z: torch.Tensor, grad_z: torch.Tensor, grad_lo
     """Reconstruct a layer's input from its output z and backpropagate (dL/dz, dL/dlogdet)
     through it, accumulating parameter gradients. Returns (x, dL/dx).
 
-    Sequences recurse into their children; layers with a fused ``reconstruct_and_backprop``
-    (couplings) use it; any other layer is inverted, rerun forward with a graph, and
-    backpropagated -- both through module calls.
+    Sequences are walked backwards: a child with a fused ``reconstruct_and_backprop``
+    (couplings: one network evaluation serves inverse and graph) uses it, and each run of
+    other children (ActNorm, 1x1 conv, ...) is inverted without a graph, rerun forward with a
+    graph and backpropagated in one autograd call. Every inverse and rerun is a module call.
     """
-    if isinstance(layer, FlowSequence):
-        for child in reversed(layer.steps):
+    children = list(layer.steps) if isinstance(layer, FlowSequence) else [layer]
+    i = len(children)
+    while i > 0:
+        child = children[i - 1]
+        if isinstance(child, FlowSequence):
             z, grad_z = backprop_through(child, z, grad_z, grad_logdet, cond)
-        return z, grad_z
-    fused = getattr(layer, "reconstruct_and_backprop", None)
-    if fused is not None:
-        return fused(z, grad_z, grad_logdet, cond)
+            i -= 1
+            continue
+        fused = getattr(child, "reconstruct_and_backprop", None)
+        if fused is not None:
+            z, grad_z = fused(z, grad_z, grad_logdet, cond)
+            i -= 1
+            continue
+        j = i - 1  # children[j:i] is a maximal run of plain layers
+        while j > 0 and not isinstance(children[j - 1], FlowSequence) and \
+                getattr(children[j - 1], "reconstruct_and_backprop", None) is None:
+            j -= 1
+        z, grad_z = _backprop_generic(children[j:i], z, grad_z, grad_logdet, cond)
+        i = j
+    return z, grad_z
+
+
+def _backprop_generic(layers, z, grad_z, grad_logdet, cond):
     with torch.no_grad():
-        x, _ = layer(z, cond=cond, reverse=True)
-    x = x.detach().requires_grad_(True)
+        for layer in reversed(layers):
+            z, _ = layer(z, cond=cond, reverse=True)
+    x = z.detach().requires_grad_(True)
     with torch.enable_grad():
-        z_re, ld_re = layer(x, cond=cond)
+        z_re, ld_re = run_chain(layers, x, cond)
     outputs, grads = [z_re], [grad_z]
     if ld_re.requires_grad:
         outputs.append(ld_re)
         grads.append(grad_logdet.to(ld_re.dtype))
-    if z_re.requires_grad or ld_re.requires_grad:
-        torch.autograd.backward([o for o in outputs if o.requires_grad],
-                                [g for o, g in zip(outputs, grads) if o.requires_grad])
+    if z_re.requires_grad:
+        torch.autograd.backward(outputs, grads)
     grad_x = x.grad if x.grad is not None else torch.zeros_like(x)
     return x.detach(), grad_x
 

@@ -96,6 +96,7 @@ def run_case(size: int, batch: int, k: int, mode: str, width: int, repeats: int,
         torch.cuda.reset_peak_memory_stats()
     step()  # warm-up (allocates optimizer state)
     sync()
+    static = torch.cuda.memory_allocated() if device == "cuda" else 0  # params, grads, optimizer state
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -109,6 +110,7 @@ def run_case(size: int, batch: int, k: int, mode: str, width: int, repeats: int,
            "params": sum(p.numel() for p in params)}
     if device == "cuda":
         out["cuda_peak_bytes"] = torch.cuda.max_memory_allocated()
+        out["cuda_static_bytes"] = static
     return out
 
 
@@ -134,7 +136,9 @@ def format_table(rows: list[dict]) -> str:
             key = (r["size"], r["batch"], r["mode"])
             first_k.setdefault(key, r)
     gpu = any("cuda_peak_bytes" in r for r in rows)
-    head = ["size", "batch", "K", "mode", "saved act. MB", "x plain", "x own K=min", "peak mem MB", "step s", "x plain time"]
+    head = ["size", "batch", "K", "mode", "saved act. MB", "x plain", "x own K=min", "peak mem MB"]
+    head += ["peak - static MB"] if gpu else []
+    head += ["step s", "x plain time"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         if "error" in r:
@@ -147,9 +151,9 @@ def format_table(rows: list[dict]) -> str:
             str(r["size"]), str(r["batch"]), str(r["k"]), r["mode"], _fmt_mb(r["saved_bytes"]),
             f"{r['saved_bytes'] / p['saved_bytes']:.3f}" if p else "-",
             f"{r['saved_bytes'] / base['saved_bytes']:.2f}",
-            _fmt_mb(peak), f"{r['step_s']:.3f}",
+            _fmt_mb(peak)] + ([_fmt_mb(peak - r["cuda_static_bytes"])] if gpu else []) + [f"{r['step_s']:.3f}",
             f"{r['step_s'] / p['step_s']:.2f}" if p else "-"]) + " |")
-    kind = ("CUDA peak allocated during the timed steps" if gpu else
+    kind = ("CUDA peak allocated during the timed steps; static = parameters, gradients and optimizer state" if gpu else
             "growth of the process peak RSS over the training steps (after the model was built)")
     lines.append("")
     lines.append(f"peak mem = {kind}; 'x own K=min' = saved bytes relative to the same mode at the smallest K.")

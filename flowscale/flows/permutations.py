@@ -54,8 +54,16 @@ def _random_rotation(channels: int, seed: int) -> torch.Tensor:
 
 
 def _conv1x1(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """Per-pixel matrix product in x's dtype, outside autocast."""
-    with torch.autocast(device_type=x.device.type, enabled=False):
+    """Per-pixel matrix product in x's dtype, outside autocast and without TF32.
+
+    cuDNN runs float32 convolutions in TF32 (10-bit mantissa) by default on Ampere and newer
+    GPUs; W x and W^-1 z would then each lose ~1e-3 relative accuracy and the inverse
+    reconstruction would drift step after step (seen on an H100 at K=32 as NaN weights).
+    """
+    cudnn = torch.backends.cudnn
+    with torch.autocast(device_type=x.device.type, enabled=False), \
+            cudnn.flags(enabled=cudnn.enabled, benchmark=cudnn.benchmark,
+                        deterministic=cudnn.deterministic, allow_tf32=False):
         return F.conv2d(x, w.to(x.dtype)[:, :, None, None])
 
 
