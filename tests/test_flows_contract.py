@@ -16,7 +16,16 @@ from flowscale.priors import SplitPrior, TopPrior, standard_normal_logprob
 
 from helpers import perturb_, small_flow
 
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def float64_default():
+    """Layers built in this module are float64 (brute-force Jacobians); restored afterwards."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
 B, C, H, W = 3, 4, 4, 4
 
 
