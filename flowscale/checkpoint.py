@@ -1,69 +1,181 @@
-"""Checkpoints: ``<run_dir>/checkpoints/step_XXXXXXXX.pt``, written atomically, keep-last-k.
+"""Checkpoints: save on every rank, resolve "latest" in one place, export safetensors.
 
-A checkpoint is written to a temporary name and renamed into place, so a crash mid-save
-never leaves a partial file under a real name. :func:`resolve_latest` is the one place that
-decides what "latest" means; :func:`load_latest` falls back to an older checkpoint, with a
-warning, when the newest cannot be read. Checkpoints load with ``weights_only=True``: they
-hold tensors and plain Python values only, never pickled code.
+Layout of one checkpoint, ``<run_dir>/checkpoints/step_XXXXXXXX/``::
+
+    (DeepSpeed's files)      model, optimizer (sharded per ZeRO stage), LR schedule
+    rank_00000.pt ...        per-rank state: RNG streams, data-loader position
+    client.pt                step, EMA weights, W&B run id, resolved config, counters
+    model.safetensors        consolidated weights (+ ema.safetensors): what eval/sample load
+    config.yaml              the resolved config
+    COMPLETE                 written last, by rank 0, after every rank finished writing
+
+A directory without COMPLETE is a save that crashed midway and is never resumed from, so a
+crash can not leave a "latest" that points at a partial checkpoint. :func:`resolve_latest`
+is the only definition of "latest"; :func:`list_complete` also drives keep-last-k.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
-import warnings
+import shutil
+import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
-_NAME = re.compile(r"^step_(\d{8})\.pt$")
+_NAME = re.compile(r"^step_(\d{8})$")
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
-def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoints in ``run_dir``, oldest first."""
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def list_complete(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
     d = checkpoint_dir(run_dir)
     if not d.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in d.iterdir() if (m := _NAME.match(p.name))]
+    found = [(int(m.group(1)), p) for p in d.iterdir()
+             if (m := _NAME.match(p.name)) and (p / "COMPLETE").is_file()]
     return [p for _, p in sorted(found)]
 
 
 def resolve_latest(run_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint of a run, or None."""
-    ckpts = list_checkpoints(run_dir)
+    """The newest complete checkpoint directory of a run, or None."""
+    ckpts = list_complete(run_dir)
     return ckpts[-1] if ckpts else None
 
 
-def save_checkpoint(run_dir: str | Path, step: int, state: dict, keep_last: int) -> Path:
-    d = checkpoint_dir(run_dir)
-    d.mkdir(parents=True, exist_ok=True)
-    path = d / f"step_{step:08d}.pt"
-    tmp = d / f".{path.name}.tmp-{os.getpid()}"
-    torch.save(state, tmp)
+def resolve(path: str | Path) -> Path:
+    """A checkpoint directory from a run directory (its latest) or a checkpoint directory."""
+    p = Path(path)
+    if (p / "COMPLETE").is_file():
+        return p
+    latest = resolve_latest(p)
+    if latest is None:
+        raise FileNotFoundError(f"no complete checkpoint under {p}; give a run directory that has trained, "
+                                f"or a checkpoint directory <run_dir>/checkpoints/step_XXXXXXXX")
+    return latest
+
+
+def _barrier():
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _atomic_torch_save(obj, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(obj, tmp)
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    for old in list_checkpoints(run_dir)[:-keep_last]:
-        old.unlink(missing_ok=True)
+
+
+def consolidated_state_dict(engine) -> dict:
+    """Full model state (parameters and buffers) on rank 0, whatever the ZeRO stage."""
+    module = engine.module
+    if engine.zero_optimization_stage() == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+            return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
+def save(engine, run_dir: str | Path, step: int, rank: int, rank_state: dict, client_state: dict,
+         config_yaml: str, keep_last: int, ema_state: dict | None = None) -> Path:
+    """Collective: every rank calls it. Returns the checkpoint directory."""
+    from safetensors.torch import save_file
+
+    root = checkpoint_dir(run_dir)
+    tag = tag_for(step)
+    path = root / tag
+    if rank == 0 and (path / "COMPLETE").exists():
+        (path / "COMPLETE").unlink()  # re-saving a step: it is incomplete until rewritten
+    _barrier()
+    engine.save_checkpoint(str(root), tag=tag, save_latest=False)
+    path.mkdir(parents=True, exist_ok=True)
+    _atomic_torch_save(rank_state, path / f"rank_{rank:05d}.pt")
+    full = consolidated_state_dict(engine)
+    if rank == 0:
+        _atomic_torch_save(client_state, path / "client.pt")
+        save_file({k: v.contiguous().float() if v.is_floating_point() else v.contiguous() for k, v in full.items()},
+                  str(path / "model.safetensors"))
+        if ema_state is not None:
+            save_file({k: v.contiguous() for k, v in ema_state.items()}, str(path / "ema.safetensors"))
+        (path / "config.yaml").write_text(config_yaml)
+    _barrier()
+    if rank == 0:
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        _atomic_write_bytes(path / "COMPLETE", json.dumps({"step": step, "world_size": world,
+                                                           "time": time.time()}).encode())
+        for old in list_complete(run_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier()
     return path
 
 
-def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    return torch.load(path, map_location=map_location, weights_only=True)
+def load(engine, ckpt: Path, rank: int) -> tuple[dict, dict]:
+    """Load model/optimizer/schedule into ``engine``; returns (client_state, this rank's state)."""
+    load_path, _ = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name, load_optimizer_states=True,
+                                          load_lr_scheduler_states=True)
+    if load_path is None:
+        raise RuntimeError(f"DeepSpeed could not load {ckpt}")
+    client = torch.load(ckpt / "client.pt", map_location="cpu", weights_only=True)
+    rank_file = ckpt / f"rank_{rank:05d}.pt"
+    if not rank_file.is_file():
+        raise RuntimeError(f"{rank_file} is missing: was {ckpt} written by a run with a different number of ranks? "
+                           f"Resume with the same world size, or start a new run_dir from its model.safetensors")
+    return client, torch.load(rank_file, map_location="cpu", weights_only=True)
 
 
-def load_latest(run_dir: str | Path, map_location="cpu") -> tuple[Path, dict] | None:
-    """(path, state) of the newest readable checkpoint; unreadable newer ones are skipped with a warning."""
-    for path in reversed(list_checkpoints(run_dir)):
+def load_latest(engine, run_dir: str | Path, rank: int, warn) -> tuple[Path, dict, dict] | None:
+    """Newest loadable complete checkpoint; an unreadable newest one falls back to the previous
+    with a warning. Every rank decides the same way (the failure is all-reduced)."""
+    for ckpt in reversed(list_complete(run_dir)):
+        ok, err = True, ""
         try:
-            return path, load_checkpoint(path, map_location)
-        except Exception as e:  # a truncated or corrupt file: fall back to the previous one
-            warnings.warn(f"checkpoint {path} is unreadable ({type(e).__name__}: {e}); falling back to an older one")
+            client, rank_state = load(engine, ckpt, rank)
+        except Exception as e:  # corrupt or truncated files
+            ok, err = False, f"{type(e).__name__}: {e}"
+        if dist.is_available() and dist.is_initialized():
+            t = torch.tensor([0.0 if ok else 1.0])
+            dist.all_reduce(t)
+            ok = t.item() == 0
+        if ok:
+            return ckpt, client, rank_state
+        warn(f"checkpoint {ckpt} is unreadable ({err or 'on another rank'}); falling back to an older one")
     return None
+
+
+def load_exported(ckpt: str | Path, use_ema: bool = True) -> tuple[dict, Path, bool]:
+    """(state dict, checkpoint directory, used_ema) from a checkpoint's safetensors export.
+
+    Only safetensors are read: sharing a model never means unpickling code.
+    """
+    from safetensors.torch import load_file
+
+    path = resolve(ckpt)
+    state = load_file(str(path / "model.safetensors"))
+    used_ema = False
+    if use_ema and (path / "ema.safetensors").is_file():
+        ema = load_file(str(path / "ema.safetensors"))
+        state.update(ema)
+        used_ema = True
+    return state, path, used_ema

@@ -123,12 +123,53 @@ class OptimConfig:
     """Clip the global gradient norm to this value; 0 disables clipping."""
     betas: tuple[float, float] = (0.9, 0.999)
     """Adam beta1, beta2."""
+    ema_decay: float = 0.0
+    """Polyak averaging: keep an exponential moving average of the weights with this decay
+    (e.g. 0.999), used by eval and sampling; 0 disables it."""
 
     def __post_init__(self):
         _check(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
         _check(self.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
         _check(self.grad_clip >= 0, "optim.grad_clip", f"must be >= 0 (0 = off), got {self.grad_clip}")
         _check(all(0 <= b < 1 for b in self.betas), "optim.betas", f"each must be in [0, 1), got {self.betas}")
+        _check(0 <= self.ema_decay < 1, "optim.ema_decay", f"must be in [0, 1), got {self.ema_decay}")
+
+
+@dataclass
+class EngineConfig:
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage: 0 = plain data parallel, 1 = shard optimizer state, 2 = + gradients,
+    3 = + parameters."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Training precision. bf16 keeps fp32 master weights (and log-dets stay fp32);
+    fp16 needs a GPU (not supported by DeepSpeed on CPU)."""
+    grad_accum: int = 1
+    """Gradient accumulation steps. Per-rank micro-batch = data.batch_size / (world size * grad_accum)."""
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    """torch.distributed backend; auto = nccl on GPU, gloo on CPU."""
+    max_bad_steps: int = 5
+    """A step with a non-finite loss is skipped (and counted); this many in a row stops training
+    with an error naming the step. No checkpoint is written from bad weights."""
+
+    def __post_init__(self):
+        _check(self.zero_stage in (0, 1, 2, 3), "engine.zero_stage", f"must be 0, 1, 2 or 3, got {self.zero_stage}")
+        _check(self.grad_accum >= 1, "engine.grad_accum", f"must be >= 1, got {self.grad_accum}")
+        _check(self.max_bad_steps >= 1, "engine.max_bad_steps", f"must be >= 1, got {self.max_bad_steps}")
+
+
+@dataclass
+class WandbConfig:
+    mode: Literal["offline", "online", "disabled"] = "offline"
+    """Weights & Biases mode. offline writes the run under <run_dir>/wandb for a later `wandb sync`;
+    online needs WANDB_API_KEY in the environment (it is never written to configs, logs or checkpoints)."""
+    project: str = "flowscale"
+    """W&B project name."""
+    entity: Optional[str] = None
+    """W&B entity (team or user); null = your default."""
+    name: Optional[str] = None
+    """Run display name; null = the run directory's name."""
+    log_images: bool = True
+    """Log sample grids as wandb.Image at every sampling step."""
 
 
 @dataclass
@@ -171,6 +212,9 @@ class TrainConfig:
     """Write a sample grid PNG every this many steps (and at the end); 0 = only at the end."""
     checkpoint_every: int = 250
     """Save a checkpoint every this many steps (and at the end)."""
+    checkpoint_minutes: float = 0.0
+    """Also save when this many minutes have passed since the last save (0 = off); useful under
+    Slurm time limits."""
     keep_last: int = 2
     """Checkpoints to keep (older ones are deleted)."""
     temperatures: list[float] = field(default_factory=lambda: [0.0, 0.7, 1.0])
@@ -201,10 +245,16 @@ class Config:
     """Optimizer and learning-rate schedule."""
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     """Memory-saving options."""
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    """DeepSpeed: ZeRO stage, precision, gradient accumulation, step guards."""
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    """Weights & Biases tracking."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """The training loop, run directory, logging and checkpoint cadence."""
 
     def __post_init__(self):
+        _check(not (self.engine.zero_stage == 3 and self.optim.ema_decay > 0), "optim.ema_decay",
+               "EMA weights are not supported with engine.zero_stage=3 (parameters are sharded); use stage 0-2 or set 0")
         for lvl in self.memory.recompute_levels or []:
             _check(0 <= lvl < self.model.levels, "memory.recompute_levels",
                    f"level {lvl} does not exist; model.levels={self.model.levels} (levels are 0..{self.model.levels - 1})")

@@ -1,6 +1,7 @@
-"""Run logging: a progress bar on a terminal, plain lines otherwise, and metrics.jsonl.
+"""Run logging: a progress bar on a terminal, plain lines otherwise, metrics.jsonl, and W&B.
 
-Only the main rank logs; elsewhere every method is a no-op.
+Only the main rank logs; elsewhere every method is a no-op. The W&B run id is kept in
+``<run_dir>/wandb_id.txt`` so a resumed or requeued job continues the same W&B run.
 """
 
 from __future__ import annotations
@@ -14,12 +15,15 @@ from tqdm import tqdm
 
 class RunLogger:
     def __init__(self, run_dir: str | Path, total_steps: int, start_step: int = 0, is_main: bool = True,
-                 progress: bool = True):
+                 progress: bool = True, wandb_cfg=None, config_dict: dict | None = None):
         self.is_main = is_main
         self.path = Path(run_dir) / "metrics.jsonl"
         self.bar = None
+        self.wandb = None
         if is_main and progress and sys.stdout.isatty():
             self.bar = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True, desc="train")
+        if is_main and wandb_cfg is not None and wandb_cfg.mode != "disabled":
+            self.wandb = _init_wandb(Path(run_dir), wandb_cfg, config_dict or {})
 
     def info(self, msg: str) -> None:
         if not self.is_main:
@@ -35,6 +39,8 @@ class RunLogger:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
         if echo:
             text = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
             self.info(f"step {step}: {text}")
@@ -45,9 +51,35 @@ class RunLogger:
             if postfix:
                 self.bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()}, refresh=False)
 
+    def images(self, step: int, images: dict[str, str]) -> None:
+        """Log PNG files (caption -> path) as wandb.Image."""
+        if self.wandb is not None:
+            import wandb
+
+            self.wandb.log({k: wandb.Image(v) for k, v in images.items()}, step=step)
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
+
+
+def _init_wandb(run_dir: Path, cfg, config_dict: dict):
+    import os
+    import uuid
+
+    import wandb
+
+    os.environ.setdefault("WANDB_DIR", str(run_dir))
+    os.environ.setdefault("WANDB_CACHE_DIR", str(run_dir / "wandb" / "cache"))
+    os.environ.setdefault("WANDB_SILENT", "true")
+    id_file = run_dir / "wandb_id.txt"
+    run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
+    id_file.write_text(run_id)
+    return wandb.init(project=cfg.project, entity=cfg.entity, name=cfg.name or run_dir.name, id=run_id,
+                      resume="allow", mode=cfg.mode, dir=str(run_dir), config=config_dict)
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:

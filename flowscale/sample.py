@@ -32,10 +32,12 @@ def save_grid(images_uint8: torch.Tensor, path: str | Path, nrow: int) -> Path:
 
 
 def sample_grid(flow, shapes, n_bits: int, temperatures: list[float], path: str | Path, n_per_row: int = 8,
-                seed: int = 0, device="cpu", y: torch.Tensor | None = None) -> Path:
-    """One row block per temperature (same noise, scaled), written to ``path``."""
+                seed: int = 0, device="cpu", y: torch.Tensor | None = None, write: bool = True,
+                dtype: torch.dtype = torch.float32) -> Path:
+    """One row block per temperature (same noise, scaled), written to ``path`` when ``write``."""
     rows = []
     for t in temperatures:
         g = torch.Generator().manual_seed(seed)
-        rows.append(postprocess(sample(flow, shapes, n_per_row, t, y=y, generator=g, device=device), n_bits).cpu())
-    return save_grid(torch.cat(rows), path, nrow=n_per_row)
+        x = sample(flow, shapes, n_per_row, t, y=y, generator=g, device=device, dtype=dtype)
+        rows.append(postprocess(x, n_bits).cpu())
+    return save_grid(torch.cat(rows), path, nrow=n_per_row) if write else Path(path)

@@ -1,38 +1,45 @@
 """``main(cfg)``: the one training loop where the pieces meet.
 
-    batches -> dequantise -> flow -> bits/dim -> optimizer step -> log / eval / sample / checkpoint
+    batches -> dequantise -> flow (DeepSpeed engine) -> bits/dim -> step -> log / eval / sample / checkpoint
 
-Resume is the default: if the run directory holds a checkpoint, training continues from it
-with the model, optimizer, schedule, data position, step and RNG state restored, so the
-continued run takes exactly the steps an uninterrupted one would have.
+The same function runs as a single process, under ``torchrun``, under the ``deepspeed``
+launcher and under Slurm (rank and rendezvous come from the environment, see
+:mod:`flowscale.distributed`). Resume is the default: if the run directory holds a complete
+checkpoint, training continues from it with model, optimizer, LR schedule, EMA, data
+position, step and every rank's RNG restored, so the continued run takes exactly the steps
+an uninterrupted one would have.
 """
 
 from __future__ import annotations
 
 import math
 import time
+import warnings
 from pathlib import Path
 
 import torch
 
-from .checkpoint import load_checkpoint, load_latest, resolve_latest, save_checkpoint
-from .config import Config, from_dict, to_dict, to_yaml
+from . import checkpoint as ckpt_io
+from .config import Config, load_config, to_dict, to_yaml
 from .data import TensorBatches, build_datasets
+from .data.quantize import preprocess
+from .distributed import DistInfo, cleanup, init_distributed, rng_state, seed_everything, set_rng_state
+from .engine import EMA, batch_layout, initialize, model_dtype, train_step
 from .evaluate import evaluate_bpd
 from .flows.actnorm import initialize_actnorm
 from .flows.models import build_flow
 from .inverse_checkpoint import check_and_flag, inverse_checkpoint
+from .lock import acquire, release
 from .logging import RunLogger
-from .loss import flow_bpd
-from .data.quantize import preprocess
 from .sample import sample_grid
 
 
 def pick_device(name: str) -> torch.device:
+    """``auto`` = cuda when available, else cpu; ``cuda`` without a GPU is an error."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but no CUDA device is visible; use train.device=cpu or auto")
+        raise RuntimeError("--device cuda but no CUDA device is visible; use --device cpu or auto")
     return torch.device(name)
 
 
@@ -42,15 +49,12 @@ def build_model(cfg: Config, device: torch.device | str = "cpu"):
     return inverse_checkpoint(flow, enabled=cfg.memory.inverse_recompute, levels=cfg.memory.recompute_levels)
 
 
-def build_optimizer(cfg: Config, params) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+def build_optimizer(cfg: Config, params) -> tuple[torch.optim.Optimizer, callable]:
+    """A torch optimizer and the LR multiplier schedule(step) (linear warmup, optional cosine)."""
     o = cfg.optim
     params = [p for p in params if p.requires_grad]
-    if o.name == "adam":
-        opt = torch.optim.Adam(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
-    elif o.name == "adamw":
-        opt = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
-    else:
-        opt = torch.optim.Adamax(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+    kinds = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "adamax": torch.optim.Adamax}
+    opt = kinds[o.name](params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
     total, warm = cfg.train.steps, o.warmup_steps
 
     def schedule(step: int) -> float:
@@ -61,115 +65,146 @@ def build_optimizer(cfg: Config, params) -> tuple[torch.optim.Optimizer, torch.o
             return 0.5 * (1 + math.cos(math.pi * progress))
         return 1.0
 
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-
-
-def train_step(flow, optimizer, scheduler, batch: torch.Tensor, cfg: Config, step: int) -> dict:
-    """One optimisation step on a uint8 batch; returns scalar metrics."""
-    flow.train()
-    bpd, parts = flow_bpd(flow, batch, cfg.data.n_bits)
-    loss = bpd.mean()
-    if not torch.isfinite(loss):
-        raise FloatingPointError(
-            f"non-finite bits/dim ({loss.item()}) at step {step}; lower optim.lr, raise optim.warmup_steps, "
-            f"or use bounded scales (model.scale_fn). No checkpoint was written from these weights.")
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
-    if not torch.isfinite(grad_norm):
-        raise FloatingPointError(f"non-finite gradient norm at step {step}; lower optim.lr or set optim.grad_clip")
-    lr = optimizer.param_groups[0]["lr"]
-    optimizer.step()
-    scheduler.step()
-    return {"bpd": loss.item(), "grad_norm": grad_norm.item(), "lr": lr,
-            "logdet_per_dim": (parts["logdet"].mean() / batch[0].numel()).item()}
+    return opt, schedule
 
 
 def health_metrics(flow, batch: torch.Tensor, cfg: Config) -> dict:
     """Per-level inverse reconstruction error |x - f^-1(f(x))| / |x|; flags unstable steps so
     they store activations instead of being recomputed through their inverse."""
     # Own generator: the check must not consume the training RNG (exact resume).
-    x = preprocess(batch.cpu(), cfg.data.n_bits, generator=torch.Generator().manual_seed(cfg.train.seed)).to(batch.device)
-    errs = check_and_flag(flow, x, cfg.memory.max_reconstruction_error)
+    x = preprocess(batch.cpu(), cfg.data.n_bits, generator=torch.Generator().manual_seed(cfg.train.seed))
+    param = next(flow.parameters())
+    errs = check_and_flag(flow, x.to(param.device, model_dtype(cfg)), cfg.memory.max_reconstruction_error)
     out = {f"recon_err/level_{i}": e for i, e in enumerate(errs["level"])}
     out["recon_unstable_steps"] = errs["flagged"]
     return out
 
 
 def main(cfg: Config, resume: bool = True) -> dict:
-    """Train per ``cfg``; returns the final metrics (train and test bits/dim, step)."""
+    """Train per ``cfg`` on this process's rank; returns the final metrics (bits/dim, step)."""
+    info = init_distributed(cfg.engine.backend)
+    lock = None
+    try:
+        if info.is_main:
+            lock = _prepare_run_dir(cfg, resume)
+        _barrier()
+        return _train(cfg, info, resume)
+    finally:
+        release(lock)
+        cleanup()
+
+
+def _barrier():
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def _prepare_run_dir(cfg: Config, resume: bool):
     run_dir = Path(cfg.train.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    latest = resolve_latest(run_dir)
+    lock = acquire(run_dir)
+    latest = ckpt_io.resolve_latest(run_dir)
     if latest is not None and not resume:
+        release(lock)
         raise FileExistsError(f"{run_dir} already holds checkpoints ({latest.name}); resume (the default), "
                               f"or choose a new train.run_dir; nothing was overwritten")
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    return lock
 
-    device = pick_device(cfg.train.device)
-    torch.manual_seed(cfg.train.seed)
+
+def _train(cfg: Config, info: DistInfo, resume: bool) -> dict:
+    run_dir = Path(cfg.train.run_dir)
+    device = torch.device("cuda", info.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    layout = batch_layout(cfg, info.world_size)
+    seed_everything(cfg.train.seed, info.rank)
+    say = print if info.is_main else (lambda *a, **k: None)
+
     train_x, test_x = build_datasets(cfg.data)
-    loader = TensorBatches(train_x, cfg.data.batch_size, seed=cfg.data.seed)
+    loader = TensorBatches(train_x, cfg.data.batch_size, seed=cfg.data.seed, rank=info.rank, world_size=info.world_size)
     flow = build_model(cfg, device)
-    optimizer, scheduler = build_optimizer(cfg, flow.parameters())
-    shapes = flow.latent_shapes(cfg.data.channels, cfg.data.image_size)
 
-    step = 0
-    found = load_latest(run_dir) if resume else None
+    # Data-dependent ActNorm init on the raw module, statistics all-reduced over ranks, BEFORE
+    # DeepSpeed wraps it (a lazy init inside forward breaks under DeepSpeed). Resume overwrites it.
+    g = torch.Generator().manual_seed(cfg.train.seed)
+    init = train_x[torch.randperm(len(train_x), generator=g)[:cfg.train.init_batch_size]]
+    init = init.chunk(info.world_size)[info.rank] if len(init) >= info.world_size else init
+    n_init = initialize_actnorm(flow, preprocess(init, cfg.data.n_bits, generator=g).to(device))
+    flow = flow.to(model_dtype(cfg)) if cfg.engine.precision != "fp32" else flow
+
+    optimizer, schedule = build_optimizer(cfg, flow.parameters())
+    engine = initialize(cfg, flow, optimizer, lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
+                        info.world_size)
+    module = engine.module
+    ema = EMA(module, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
+    shapes = module.latent_shapes(cfg.data.channels, cfg.data.image_size)
+
+    step, bad_in_row, skipped_total = 0, 0, 0
+    found = ckpt_io.load_latest(engine, run_dir, info.rank, warn=lambda m: warnings.warn(m)) if resume else None
     if found is not None:
-        path, state = found
-        try:
-            flow.load_state_dict(state["model"])
-        except RuntimeError as e:
-            raise RuntimeError(f"checkpoint {path} does not match the configured model (was model.* changed?): {e}") from None
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        loader.load_state_dict(state["loader"])
-        torch.set_rng_state(state["rng"]["torch"])
-        step = state["step"]
-        print(f"resumed from {path} at step {step}", flush=True)
+        path, client, rank_state = found
+        step, bad_in_row, skipped_total = client["step"], client["bad_in_row"], client["skipped_total"]
+        loader.load_state_dict(rank_state["loader"])
+        set_rng_state(rank_state["rng"])
+        if ema is not None and client.get("ema") is not None:
+            ema.load_state_dict(client["ema"])
+        say(f"resumed from {path} at step {step}", flush=True)
     else:
-        g = torch.Generator().manual_seed(cfg.train.seed)
-        init = train_x[torch.randperm(len(train_x), generator=g)[:cfg.train.init_batch_size]].to(device)
-        n = initialize_actnorm(flow, preprocess(init, cfg.data.n_bits, generator=g))
-        print(f"initialised {n} ActNorm layers from {len(init)} images", flush=True)
+        say(f"initialised {n_init} ActNorm layers from {len(init) * info.world_size} images", flush=True)
 
-    n_params = sum(p.numel() for p in flow.parameters())
-    print(f"model: {cfg.model.preset} L={cfg.model.levels} K={cfg.model.steps} width={cfg.model.width} "
-          f"params={n_params / 1e6:.2f}M device={device} run_dir={run_dir}", flush=True)
-    log = RunLogger(run_dir, cfg.train.steps, start_step=step, progress=cfg.train.progress)
+    n_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in module.parameters())
+    say(f"model: {cfg.model.preset} L={cfg.model.levels} K={cfg.model.steps} width={cfg.model.width} "
+        f"params={n_params / 1e6:.2f}M | ranks={info.world_size} global batch={layout['global']} "
+        f"micro-batch={layout['micro']} x accum={layout['accum']} | ZeRO-{cfg.engine.zero_stage} "
+        f"{cfg.engine.precision} | device={device} run_dir={run_dir}", flush=True)
+    log = RunLogger(run_dir, cfg.train.steps, start_step=step, is_main=info.is_main, progress=cfg.train.progress,
+                    wandb_cfg=cfg.wandb, config_dict=to_dict(cfg))
 
     def save(step: int) -> None:
-        save_checkpoint(run_dir, step, {
-            "model": flow.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "loader": loader.state_dict(), "rng": {"torch": torch.get_rng_state()}, "step": step,
-            "config": to_dict(cfg)}, cfg.train.keep_last)
+        client = {"step": step, "bad_in_row": bad_in_row, "skipped_total": skipped_total,
+                  "ema": ema.state_dict() if ema is not None else None, "config": to_dict(cfg)}
+        ckpt_io.save(engine, run_dir, step, info.rank, {"loader": loader.state_dict(), "rng": rng_state()},
+                     client, to_yaml(cfg), cfg.train.keep_last, ema.state_dict() if ema is not None else None)
 
     def evaluate_and_sample(step: int, final: bool) -> dict:
-        out = {}
-        t = cfg.train
-        if final or (t.eval_every and step % t.eval_every == 0):
-            out["test_bpd"] = evaluate_bpd(flow, test_x, cfg.data.n_bits, cfg.data.batch_size, device, seed=cfg.train.seed)
-        if final or (t.sample_every and step % t.sample_every == 0):
-            flow.eval()
-            path = sample_grid(flow, shapes, cfg.data.n_bits, t.temperatures, run_dir / "samples" / f"step_{step:08d}.png",
-                               seed=cfg.train.seed, device=device)
-            out["samples"] = str(path)
+        t, out = cfg.train, {}
+        want_eval = final or (t.eval_every and step % t.eval_every == 0)
+        want_samples = final or (t.sample_every and step % t.sample_every == 0)
+        if not (want_eval or want_samples):
+            return out
+        swap = ema.swapped_in(module) if ema is not None else _nothing()
+        with swap:
+            if want_eval:  # every rank scores its share of the test split
+                out["test_bpd"] = evaluate_bpd(module, test_x, cfg.data.n_bits, layout["micro"], device,
+                                               seed=cfg.train.seed, rank=info.rank, world_size=info.world_size,
+                                               dtype=model_dtype(cfg))
+            if want_samples:  # every rank runs it (ZeRO-3 gathers parameters collectively)
+                module.eval()
+                path = run_dir / "samples" / f"step_{step:08d}.png"
+                sample_grid(module, shapes, cfg.data.n_bits, t.temperatures, path, seed=cfg.train.seed,
+                            device=device, write=info.is_main, dtype=model_dtype(cfg))
+                out["samples"] = str(path)
+                log.images(step, {"samples": str(path)})
         return out
 
     metrics: dict = {}
-    t0, seen = time.time(), 0
-    start_step = step
+    t0, seen, start_step, last_save = time.time(), 0, step, time.time()
     while step < cfg.train.steps:
-        batch = next(loader).to(device)
+        batch = next(loader)
         # Checked at the first step of every (re)start too: the unstable-step flags are runtime state.
         if cfg.memory.check_every and (step % cfg.memory.check_every == 0 or step == start_step):
-            log.log(step, health_metrics(flow, batch[:cfg.memory.check_batch_size], cfg), echo=False)
-        metrics = train_step(flow, optimizer, scheduler, batch, cfg, step)
+            log.log(step, health_metrics(module, batch[:cfg.memory.check_batch_size], cfg), echo=False)
+        metrics = train_step(engine, batch, None, cfg, step, ema)
         step += 1
-        seen += len(batch)
+        if metrics["skipped"]:
+            bad_in_row, skipped_total = bad_in_row + 1, skipped_total + 1
+            log.log(step, {"skipped_steps": skipped_total})
+            if bad_in_row >= cfg.engine.max_bad_steps:
+                raise FloatingPointError(
+                    f"non-finite bits/dim in {bad_in_row} steps in a row (last at step {step}); lower optim.lr, raise "
+                    f"optim.warmup_steps, or use bounded scales (model.scale_fn). No checkpoint was written from these weights.")
+            continue
+        bad_in_row = 0
+        seen += len(batch) * info.world_size
         log.advance(bpd=metrics["bpd"])
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
             metrics["images_per_s"] = seen / (time.time() - t0)
@@ -179,26 +214,41 @@ def main(cfg: Config, resume: bool = True) -> dict:
         if extra:
             log.log(step, extra)
             metrics.update(extra)
-        if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
+        due_time = cfg.train.checkpoint_minutes > 0 and time.time() - last_save > 60 * cfg.train.checkpoint_minutes
+        if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps or _agree(due_time):
             save(step)
+            last_save = time.time()
     log.close()
     if not metrics:  # resumed a finished run: report its final state without training
         metrics = evaluate_and_sample(step, final=True)
     return {"step": step, **metrics}
 
 
-def load_trained(ckpt: str | Path, device: torch.device | str = "cpu"):
-    """(flow in eval mode, Config) from a checkpoint file or a run directory (its latest)."""
-    ckpt = Path(ckpt)
-    if ckpt.is_dir():
-        found = load_latest(ckpt)
-        if found is None:
-            raise FileNotFoundError(f"no checkpoint in {ckpt / 'checkpoints'}; train first or pass a .pt file")
-        ckpt, state = found
-    else:
-        state = load_checkpoint(ckpt)
-    cfg = from_dict(state["config"])
+def _agree(flag: bool) -> bool:
+    """True on every rank if rank 0 says so (time-based saves must be collective)."""
+    if not torch.distributed.is_initialized():
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0])
+    torch.distributed.broadcast(t, 0)
+    return bool(t.item())
+
+
+class _nothing:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def load_trained(ckpt: str | Path, device: torch.device | str = "cpu", use_ema: bool = True):
+    """(flow in eval mode, Config) from a run directory (its latest) or a checkpoint directory.
+
+    Reads only the safetensors export and config.yaml, never pickles.
+    """
+    state, path, _ = ckpt_io.load_exported(ckpt, use_ema)
+    cfg = load_config(path / "config.yaml")
     flow = build_model(cfg, device)
-    flow.load_state_dict(state["model"])
+    flow.load_state_dict(state)
     flow.eval()
     return flow, cfg

@@ -1,24 +1,34 @@
-"""The single-process training loop on the demo data: bits/dim fall, outputs land in the run
-directory, resume continues exactly, and the eval/sample commands use the checkpoint."""
+"""The training loop on the demo data (single process, DeepSpeed on CPU with gloo): bits/dim
+fall, outputs land in the run directory, resume continues exactly, the guards hold, and the
+eval/sample commands use the exported weights."""
 
 import json
 
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
-from flowscale.checkpoint import list_checkpoints, load_checkpoint
+from flowscale.checkpoint import list_complete
 from flowscale.cli import main as cli_main
 from flowscale.config import load_config
+from flowscale.lock import RunDirLocked, acquire, release
 from flowscale.logging import read_metrics
 from flowscale.train import main as train_main
 
 SMALL = ["model.levels=2", "model.steps=2", "model.width=32", "data.train_size=1024", "data.test_size=128",
-         "data.batch_size=16", "train.init_batch_size=64", "train.progress=false"]
+         "data.batch_size=16", "train.init_batch_size=64", "train.progress=false", "wandb.mode=disabled"]
+QUIET = ["train.eval_every=0", "train.sample_every=0"]
+
+pytestmark = pytest.mark.usefixtures("single_process_env")
 
 
 def small_cfg(run_dir, *extra):
     return load_config(None, SMALL + [f"train.run_dir={run_dir}", *extra])
+
+
+def final_weights(run_dir):
+    return load_file(str(list_complete(run_dir)[-1] / "model.safetensors"))
 
 
 def test_short_demo_run_lowers_bits_per_dim(tmp_path):
@@ -34,30 +44,29 @@ def test_short_demo_run_lowers_bits_per_dim(tmp_path):
     assert (run / "config.yaml").is_file() and load_config(run / "config.yaml") == cfg
     with Image.open(run / "samples" / "step_00000150.png") as im:
         assert im.size[0] > 32
-    assert [p.name for p in list_checkpoints(run)] == ["step_00000150.pt"]
+    assert [p.name for p in list_complete(run)] == ["step_00000150"]
+    assert not (run / ".lock").exists(), "the run-dir lock is released at exit"
 
 
 def test_resume_continues_exactly(tmp_path):
-    common = ["train.log_every=1", "train.eval_every=0", "train.sample_every=0", "train.checkpoint_every=6",
-              "optim.warmup_steps=3"]
-    straight = small_cfg(tmp_path / "a", "train.steps=12", *common)
-    train_main(straight)
-    half = small_cfg(tmp_path / "b", "train.steps=6", *common)
-    train_main(half)
-    resumed = small_cfg(tmp_path / "b", "train.steps=12", *common)
-    train_main(resumed)
-    a = load_checkpoint(list_checkpoints(tmp_path / "a")[-1])
-    b = load_checkpoint(list_checkpoints(tmp_path / "b")[-1])
-    assert a["step"] == b["step"] == 12
-    for k, v in a["model"].items():
-        assert torch.equal(v, b["model"][k]), k
+    common = ["train.log_every=1", *QUIET, "train.checkpoint_every=6", "optim.warmup_steps=3", "optim.ema_decay=0.9"]
+    train_main(small_cfg(tmp_path / "a", "train.steps=12", *common))
+    train_main(small_cfg(tmp_path / "b", "train.steps=6", *common))
+    train_main(small_cfg(tmp_path / "b", "train.steps=12", *common))
+    a, b = final_weights(tmp_path / "a"), final_weights(tmp_path / "b")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    ema_a = load_file(str(list_complete(tmp_path / "a")[-1] / "ema.safetensors"))
+    ema_b = load_file(str(list_complete(tmp_path / "b")[-1] / "ema.safetensors"))
+    assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
     loss_a = [r["bpd"] for r in read_metrics(tmp_path / "a") if "bpd" in r]
     loss_b = [r["bpd"] for r in read_metrics(tmp_path / "b") if "bpd" in r]
     assert loss_a == loss_b and len(loss_a) == 12
 
 
 def test_no_resume_refuses_existing_run(tmp_path):
-    cfg = small_cfg(tmp_path / "run", "train.steps=2", "train.eval_every=0", "train.sample_every=0")
+    cfg = small_cfg(tmp_path / "run", "train.steps=2", *QUIET)
     train_main(cfg)
     before = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     with pytest.raises(FileExistsError, match="already holds checkpoints"):
@@ -65,44 +74,69 @@ def test_no_resume_refuses_existing_run(tmp_path):
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == before
 
 
-def test_keep_last_and_atomic_names(tmp_path):
-    cfg = small_cfg(tmp_path / "run", "train.steps=8", "train.checkpoint_every=2", "train.keep_last=2",
-                    "train.eval_every=0", "train.sample_every=0")
-    train_main(cfg)
-    names = [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()]
-    assert sorted(names) == ["step_00000006.pt", "step_00000008.pt"]
+def test_keep_last_k(tmp_path):
+    train_main(small_cfg(tmp_path / "run", "train.steps=8", "train.checkpoint_every=2", "train.keep_last=2", *QUIET))
+    names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert names == ["step_00000006", "step_00000008"]
 
 
-def test_corrupt_newest_checkpoint_falls_back(tmp_path):
-    cfg = small_cfg(tmp_path / "run", "train.steps=4", "train.checkpoint_every=2", "train.eval_every=0",
-                    "train.sample_every=0")
-    train_main(cfg)
-    newest = list_checkpoints(tmp_path / "run")[-1]
-    newest.write_bytes(newest.read_bytes()[:100])  # truncated by a crash
-    with pytest.warns(UserWarning, match="unreadable"):
-        result = train_main(small_cfg(tmp_path / "run", "train.steps=4", "train.checkpoint_every=2",
-                                      "train.eval_every=0", "train.sample_every=0"))
-    assert result["step"] == 4
-
-
-def test_non_finite_loss_stops_with_the_step(tmp_path):
-    cfg = small_cfg(tmp_path / "run", "train.steps=50", "optim.lr=1e4", "optim.warmup_steps=0",
-                    "optim.grad_clip=0", "train.eval_every=0", "train.sample_every=0", "train.checkpoint_every=1000")
-    with pytest.raises(FloatingPointError, match=r"at step \d+"):
-        train_main(cfg)
-    assert list_checkpoints(tmp_path / "run") == [], "no checkpoint may be written from bad weights"
-
-
-def test_eval_and_sample_commands(tmp_path, capsys):
+def test_incomplete_and_corrupt_checkpoints_are_not_resumed(tmp_path):
     run = tmp_path / "run"
-    cfg = small_cfg(run, "train.steps=3", "train.eval_every=0", "train.sample_every=0")
-    train_main(cfg)
+    train_main(small_cfg(run, "train.steps=4", "train.checkpoint_every=2", *QUIET))
+    newest = list_complete(run)[-1]
+    assert newest.name == "step_00000004"
+    model_file = newest / "mp_rank_00_model_states.pt"
+    model_file.write_bytes(model_file.read_bytes()[:100])  # a truncated file
+    partial = run / "checkpoints" / "step_00000006"  # a save that crashed before COMPLETE
+    partial.mkdir()
+    with pytest.warns(UserWarning, match="unreadable"):
+        result = train_main(small_cfg(run, "train.steps=6", "train.checkpoint_every=2", *QUIET))
+    assert result["step"] == 6
+    rows = [r for r in read_metrics(run) if "bpd" in r]
+    assert rows[-1]["step"] == 6
+
+
+def test_non_finite_loss_skips_then_stops_with_the_step(tmp_path):
+    cfg = small_cfg(tmp_path / "run", "train.steps=50", "optim.lr=1e4", "optim.warmup_steps=0",
+                    "optim.grad_clip=0", *QUIET, "train.checkpoint_every=1000", "engine.max_bad_steps=3")
+    with pytest.raises(FloatingPointError, match=r"3 steps in a row \(last at step \d+\)"):
+        train_main(cfg)
+    assert list_complete(tmp_path / "run") == [], "no checkpoint may be written from bad weights"
+    skipped = [r["skipped_steps"] for r in read_metrics(tmp_path / "run") if "skipped_steps" in r]
+    assert skipped[-3:] == [skipped[-1] - 2, skipped[-1] - 1, skipped[-1]]
+
+
+def test_second_job_on_a_run_dir_is_refused(tmp_path):
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    run.mkdir()
+    # A live process of another "job" holds the lock.
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (run / ".lock").write_text(json.dumps({"host": __import__("socket").gethostname(), "pid": holder.pid,
+                                               "slurm_job_id": None, "started": "now"}))
+        with pytest.raises(RunDirLocked, match=f"pid {holder.pid}"):
+            train_main(small_cfg(run, "train.steps=1", *QUIET))
+    finally:
+        holder.kill()
+        holder.wait()
+    # The holder died: its lock is stale and is taken over.
+    lock = acquire(run, log=lambda m: None)
+    release(lock)
+    assert not (run / ".lock").exists()
+
+
+def test_eval_and_sample_commands_use_safetensors(tmp_path, capsys):
+    run = tmp_path / "run"
+    train_main(small_cfg(run, "train.steps=3", *QUIET, "optim.ema_decay=0.5"))
     capsys.readouterr()
     assert cli_main(["eval", str(run), "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     bpd = float(out.split("bits/dim:")[1].split()[0])
     assert 0 < bpd < 9
-    ckpt = list_checkpoints(run)[-1]
+    ckpt = list_complete(run)[-1]
     png = tmp_path / "grid.png"
     assert cli_main(["sample", str(ckpt), "--temperatures", "0", "1", "--n", "3", "--out", str(png)]) == 0
     with Image.open(png) as im:

@@ -15,10 +15,13 @@ class TensorBatches:
     """Infinite iterator of [batch_size, C, H, W] uint8 batches (the last partial batch of an
     epoch is dropped so every step sees the same batch size)."""
 
-    def __init__(self, images: torch.Tensor, batch_size: int, seed: int = 0):
+    def __init__(self, images: torch.Tensor, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1):
         if len(images) < batch_size:
             raise ValueError(f"dataset has {len(images)} images, fewer than data.batch_size={batch_size}")
+        if batch_size % world_size:
+            raise ValueError(f"data.batch_size={batch_size} must be divisible by the world size {world_size}")
         self.images, self.batch_size, self.seed = images, batch_size, seed
+        self.rank, self.world_size = rank, world_size
         self.epoch, self.offset = 0, 0
 
     def _order(self) -> torch.Tensor:
@@ -33,7 +36,8 @@ class TensorBatches:
             self.epoch, self.offset = self.epoch + 1, 0
         idx = self._order()[self.offset:self.offset + self.batch_size]
         self.offset += self.batch_size
-        return self.images[idx]
+        per_rank = self.batch_size // self.world_size  # every rank draws the same global batch, keeps its slice
+        return self.images[idx[self.rank * per_rank:(self.rank + 1) * per_rank]]
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "offset": self.offset, "seed": self.seed}

@@ -1,0 +1,145 @@
+"""Rank, world size and rendezvous from the environment, in one place.
+
+Understood launchers, in order of precedence:
+
+* torchrun / the ``deepspeed`` launcher / submitit-set variables: RANK, WORLD_SIZE, LOCAL_RANK,
+  MASTER_ADDR, MASTER_PORT;
+* a bare Slurm task (``srun``): SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, with the first host
+  of SLURM_JOB_NODELIST (or SLURM_LAUNCH_NODE_IPADDR) as master;
+* nothing: a single process, rendezvous on 127.0.0.1 and a free port.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _first_slurm_host(nodelist: str) -> str:
+    """First host of a Slurm nodelist such as 'gpu[001-004,007],cpu01' -> 'gpu001'."""
+    head = nodelist.split(",")[0] if "[" not in nodelist.split(",")[0] else nodelist[:nodelist.index("]") + 1]
+    if "[" not in head:
+        return head
+    prefix, rng = head.split("[", 1)
+    first = rng.rstrip("]").split(",")[0].split("-")[0]
+    return prefix + first
+
+
+def dist_env() -> DistInfo:
+    """Read (and complete) the rendezvous variables; returns this process's place."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
+        local = int(env.get("LOCAL_RANK", rank))
+    elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        rank, world, local = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
+        env.setdefault("MASTER_ADDR", _first_slurm_host(env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "127.0.0.1"))))
+        env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
+    else:
+        rank, world, local = 0, 1, 0
+        env.setdefault("MASTER_ADDR", "127.0.0.1")
+        env.setdefault("MASTER_PORT", str(_free_port()))
+    if world > 1 and ("MASTER_ADDR" not in env or "MASTER_PORT" not in env):
+        raise RuntimeError(f"rank {rank} of {world}: MASTER_ADDR and MASTER_PORT must be set for a multi-process run")
+    for k, v in (("RANK", rank), ("WORLD_SIZE", world), ("LOCAL_RANK", local)):
+        env[k] = str(v)
+    return DistInfo(rank, world, local)
+
+
+def prepare_accelerator() -> str:
+    """'cuda' when a GPU is visible, else 'cpu' (and tell DeepSpeed so before it is imported)."""
+    if torch.cuda.is_available():
+        return "cuda"
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    return "cpu"
+
+
+def init_distributed(backend: str = "auto") -> DistInfo:
+    """Start the process group (gloo on CPU, nccl on GPU unless told otherwise)."""
+    info = dist_env()
+    device = prepare_accelerator()
+    import deepspeed
+    import deepspeed.ops
+
+    # The shared-memory comm op is JIT-compiled (~40 s) at every initialize; gloo does not need it.
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    if backend == "auto":
+        backend = "nccl" if device == "cuda" else "gloo"
+    if device == "cuda":
+        torch.cuda.set_device(info.local_rank)
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    return info
+
+
+def cleanup() -> None:
+    """Destroy the process group (a rare SIGABRT at exit otherwise) and forget DeepSpeed's
+    cached groups, so ``main`` can run again in the same process (tests, notebooks)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    import sys
+
+    groups = sys.modules.get("deepspeed.utils.groups")
+    if groups is not None:
+        for name in ("_WORLD_GROUP", "_ZERO_PARAM_INTRA_PARALLEL_GROUP", "mpu", "mesh_device",
+                     "_TENSOR_MODEL_PARALLEL_GROUP", "_MODEL_PARALLEL_GROUP", "_DATA_PARALLEL_GROUP",
+                     "_MPU_TENSOR_MODEL_PARALLEL_WORLD_SIZE", "_MPU_TENSOR_MODEL_PARALLEL_RANK"):
+            if hasattr(groups, name):
+                setattr(groups, name, None)
+        for name in ("_EXPERT_PARALLEL_GROUP", "_EXPERT_PARALLEL_GROUP_RANKS", "_EXPERT_DATA_PARALLEL_GROUP",
+                     "_EXPERT_DATA_PARALLEL_GROUP_RANKS", "_ALL_TO_ALL_GROUP"):
+            if isinstance(getattr(groups, name, None), dict):
+                getattr(groups, name).clear()
+
+
+def seed_everything(seed: int, rank: int = 0) -> None:
+    """Seed python, numpy and torch; ranks get different streams (different dequantisation noise)."""
+    s = seed * 1000 + rank
+    random.seed(s)
+    np.random.seed(s % 2 ** 32)
+    torch.manual_seed(s)
+
+
+def rng_state() -> dict:
+    """RNG state of this process as tensors and numbers (loadable with weights_only=True)."""
+    version, mt, gauss = random.getstate()
+    _, key, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(),
+             "python": {"version": version, "mt": torch.tensor(mt, dtype=torch.int64), "gauss": gauss},
+             "numpy": {"key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached": float(cached)}}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    py = state["python"]
+    random.setstate((py["version"], tuple(int(v) for v in py["mt"].tolist()), py["gauss"]))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
