@@ -78,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="optional YAML config, then dotted overrides")
     t.add_argument("--no-resume", action="store_true",
                    help="refuse to continue an existing run (fails if train.run_dir holds checkpoints)")
+    # The `deepspeed` launcher appends --local_rank=N; the rank is read from the environment.
+    t.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     t.set_defaults(func=cmd_train)
 
     for name, helptext in (("eval", "bits/dim of a trained model on a data split"),

@@ -218,10 +218,25 @@ def _train(cfg: Config, info: DistInfo, resume: bool) -> dict:
         if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps or _agree(due_time):
             save(step)
             last_save = time.time()
+    if info.world_size > 1:
+        agree = ranks_agree(engine)
+        log.log(step, {"ranks_agree": int(agree)})
+        if not agree:
+            warnings.warn("model replicas differ across ranks at the end of training")
     log.close()
     if not metrics:  # resumed a finished run: report its final state without training
         metrics = evaluate_and_sample(step, final=True)
     return {"step": step, **metrics}
+
+
+def ranks_agree(engine) -> bool:
+    """Collective: True when every rank holds bit-identical full model weights."""
+    state = ckpt_io.consolidated_state_dict(engine)
+    digest = torch.tensor([sum(float(v.double().sum()) + float((v.double() ** 2).sum()) * 1e-3
+                               for v in state.values() if v.is_floating_point())], dtype=torch.float64)
+    gathered = [torch.zeros_like(digest) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(gathered, digest)
+    return all(torch.equal(g, gathered[0]) for g in gathered)
 
 
 def _agree(flag: bool) -> bool:

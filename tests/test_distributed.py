@@ -1,0 +1,120 @@
+"""Multi-process training through real launchers (torchrun, DeepSpeed on gloo), exact resume
+after SIGKILL, and W&B offline tracking."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from flowscale.checkpoint import list_complete
+from flowscale.logging import read_metrics
+
+from conftest import free_port
+
+SMALL = ["model.levels=2", "model.steps=2", "model.width=16", "data.train_size=512", "data.test_size=64",
+         "data.batch_size=16", "train.init_batch_size=64", "train.progress=false", "wandb.mode=disabled",
+         "train.eval_every=0", "train.sample_every=0", "train.log_every=1", "optim.warmup_steps=2"]
+
+
+def env_for(tmp_path):
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(DS_ACCELERATOR="cpu", TMPDIR=str(tmp_path), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return env
+
+
+def train_cmd(nproc, run_dir, *overrides):
+    args = ["-m", "flowscale.cli", "train", *SMALL, f"train.run_dir={run_dir}", *overrides]
+    if nproc == 1:
+        return [sys.executable, *args]
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+            f"--master_port={free_port()}", *args]
+
+
+def run(cmd, tmp_path, timeout=300):
+    p = subprocess.run(cmd, env=env_for(tmp_path), capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p
+
+
+def last_by_step(run_dir, key="bpd"):
+    out = {}
+    for r in read_metrics(run_dir):
+        if key in r:
+            out[r["step"]] = r[key]
+    return out
+
+
+def weights(run_dir):
+    return load_file(str(list_complete(run_dir)[-1] / "model.safetensors"))
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_zero_stages_two_ranks(tmp_path, stage, precision):
+    run_dir = tmp_path / "run"
+    run(train_cmd(2, run_dir, "train.steps=8", f"engine.zero_stage={stage}", f"engine.precision={precision}",
+                  "optim.lr=2e-3", "train.checkpoint_every=8"), tmp_path)
+    bpd = last_by_step(run_dir)
+    assert len(bpd) == 8 and all(v == v and v < 20 for v in bpd.values())
+    assert sum(list(bpd.values())[-2:]) < sum(list(bpd.values())[:2]), bpd
+    assert last_by_step(run_dir, "ranks_agree") == {8: 1}
+    w = weights(run_dir)
+    assert all(torch.isfinite(t).all() for t in w.values() if t.is_floating_point())
+
+
+def kill_after_checkpoint(cmd, tmp_path, run_dir, step):
+    marker = Path(run_dir) / "checkpoints" / f"step_{step:08d}" / "COMPLETE"
+    p = subprocess.Popen(cmd, env=env_for(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         start_new_session=True)
+    deadline = time.time() + 240
+    while not marker.exists():
+        assert p.poll() is None, "training ended before it could be killed: " + p.stdout.read().decode()[-2000:]
+        assert time.time() < deadline
+        time.sleep(0.01)
+    assert p.poll() is None, "the run finished before the SIGKILL; the test needs a longer run"
+    os.killpg(p.pid, signal.SIGKILL)  # no clean exit, for every process of the job
+    p.wait()
+    assert p.returncode == -signal.SIGKILL
+
+
+@pytest.mark.parametrize("nproc, stage", [(1, 0), (2, 2)])
+def test_exact_resume_after_sigkill(tmp_path, nproc, stage):
+    common = [f"engine.zero_stage={stage}", "train.steps=60", "train.checkpoint_every=20", "optim.ema_decay=0.9"]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    run(train_cmd(nproc, straight, *common), tmp_path)
+    kill_after_checkpoint(train_cmd(nproc, killed, *common), tmp_path, killed, 20)
+    assert not (killed / "checkpoints" / "step_00000060").exists()
+    run(train_cmd(nproc, killed, *common), tmp_path)  # resumes by default
+    a, b = weights(straight), weights(killed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    la, lb = last_by_step(straight), last_by_step(killed)
+    assert len(la) == 60 and la == lb
+
+
+def test_wandb_offline_run_id_persists_and_no_secrets(tmp_path):
+    run_dir = tmp_path / "run"
+    secret = "wandb-secret-4c1f9e0d"
+    env = env_for(tmp_path)
+    env.update(WANDB_API_KEY=secret, WANDB_MODE="offline")
+    cmd = train_cmd(1, run_dir, "wandb.mode=offline", "train.sample_every=2", "train.steps=2", "train.checkpoint_every=2")
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    run_id = (run_dir / "wandb_id.txt").read_text().strip()
+    runs = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and runs[0].name.endswith(run_id)
+    assert list(runs[0].glob("*.wandb")), "no offline W&B history written"
+    cmd2 = train_cmd(1, run_dir, "wandb.mode=offline", "train.sample_every=2", "train.steps=4", "train.checkpoint_every=2")
+    p = subprocess.run(cmd2, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    runs = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(r.name.endswith(run_id) for r in runs), "the resumed job must continue the W&B run"
+    leaked = [str(f) for f in run_dir.rglob("*") if f.is_file() and secret.encode() in f.read_bytes()]
+    assert not leaked, f"secret written to {leaked}"
