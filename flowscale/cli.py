@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import textwrap
 from pathlib import Path
@@ -32,7 +33,8 @@ def cmd_train(ns) -> int:
     cfg = load_config(path, overrides)
     result = main(cfg, resume=not ns.no_resume)
     test = result.get("test_bpd")
-    print(f"done: step {result['step']}" + (f", test bits/dim {test:.4f}" if test is not None else ""))
+    if os.environ.get("RANK", "0") == "0":
+            print(f"done: step {result['step']}" + (f", test bits/dim {test:.4f}" if test is not None else ""))
     return 0
 
 
@@ -67,6 +69,7 @@ def cmd_sample(ns) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flowscale", description="Train and use deep multi-scale normalizing flows "
                                 "(NICE, RealNVP, Glow). Run 'flowscale COMMAND --help' for details.")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     t = sub.add_parser("train", help="train a flow (no arguments: the demo model on the bundled demo photos)",

@@ -118,3 +118,12 @@ def test_wandb_offline_run_id_persists_and_no_secrets(tmp_path):
     assert len(runs) == 2 and all(r.name.endswith(run_id) for r in runs), "the resumed job must continue the W&B run"
     leaked = [str(f) for f in run_dir.rglob("*") if f.is_file() and secret.encode() in f.read_bytes()]
     assert not leaked, f"secret written to {leaked}"
+
+
+def test_deepspeed_launcher(tmp_path):
+    run_dir = tmp_path / "run"
+    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "--module", "flowscale.cli", "train",
+           *SMALL, f"train.run_dir={run_dir}", "train.steps=3", "engine.zero_stage=1"]
+    p = run(cmd, tmp_path)
+    assert p.stdout.count("done: step 3") == 1, "only rank 0 reports"
+    assert last_by_step(run_dir, "ranks_agree") == {3: 1}
