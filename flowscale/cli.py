@@ -43,12 +43,26 @@ def cmd_eval(ns) -> int:
     from .evaluate import evaluate_bpd
     from .train import load_trained, pick_device
 
-    device = pick_device(ns.device)
-    flow, cfg = load_trained(ns.checkpoint, device)
-    train_x, test_x = build_datasets(cfg.data)
-    images = test_x if ns.split == "test" else train_x
-    bpd = evaluate_bpd(flow, images, cfg.data.n_bits, ns.batch_size or cfg.data.batch_size, device, seed=ns.seed)
-    print(f"{ns.split} bits/dim: {bpd:.4f} ({len(images)} images, {cfg.data.n_bits}-bit, {cfg.data.image_size}px)")
+    from .distributed import cleanup, dist_env, init_distributed
+
+    # Under torchrun/Slurm with several processes, every rank scores a share of the split.
+    multi = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1"))) > 1
+    info = init_distributed() if multi else dist_env()
+    try:
+        device = pick_device(ns.device)
+        if multi and device.type == "cuda":
+            device = __import__("torch").device("cuda", info.local_rank)
+        flow, cfg = load_trained(ns.checkpoint, device)
+        train_x, test_x = build_datasets(cfg.data)
+        images = test_x if ns.split == "test" else train_x
+        bpd = evaluate_bpd(flow, images, cfg.data.n_bits, ns.batch_size or cfg.data.batch_size, device, seed=ns.seed,
+                           rank=info.rank, world_size=info.world_size)
+        if info.is_main:
+            print(f"{ns.split} bits/dim: {bpd:.4f} ({len(images)} images, {cfg.data.n_bits}-bit, "
+                  f"{cfg.data.image_size}px, {info.world_size} rank(s))")
+    finally:
+        if multi:
+            cleanup()
     return 0
 
 

@@ -208,6 +208,7 @@ def _train(cfg: Config, info: DistInfo, resume: bool) -> dict:
         log.advance(bpd=metrics["bpd"])
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
             metrics["images_per_s"] = seen / (time.time() - t0)
+            metrics["mem_gb"] = _memory_gb(device)
             t0, seen = time.time(), 0
             log.log(step, metrics)
         extra = evaluate_and_sample(step, final=step == cfg.train.steps)
@@ -227,6 +228,15 @@ def _train(cfg: Config, info: DistInfo, resume: bool) -> dict:
     if not metrics:  # resumed a finished run: report its final state without training
         metrics = evaluate_and_sample(step, final=True)
     return {"step": step, **metrics}
+
+
+def _memory_gb(device: torch.device) -> float:
+    """Peak memory so far: CUDA allocated on a GPU, process max RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
 
 
 def ranks_agree(engine) -> bool:

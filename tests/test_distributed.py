@@ -127,3 +127,16 @@ def test_deepspeed_launcher(tmp_path):
     p = run(cmd, tmp_path)
     assert p.stdout.count("done: step 3") == 1, "only rank 0 reports"
     assert last_by_step(run_dir, "ranks_agree") == {3: 1}
+
+
+def test_eval_across_ranks_matches_one_rank(tmp_path):
+    run_dir = tmp_path / "run"
+    run(train_cmd(1, run_dir, "train.steps=2"), tmp_path)
+    one = run([sys.executable, "-m", "flowscale.cli", "eval", str(run_dir), "--device", "cpu", "--batch-size", "8"],
+              tmp_path).stdout
+    two = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+               "-m", "flowscale.cli", "eval", str(run_dir), "--device", "cpu", "--batch-size", "8"], tmp_path).stdout
+    b1 = float(one.split("bits/dim:")[1].split()[0])
+    b2 = float(two.split("bits/dim:")[1].split()[0])
+    assert "2 rank(s)" in two and two.count("bits/dim:") == 1
+    assert abs(b1 - b2) <= 1.5e-4, (b1, b2)  # printed with 4 decimals
