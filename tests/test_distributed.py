@@ -140,3 +140,12 @@ def test_eval_across_ranks_matches_one_rank(tmp_path):
     b2 = float(two.split("bits/dim:")[1].split()[0])
     assert "2 rank(s)" in two and two.count("bits/dim:") == 1
     assert abs(b1 - b2) <= 1.5e-4, (b1, b2)  # printed with 4 decimals
+
+
+def test_bench_step_command(tmp_path):
+    p = run([sys.executable, "-m", "flowscale.cli", "bench", "step", "model.levels=2", "model.steps=2",
+             "model.width=16", "data.train_size=256", "data.batch_size=8", "--steps", "2", "--warmup", "1"], tmp_path)
+    rows = [line for line in p.stdout.splitlines() if line.startswith("| ") and "case" not in line]
+    assert [r.split("|")[1].strip() for r in rows] == ["torch", "deepspeed", "ds+inverse"]
+    assert all("error" not in r for r in rows)
+    assert all(float(r.split("|")[2]) > 0 for r in rows)
