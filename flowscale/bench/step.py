@@ -88,8 +88,7 @@ def run_case(case: str, config: str | None, overrides: list[str], steps: int, wa
 def run(args) -> int:
     import torch
 
-    if args.config and "=" in args.config:  # only overrides were given
-        args.overrides, args.config = [args.config, *args.overrides], None
+    _normalise(args)
     rows = []
     for case in args.cases:
         cmd = [sys.executable, "-m", "flowscale.bench.step", "--one", case, "--steps", str(args.steps),
@@ -119,6 +118,11 @@ def run(args) -> int:
     return 0
 
 
+def _normalise(args) -> None:
+    if args.config and "=" in args.config:  # only overrides were given
+        args.overrides, args.config = [args.config, *args.overrides], None
+
+
 def _add_args(p) -> None:
     p.add_argument("config", nargs="?", default=None, help="YAML config (default: the demo defaults)")
     p.add_argument("overrides", nargs="*", help="section.field=value overrides")
@@ -139,4 +143,5 @@ if __name__ == "__main__":
     _add_args(ap)
     ap.add_argument("--one", required=True, choices=CASES)
     a = ap.parse_args()
+    _normalise(a)
     print(json.dumps(run_case(a.one, a.config, a.overrides, a.steps, a.warmup)))
