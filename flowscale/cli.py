@@ -80,6 +80,25 @@ def cmd_sample(ns) -> int:
     return 0
 
 
+def cmd_submit(ns) -> int:
+    from launch.submit import sbatch_preview, submit
+
+    path, overrides = _split_config_and_overrides(ns.args)
+    kw = dict(nodes=ns.nodes, gpus_per_node=ns.gpus_per_node, tasks_per_node=ns.tasks_per_node,
+              cpus_per_task=ns.cpus_per_task, partition=ns.partition, time_min=ns.time, account=ns.account,
+              constraint=ns.constraint, signal_delay_s=ns.signal_delay, mem_gb=ns.mem_gb)
+    if ns.dry_run:
+        print(sbatch_preview(path, overrides, **kw))
+        return 0
+    jobs = submit(path, overrides, array=ns.array, local=ns.local, **kw)
+    for j in jobs:
+        print(f"submitted job {j.job_id}; logs: {j.paths.stdout} / {j.paths.stderr}")
+    if ns.wait:
+        for j in jobs:
+            print(f"job {j.job_id}: {j.results()}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flowscale", description="Train and use deep multi-scale normalizing flows "
                                 "(NICE, RealNVP, Glow). Run 'flowscale COMMAND --help' for details.")
@@ -115,6 +134,30 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--n", type=int, default=8, help="samples per temperature (default: 8)")
             s.add_argument("--out", default=None, help="PNG path (default: RUN_DIR/samples/cli_samples.png)")
             s.set_defaults(func=cmd_sample)
+    s = sub.add_parser("submit", help="run the same training as a Slurm job through submitit (requeues on preemption)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Submit `flowscale train CONFIG [overrides]` to Slurm: one task per GPU, resume on requeue.\n\n"
+                                   "examples:\n  flowscale submit configs/demo.yaml --nodes 2 --gpus-per-node 8 --partition gpu --time 1440\n"
+                                   "  flowscale submit configs/demo.yaml --array sweep.yaml --dry-run")
+    s.add_argument("args", nargs="*", metavar="[CONFIG.yaml] [section.field=value ...]")
+    s.add_argument("--nodes", type=int, default=1, help="nodes (default: 1)")
+    s.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node; one task per GPU (default: 0 = CPU)")
+    s.add_argument("--tasks-per-node", type=int, default=None, help="tasks per node (default: gpus-per-node, or 1)")
+    s.add_argument("--cpus-per-task", type=int, default=1, help="CPU cores per task (default: 1)")
+    s.add_argument("--mem-gb", type=float, default=None, help="memory per node in GB (default: the partition's)")
+    s.add_argument("--partition", default=None, help="Slurm partition")
+    s.add_argument("--time", type=int, default=60, help="time limit per job in minutes; the job requeues itself (default: 60)")
+    s.add_argument("--account", default=None, help="Slurm account")
+    s.add_argument("--constraint", default=None, help="Slurm constraint (e.g. a100)")
+    s.add_argument("--signal-delay", type=int, default=120,
+                   help="seconds before the time limit at which Slurm sends USR2 (default: 120)")
+    s.add_argument("--array", default=None, metavar="SWEEP.yaml",
+                   help="a job array: a YAML list of {dotted.key: value} overrides, one job each")
+    s.add_argument("--local", action="store_true", help="run with submitit's local executor (no Slurm)")
+    s.add_argument("--dry-run", action="store_true", help="print the sbatch script and submit nothing")
+    s.add_argument("--wait", action="store_true", help="wait for the job(s) and print their results")
+    s.set_defaults(func=cmd_submit)
+
     b = sub.add_parser("bench", help="benchmarks that print a table (memory, ...)",
                        description="Benchmarks. Each prints a table; ratios are measured side by side in one run.")
     from .bench import add_parsers

@@ -1,0 +1,98 @@
+"""`flowscale submit` against a real Slurm (slurmctld + slurmd + munge on 127.0.0.1), started
+by launch/slurm_local/start.sh (.ci/run does that). Skipped with the reason when no cluster answers."""
+
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from flowscale.checkpoint import list_complete
+from flowscale.logging import read_metrics
+from launch.submit import submit
+
+STATE = Path(os.environ.get("FLOWSCALE_SLURM_DIR", "/tmp/flowscale-slurm"))
+SMALL = ["model.levels=2", "model.steps=2", "model.width=16", "data.train_size=512", "data.test_size=64",
+         "data.batch_size=16", "train.init_batch_size=64", "train.progress=false", "wandb.mode=disabled",
+         "train.eval_every=0", "train.sample_every=0", "train.log_every=1", "optim.warmup_steps=2"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def slurm_cluster():
+    if shutil.which("sinfo") is None:
+        pytest.skip("no Slurm here: run `bash launch/slurm_local/start.sh` (root, Debian) to start a test cluster")
+    os.environ["PATH"] = f"{STATE / 'bin'}:{os.environ['PATH']}"  # the sacct wrapper (no slurmdbd)
+    try:
+        out = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=10).stdout
+    except subprocess.TimeoutExpired:
+        out = ""
+    if "idle" not in out and "mix" not in out and "alloc" not in out:
+        pytest.skip("Slurm does not answer (no idle node): run `bash launch/slurm_local/start.sh`")
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    yield
+
+
+def weights(run_dir):
+    return load_file(str(list_complete(run_dir)[-1] / "model.safetensors"))
+
+
+def wait_for(predicate, timeout, what):
+    deadline = time.time() + timeout
+    while not predicate():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.5)
+
+
+def test_two_tasks_train_and_agree(tmp_path):
+    run_dir = tmp_path / "run"
+    (job,) = submit(None, SMALL + ["train.steps=6", f"train.run_dir={run_dir}"], tasks_per_node=2, time_min=5)
+    results = job.results()
+    assert sorted(r["rank"] for r in results) == [0, 1]
+    assert all(r["step"] == 6 for r in results)
+    assert {r["step"]: r["ranks_agree"] for r in read_metrics(run_dir) if "ranks_agree" in r} == {6: 1}
+    assert (run_dir / "submitit").is_dir()
+
+
+def test_crash_is_reported_not_hung(tmp_path):
+    # 15 images do not split over 2 ranks: the job fails inside, and the submitter must hear why.
+    run_dir = tmp_path / "run"
+    (job,) = submit(None, SMALL + ["train.steps=2", "data.batch_size=15", f"train.run_dir={run_dir}"],
+                    tasks_per_node=2, time_min=5)
+    t0 = time.time()
+    with pytest.raises(Exception, match="divisible"):
+        job.results()
+    assert time.time() - t0 < 240
+
+
+def test_preemption_requeues_and_resumes_exactly(tmp_path):
+    common = SMALL + ["train.steps=240", "train.checkpoint_every=20"]
+    ref_dir, pre_dir = tmp_path / "reference", tmp_path / "preempted"
+    (ref,) = submit(None, common + [f"train.run_dir={ref_dir}"], tasks_per_node=2, time_min=10)
+    (job,) = submit(None, common + [f"train.run_dir={pre_dir}"], tasks_per_node=2, time_min=10)
+    wait_for(lambda: len(list_complete(pre_dir)) >= 1, 300, "a first checkpoint")
+    done_before = [p.name for p in list_complete(pre_dir)]
+    assert "step_00000240" not in done_before, "the run finished before it could be preempted"
+    job._interrupt()  # SIGTERM + USR2, as a preemption
+    results = job.results()
+    assert all(r["step"] == 240 for r in results)
+    logs = Path(job.paths.stdout).read_text()
+    assert "resumed from" in logs, "the requeued job must resume from a checkpoint"
+    ref.results()
+    a, b = weights(ref_dir), weights(pre_dir)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_time_limit_requeues_until_done(tmp_path):
+    # A 1-minute limit with USR2 30 s before it: the training needs more than one slot.
+    run_dir = tmp_path / "run"
+    (job,) = submit(None, SMALL + ["train.steps=4000", "train.checkpoint_every=100", "model.width=32",
+                                   f"train.run_dir={run_dir}"], tasks_per_node=1, time_min=1, signal_delay_s=30)
+    results = job.results()
+    assert results[0]["step"] == 4000
+    logs = Path(job.paths.stdout).read_text()
+    assert logs.count("resumed from") >= 1, "the job should have hit its time limit and been requeued"
