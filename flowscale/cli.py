@@ -39,7 +39,7 @@ def cmd_train(ns) -> int:
 
 
 def cmd_eval(ns) -> int:
-    from .data import build_datasets
+    from .data import eval_split
     from .evaluate import evaluate_bpd
     from .train import load_trained, pick_device
 
@@ -53,8 +53,7 @@ def cmd_eval(ns) -> int:
         if multi and device.type == "cuda":
             device = __import__("torch").device("cuda", info.local_rank)
         flow, cfg = load_trained(ns.checkpoint, device)
-        train_x, test_x = build_datasets(cfg.data)
-        images = test_x if ns.split == "test" else train_x
+        images = eval_split(cfg.data, ns.split)  # streamed from the split's shards
         bpd = evaluate_bpd(flow, images, cfg.data.n_bits, ns.batch_size or cfg.data.batch_size, device, seed=ns.seed,
                            rank=info.rank, world_size=info.world_size)
         if info.is_main:

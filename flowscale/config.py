@@ -80,9 +80,43 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    dataset: Literal["demo"] = "demo"
-    """Where images come from. demo = 32x32 crops of the RGB photos bundled with scikit-image
-    (train: astronaut, coffee, hubble_deep_field, ihc, motorcycle_left, retina; test: chelsea, rocket)."""
+    dataset: Literal["demo", "shards"] = "demo"
+    """Where images come from. demo = crops of the RGB photos bundled with scikit-image (train:
+    astronaut, coffee, hubble_deep_field, ihc, motorcycle_left, retina; test: chelsea, rocket),
+    written once into shards under data.cache_dir and streamed like any dataset; shards =
+    webdataset tar shards made by `flowscale prep` (see train_manifest)."""
+    train_manifest: Optional[str] = None
+    """shards: the train split's manifest.json (or its directory, or an http(s) URL), as written
+    by `flowscale prep`. Shards are read next to it unless train_shards is set."""
+    test_manifest: Optional[str] = None
+    """shards: the test split's manifest.json (or its directory, or a URL); used for test bits/dim."""
+    train_shards: Optional[str] = None
+    """Where to read the train shards from instead of next to the manifest: local paths, URLs or
+    'pipe:' commands, with brace patterns (e.g. https://host/in64/in64-train-{000000..000127}.tar),
+    several joined by '::'. File names must match the manifest's. null = next to the manifest."""
+    test_shards: Optional[str] = None
+    """Like train_shards, for the test split."""
+    cache_dir: Optional[str] = None
+    """demo: where the demo shards are built on first use; null = $XDG_CACHE_HOME/flowscale
+    (default ~/.cache/flowscale)."""
+    num_workers: int = 2
+    """Loader worker processes per rank (0 = read in the training process). The sample order
+    depends on it: resume with the same value."""
+    shuffle_buffer: int = 1000
+    """Samples held by each worker's shuffle buffer (shard order is reshuffled every epoch as
+    well); 0 or 1 = read shards in order."""
+    random_flip: bool = False
+    """Flip training images horizontally with probability 1/2 (a function of data.seed, the
+    epoch and the sample, so the same under any number of ranks and workers)."""
+    bad_data: Literal["error", "skip"] = "error"
+    """A bad sample or shard (truncated tar, non-image member, wrong size or mode, missing shard):
+    error = stop with an error naming shard and sample; skip = skip it, print it and count it."""
+    max_skipped: int = 100
+    """With bad_data=skip: stop with an error once one loader worker has skipped more than this
+    many samples."""
+    worker_timeout_s: float = 600.0
+    """Give up (error) when a loader worker delivers no batch for this many seconds (e.g. a stalled
+    network read); 0 = wait forever."""
     image_size: int = 32
     """Height = width of training images in pixels."""
     channels: int = 3
@@ -96,10 +130,18 @@ class DataConfig:
     test_size: int = 1024
     """demo: number of held-out test crops."""
     seed: int = 0
-    """Seed for building the demo crops and for the data order."""
+    """Seed for building the demo crops and for the data order (shard order, shuffle buffers, flips)."""
 
     def __post_init__(self):
         _check(1 <= self.n_bits <= 8, "data.n_bits", f"must be in 1..8, got {self.n_bits}")
+        if self.dataset == "shards":
+            for split in ("train", "test"):
+                _check(bool(getattr(self, f"{split}_manifest")), f"data.{split}_manifest",
+                       f"required for data.dataset=shards (the {split} split's manifest.json from `flowscale prep`)")
+        _check(self.num_workers >= 0, "data.num_workers", f"must be >= 0, got {self.num_workers}")
+        _check(self.shuffle_buffer >= 0, "data.shuffle_buffer", f"must be >= 0, got {self.shuffle_buffer}")
+        _check(self.max_skipped >= 0, "data.max_skipped", f"must be >= 0, got {self.max_skipped}")
+        _check(self.worker_timeout_s >= 0, "data.worker_timeout_s", f"must be >= 0 (0 = no limit), got {self.worker_timeout_s}")
         _check(self.image_size >= 2, "data.image_size", f"must be >= 2, got {self.image_size}")
         _check(self.channels >= 1, "data.channels", f"must be >= 1, got {self.channels}")
         _check(self.batch_size >= 1, "data.batch_size", f"must be >= 1, got {self.batch_size}")

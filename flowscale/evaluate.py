@@ -6,15 +6,17 @@ import math
 
 import torch
 
+from .data.loader import TensorSplit
 from .data.quantize import preprocess
 from .loss import flow_bpd_dequantized
 
 
 @torch.no_grad()
-def evaluate_bpd(flow, images: torch.Tensor, n_bits: int, batch_size: int, device="cpu", seed: int = 0,
+def evaluate_bpd(flow, images, n_bits: int, batch_size: int, device="cpu", seed: int = 0,
                  labels: torch.Tensor | None = None, rank: int = 0, world_size: int = 1,
                  dtype: torch.dtype = torch.float32) -> float:
     """Mean bits/dim of uint8 ``images`` [N, C, H, W] (dequantisation noise drawn from ``seed``).
+    ``images`` is a tensor or a split streamed from shards (:func:`flowscale.data.eval_split`).
 
     With several ranks each scores every world_size-th batch; bits and dimensions are summed
     over ranks, then divided once. Every rank runs the same number of forward passes (a rank
@@ -23,14 +25,17 @@ def evaluate_bpd(flow, images: torch.Tensor, n_bits: int, batch_size: int, devic
     was_training = flow.training
     flow.eval()
     total = torch.zeros(2, dtype=torch.float64)
-    starts = list(range(0, len(images), batch_size))
-    rounds = math.ceil(len(starts) / world_size)
+    split = TensorSplit(images, labels) if isinstance(images, torch.Tensor) else images
+    rounds = math.ceil(split.num_batches(batch_size) / world_size)
+    mine_batches = split.batches(batch_size, rank, world_size)
+    dummy = (0, torch.zeros((1, *split.image_shape), dtype=torch.uint8),
+             torch.zeros(1, dtype=torch.int64) if split.has_labels else None)
     for r in range(rounds):
-        i = r * world_size + rank
-        mine = i < len(starts)
-        s = starts[i] if mine else 0
-        x = images[s:s + batch_size]
-        y = None if labels is None else labels[s:s + batch_size].to(device)
+        s, x, y = next(mine_batches, None) or dummy
+        mine = len(x) > 0 and x is not dummy[1]
+        if not mine:  # no batch left for this rank, or all its samples were skipped (bad_data=skip)
+            _, x, y = dummy
+        y = None if y is None else y.to(device)
         # Noise from a CPU generator seeded per batch: the number depends on neither device nor rank count.
         g = torch.Generator().manual_seed(seed * 1_000_003 + s)
         bpd, _ = flow_bpd_dequantized(flow, preprocess(x, n_bits, generator=g).to(device, dtype), n_bits, y)

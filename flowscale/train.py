@@ -21,7 +21,7 @@ import torch
 
 from . import checkpoint as ckpt_io
 from .config import Config, load_config, to_dict, to_yaml
-from .data import TensorBatches, build_datasets
+from .data import build_train_loader, eval_split, first_images
 from .data.quantize import preprocess
 from .distributed import DistInfo, cleanup, init_distributed, rng_state, seed_everything, set_rng_state
 from .engine import EMA, batch_layout, initialize, model_dtype, train_step
@@ -119,14 +119,14 @@ def _train(cfg: Config, info: DistInfo, resume: bool) -> dict:
     seed_everything(cfg.train.seed, info.rank)
     say = print if info.is_main else (lambda *a, **k: None)
 
-    train_x, test_x = build_datasets(cfg.data)
-    loader = TensorBatches(train_x, cfg.data.batch_size, seed=cfg.data.seed, rank=info.rank, world_size=info.world_size)
+    loader = build_train_loader(cfg.data, rank=info.rank, world_size=info.world_size, seed=cfg.data.seed)
+    test_x = eval_split(cfg.data, "test")  # streamed from its shards at every eval
     flow = build_model(cfg, device)
 
     # Data-dependent ActNorm init on the raw module, statistics all-reduced over ranks, BEFORE
     # DeepSpeed wraps it (a lazy init inside forward breaks under DeepSpeed). Resume overwrites it.
     g = torch.Generator().manual_seed(cfg.train.seed)
-    init = train_x[torch.randperm(len(train_x), generator=g)[:cfg.train.init_batch_size]]
+    init = first_images(cfg.data, cfg.train.init_batch_size)
     init = init.chunk(info.world_size)[info.rank] if len(init) >= info.world_size else init
     n_init = initialize_actnorm(flow, preprocess(init, cfg.data.n_bits, generator=g).to(device))
     flow = flow.to(model_dtype(cfg)) if cfg.engine.precision != "fp32" else flow
@@ -189,7 +189,7 @@ def _train(cfg: Config, info: DistInfo, resume: bool) -> dict:
     metrics: dict = {}
     t0, seen, start_step, last_save = time.time(), 0, step, time.time()
     while step < cfg.train.steps:
-        batch = next(loader)
+        batch, _labels = next(loader)  # labels (int64 [B]) when the shards have them, else None
         # Checked at the first step of every (re)start too: the unstable-step flags are runtime state.
         if cfg.memory.check_every and (step % cfg.memory.check_every == 0 or step == start_step):
             log.log(step, health_metrics(module, batch[:cfg.memory.check_batch_size], cfg), echo=False)
