@@ -157,6 +157,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--wait", action="store_true", help="wait for the job(s) and print their results")
     s.set_defaults(func=cmd_submit)
 
+    from data_prep.cli import EXAMPLES as prep_examples, add_parsers as add_prep_parsers
+
+    pr = sub.add_parser("prep", help="convert a dataset into webdataset shards + manifest; verify shards",
+                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=prep_examples,
+                        description="Convert datasets into shards (parallel, resumable, deterministic) or verify them.")
+    add_prep_parsers(pr.add_subparsers(dest="prep", required=True, metavar="DATASET"))
+
     b = sub.add_parser("bench", help="benchmarks that print a table (memory, ...)",
                        description="Benchmarks. Each prints a table; ratios are measured side by side in one run.")
     from .bench import add_parsers

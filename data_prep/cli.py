@@ -1,0 +1,145 @@
+"""``python -m data_prep`` / ``flowscale prep``: convert a dataset into shards, or verify shards."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+EXAMPLES = """examples:
+  flowscale prep celebahq /data/celeba-hq-1024 /data/shards/celebahq256 --resolution 256
+  flowscale prep celebahq /data/celeba-tfr /data/shards/celebahq256-glow --resolution 256
+  flowscale prep imagenet-oord /data/imagenet64 /data/shards/in64-oord     # train_64x64/ valid_64x64/
+  flowscale prep imagenet-batches /data/Imagenet64 /data/shards/in64-chra  # train_data_batch_N, val_data
+  flowscale prep ilsvrc /data/ILSVRC2012 /data/shards/ilsvrc128 --resolution 128 --val-labels LOC_val_solution.csv
+  flowscale prep folder /data/my_images /data/shards/mine --resolution 64 --split train
+  flowscale prep verify /data/shards/celebahq256
+"""
+
+
+def _common(p: argparse.ArgumentParser, prefix: str) -> None:
+    p.add_argument("src", help="the dataset as downloaded")
+    p.add_argument("out", help="output root; each split goes to OUT/<split>/ with its manifest.json")
+    p.add_argument("--prefix", default=prefix, help=f"shard name prefix: PREFIX-<split>-000000.tar (default: {prefix})")
+    p.add_argument("--encoding", default="auto", choices=["auto", "png", "npy"],
+                   help="lossless pixel format; auto = npy (raw, fastest to decode) up to 64px, png above")
+    p.add_argument("--shard-size", default="256MB", help="target shard size (default: 256MB)")
+    p.add_argument("--samples-per-shard", type=int, default=None, help="fixed samples per shard (overrides --shard-size)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                   help=f"encoding processes (default: all cores, {os.cpu_count()})")
+    p.add_argument("--seed", type=int, default=0, help="seed of the stored order of shuffled train splits (default: 0)")
+    p.add_argument("--bad-input", default="error", choices=["error", "skip"],
+                   help="an input that cannot be decoded: stop (error) or leave it out, counted in the manifest")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def add_parsers(sub) -> None:
+    """Register the conversion and verify sub-commands on an argparse subparsers object."""
+    p = sub.add_parser("celebahq", help="CelebA-HQ: index-named png/jpg/npy folder, or Glow's tfrecords")
+    _common(p, "celebahq")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="downscale with a box filter to 512/256/128/64... (default: keep the source size)")
+    p.add_argument("--train-count", type=int, default=None,
+                   help="images (in index order) in train; the rest is test (default: 27000 of 30000)")
+    p.set_defaults(func=_run, source="celebahq")
+
+    p = sub.add_parser("imagenet-oord", help="downsampled ImageNet 32/64, van den Oord PNG folders (variant oord2016)")
+    _common(p, "imagenet")
+    p.set_defaults(func=_run, source="imagenet-oord")
+
+    p = sub.add_parser("imagenet-batches", help="downsampled ImageNet, image-net.org pickled/npz batches "
+                                                "(variant chrabaszcz2017)")
+    _common(p, "imagenet")
+    p.set_defaults(func=_run, source="imagenet-batches")
+
+    p = sub.add_parser("ilsvrc", help="full ILSVRC2012 train/<wnid>/ and val/ trees, center-cropped and resized")
+    _common(p, "ilsvrc")
+    p.add_argument("--resolution", type=int, required=True, help="target size (center square crop, box filter)")
+    p.add_argument("--val-labels", default=None,
+                   help="labels for a flat val/: LOC_val_solution.csv or 'file wnid' lines")
+    p.set_defaults(func=_run, source="ilsvrc")
+
+    p = sub.add_parser("folder", help="any folder of images (class subfolders become labels)")
+    _common(p, "images")
+    p.add_argument("--split", default="train", help="split name for these images (default: train)")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="center-crop and box-resize to this size (default: all images must be one square size)")
+    p.add_argument("--no-shuffle", action="store_true", help="keep path order (default: shuffle with --seed)")
+    p.set_defaults(func=_run, source="folder")
+
+    p = sub.add_parser("verify", help="re-read shards: counts, decodability, sizes, checksums against the manifest")
+    p.add_argument("paths", nargs="+", help="manifest.json files, split directories or shard roots")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel shard checks")
+    p.add_argument("--quick", action="store_true", help="skip the sha256 of each shard (still decodes every sample)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_verify)
+
+
+def _clean_errors(fn):
+    """Input problems end with one line naming the file, not a traceback (also under `flowscale prep`)."""
+    def wrapped(ns) -> int:
+        try:
+            return fn(ns)
+        except (FileNotFoundError, FileExistsError, ValueError) as e:
+            print(f"data_prep: error: {e}", file=sys.stderr)
+            return 1
+    return wrapped
+
+
+@_clean_errors
+def _run(ns) -> int:
+    from . import sources
+    from .convert import convert_split, parse_size
+
+    src = Path(ns.src)
+    if not src.exists():
+        raise FileNotFoundError(f"{src} does not exist")
+    if ns.source == "celebahq":
+        plans = sources.plan_celebahq(src, ns.resolution, ns.train_count)
+    elif ns.source == "imagenet-oord":
+        plans = sources.plan_imagenet_oord(src, ns.seed)
+    elif ns.source == "imagenet-batches":
+        plans = sources.plan_imagenet_batches(src)
+    elif ns.source == "ilsvrc":
+        plans = sources.plan_ilsvrc(src, ns.resolution, ns.seed, Path(ns.val_labels) if ns.val_labels else None)
+    else:
+        plans = sources.plan_folder(src, ns.split, ns.resolution, ns.seed, not ns.no_shuffle)
+    if ns.source.startswith("imagenet"):
+        print(f"data_prep: note: {sources.VARIANT_NOTE}", file=sys.stderr)
+    for split, plan in plans.items():
+        path = convert_split(plan, ns.out, ns.prefix, split, ns.encoding, parse_size(ns.shard_size),
+                             ns.samples_per_shard, ns.workers, ns.bad_input, progress=not ns.no_progress)
+        print(f"{split}: {len(plan.items)} inputs -> {path} (variant {plan.variant}, {plan.resolution}px)")
+    return 0
+
+
+@_clean_errors
+def _verify(ns) -> int:
+    from .verify import verify
+
+    problems, rows = verify(ns.paths, ns.workers, full=not ns.quick, progress=not ns.no_progress)
+    print("| manifest | split | variant | px | encoding | shards | samples | labels | ok |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['manifest']} | {r['split']} | {r['variant']} | {r['resolution']} | {r['encoding']} | "
+              f"{r['shards']} | {r['samples']} | {r['labels']} | {'yes' if r['ok'] else 'NO'} |")
+    if len({r["variant"] for r in rows}) > 1:
+        print("note: these manifests hold different variants; bits/dim are not comparable across them")
+    for p in problems:
+        print(f"problem: {p}")
+    print(f"{len(problems)} problem(s)" if problems else "all shards match their manifests")
+    return 1 if problems else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m data_prep", formatter_class=argparse.RawDescriptionHelpFormatter,
+                                description="Convert datasets into webdataset shards with a manifest; verify shards.",
+                                epilog=EXAMPLES)
+    add_parsers(p.add_subparsers(dest="command", required=True, metavar="COMMAND"))
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    return ns.func(ns)
