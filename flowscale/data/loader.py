@@ -347,7 +347,9 @@ class BadDataPolicy:
             raise DataError(f"{what}. Set data.bad_data=skip to skip bad samples (counted), or run "
                             f"`flowscale prep verify {self.where}`")
         self.skipped += 1
-        print(f"flowscale data: skipped {what} [bad_data=skip, {self.skipped} skipped]", file=sys.stderr, flush=True)
+        if self.skipped <= 10 or self.skipped % 100 == 0:  # every skip is counted; the log shows the first and every 100th
+            print(f"flowscale data: skipped {what} [bad_data=skip, {self.skipped} skipped by this worker]",
+                  file=sys.stderr, flush=True)
         if self.skipped > self.max_skipped:
             raise DataError(f"more than data.max_skipped={self.max_skipped} bad samples in one worker (last: {what}); "
                             f"check the shards with `flowscale prep verify {self.where}`")

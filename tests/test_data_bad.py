@@ -1,0 +1,158 @@
+"""Bad data, each case with real broken files: a clear error naming shard and sample
+(data.bad_data=error) or a counted skip (data.bad_data=skip); never a silent change or a hang."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from data_files import data_cfg, image_id, tagged_image, write_split
+from flowscale.config import ConfigError
+from flowscale.data import DataError, build_train_loader, eval_split
+
+
+def png(arr, mode=None) -> bytes:
+    buf = io.BytesIO()
+    (Image.fromarray(arr, mode) if mode else Image.fromarray(arr)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def replace_sample(bad: int, new_members):
+    return lambda i, key, ms: [(f"{key}.{ext}", data) for ext, data in new_members(key)] + \
+        [m for m in ms if m[0].endswith(".cls")] if i == bad else ms
+
+
+def cmyk_jpeg(key):
+    buf = io.BytesIO()
+    Image.new("CMYK", (8, 8), (10, 20, 30, 40)).save(buf, format="JPEG")
+    return [("png", buf.getvalue())]
+
+
+BAD_SAMPLES = {  # sample 5 of 12 is replaced by ...
+    "not-an-image": (lambda key: [("png", b"this is text, not a PNG")], "not a decodable image"),
+    "no-image-member": (lambda key: [("txt", b"hello")], "no image member"),
+    "wrong-resolution": (lambda key: [("png", png(tagged_image(5, 16)))], "16x16"),
+    "grayscale": (lambda key: [("png", png(tagged_image(5)[:, :, 0]))], "grayscale"),
+    "cmyk": (cmyk_jpeg, "CMYK"),
+    "16-bit": (lambda key: [("png", png(tagged_image(5)[:, :, 0].astype(np.uint16) * 257))], "16-bit"),
+    "npy-uint16": (lambda key: [("npy", _npy(tagged_image(5).astype(np.uint16)))], "uint16"),
+}
+
+
+def _npy(a) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a)
+    return buf.getvalue()
+
+
+def run(cfg, batches):
+    loader = build_train_loader(cfg)
+    return loader, [next(loader) for _ in range(batches)]
+
+
+@pytest.mark.parametrize("case", sorted(BAD_SAMPLES))
+def test_bad_sample_error_names_shard_and_sample_or_counted_skip(tmp_path, case):
+    make, words = BAD_SAMPLES[case]
+    write_split(tmp_path / "train", [12], encoding="png", members=replace_sample(5, make))
+    with pytest.raises(DataError, match=rf"t-train-000000\.tar, sample 's000005'.*{words}"):
+        run(data_cfg(tmp_path / "train", shuffle_buffer=0), 3)
+    loader, batches = run(data_cfg(tmp_path / "train", shuffle_buffer=0, bad_data="skip"), 3)
+    got = [image_id(img) for x, _ in batches for img in x]
+    assert got == [0, 1, 2, 3, 4, 6, 7, 8, 9, 10, 11, 0] and loader.skipped == 1
+    ev = eval_split(data_cfg(tmp_path / "train", bad_data="skip"), "train")
+    assert sum(len(x) for _, x, _ in ev.batches(4)) == 11 and ev.skipped == 1
+    with pytest.raises(DataError, match="s000005"):
+        list(eval_split(data_cfg(tmp_path / "train"), "train").batches(4))
+
+
+def _pipe_cfg(tmp_path, n_shards, **kw):
+    """Shards read through a 'pipe:' URL: no local size check, the reader must catch it."""
+    pattern = f"pipe:cat {tmp_path}/train/t-train-{{000000..{n_shards - 1:06d}}}.tar"
+    return data_cfg(tmp_path / "train", train_shards=pattern, shuffle_buffer=0, **kw)
+
+
+def test_truncated_tar(tmp_path):
+    write_split(tmp_path / "train", [6, 6])
+    path = tmp_path / "train" / "t-train-000000.tar"
+    path.write_bytes(path.read_bytes()[:3000])  # in the middle of sample 1 or 2
+    with pytest.raises(DataError, match="size|bytes"):  # local: the manifest's size check
+        build_train_loader(data_cfg(tmp_path / "train"))
+    with pytest.raises(DataError, match=r"t-train-000000\.tar.*truncated"):
+        run(_pipe_cfg(tmp_path, 2), 2)
+    loader, batches = run(_pipe_cfg(tmp_path, 2, bad_data="skip"), 2)
+    got = [image_id(img) for x, _ in batches for img in x]
+    assert 0 in got and 11 in got and 5 not in got  # shard 1 whole, shard 0 only up to the cut
+    assert loader.skipped >= 4 and len(got) == 8
+
+
+def test_corrupt_tar_header(tmp_path):
+    write_split(tmp_path / "train", [6])
+    path = tmp_path / "train" / "t-train-000000.tar"
+    raw = bytearray(path.read_bytes())
+    second = raw.find(b"s000002.npy")
+    raw[second + 124:second + 130] = b"777777"  # size field garbage: header checksum breaks
+    path.write_bytes(bytes(raw))
+    with pytest.raises(DataError, match="corrupt tar header"):
+        run(data_cfg(tmp_path / "train", shuffle_buffer=0), 2)
+
+
+def test_missing_shard(tmp_path):
+    write_split(tmp_path / "train", [6, 6])
+    (tmp_path / "train" / "t-train-000001.tar").unlink()
+    with pytest.raises(DataError, match=r"t-train-000001\.tar.*missing"):
+        build_train_loader(data_cfg(tmp_path / "train"))
+    loader, batches = run(data_cfg(tmp_path / "train", bad_data="skip", shuffle_buffer=0), 3)
+    assert sorted({image_id(img) for x, _ in batches for img in x}) == list(range(6))
+    assert loader.skipped == 12  # 12 good samples take two epochs, each skipping the shard's 6
+
+
+def _edit_manifest(split_dir, fn):
+    p = split_dir / "manifest.json"
+    d = json.loads(p.read_text())
+    fn(d)
+    p.write_text(json.dumps(d))
+
+
+def test_manifest_that_does_not_match(tmp_path):
+    write_split(tmp_path / "train", [6, 6])
+    _edit_manifest(tmp_path / "train", lambda d: d["shards"][0].update(bytes=d["shards"][0]["bytes"] + 512))
+    with pytest.raises(DataError, match=r"t-train-000000\.tar is \d+ bytes but manifest"):
+        build_train_loader(data_cfg(tmp_path / "train"))
+
+    write_split(tmp_path / "b", [6, 6])  # fewer samples than the shard holds
+    _edit_manifest(tmp_path / "b", lambda d: (d["shards"][0].update(count=5), d.update(num_samples=11)))
+    with pytest.raises(DataError, match="more samples than the 5"):
+        run(data_cfg(tmp_path / "b", shuffle_buffer=0), 3)
+
+    write_split(tmp_path / "c", [6, 6])  # a shard swapped for another
+    _edit_manifest(tmp_path / "c", lambda d: d["shards"][1].update(first_key="s999999"))
+    with pytest.raises(DataError, match="starts with sample 's000006'"):
+        run(data_cfg(tmp_path / "c", shuffle_buffer=0), 3)
+
+    write_split(tmp_path / "d", [6, 6])  # counts that do not add up
+    _edit_manifest(tmp_path / "d", lambda d: d.update(num_samples=13))
+    with pytest.raises(DataError, match="sum to 12"):
+        build_train_loader(data_cfg(tmp_path / "d"))
+
+
+def test_manifest_resolution_must_match_config(tmp_path):
+    write_split(tmp_path / "train", [6])
+    with pytest.raises(ConfigError, match="data.image_size"):
+        build_train_loader(data_cfg(tmp_path / "train", image_size=16))
+
+
+def test_skip_limit_stops_a_dataset_of_garbage(tmp_path):
+    write_split(tmp_path / "train", [12], members=lambda i, key, ms: [(f"{key}.txt", b"x")])
+    with pytest.raises(DataError, match="max_skipped=3"):
+        run(data_cfg(tmp_path / "train", bad_data="skip", max_skipped=3), 1)
+
+
+def test_worker_errors_reach_the_training_process(tmp_path):
+    write_split(tmp_path / "train", [12, 12], members=replace_sample(3, BAD_SAMPLES["not-an-image"][0]))
+    with pytest.raises(DataError, match="s000003"):
+        run(data_cfg(tmp_path / "train", num_workers=2, shuffle_buffer=0), 8)

@@ -1,0 +1,183 @@
+"""The streaming loader's promises, on real shards written at test time: ranks x workers see
+disjoint samples covering the split each epoch; resume continues with exactly the batches an
+uninterrupted run yields (workers, mid-shard, flips, epoch boundaries) without decoding what
+was already delivered; eval reads a split once across ranks; the demo goes through shards."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from data_files import data_cfg, image_id, tagged_image, write_split
+from flowscale.config import DataConfig
+from flowscale.data import DataError, build_train_loader, eval_split, iter_eval_batches
+from flowscale.data.loader import EpochPlan, load_split, shuffle_buffer_order, worker_batches
+
+
+def ids(x: torch.Tensor) -> list[int]:
+    return [image_id(img) for img in x]
+
+
+def test_shuffle_buffer_is_a_permutation_and_shuffles():
+    rng = np.random.default_rng(0)
+    order = shuffle_buffer_order(500, 32, rng)
+    assert sorted(order.tolist()) == list(range(500))
+    assert (order != np.arange(500)).mean() > 0.9
+    assert shuffle_buffer_order(50, 0, rng).tolist() == list(range(50))
+
+
+def test_two_ranks_two_workers_disjoint_and_covering(tmp_path):
+    """8 shards x 12 samples, 2 ranks x 2 DataLoader workers: each worker reads 2 shards = 24
+    samples = 6 batches of 4 per epoch, so a rank's first 12 batches are exactly epoch 0."""
+    write_split(tmp_path / "train", [12] * 8)
+    cfg = data_cfg(tmp_path / "train", batch_size=8, num_workers=2)
+    seen = []
+    for rank in range(2):
+        loader = build_train_loader(cfg, rank=rank, world_size=2)
+        batches = [next(loader) for _ in range(12)]
+        for x, y in batches:
+            assert x.dtype == torch.uint8 and x.shape == (4, 3, 8, 8) and y.dtype == torch.int64
+            assert ids(x) == y.tolist()  # labels travel with their images
+            for img, i in zip(x, y.tolist()):  # pixels are the stored ones
+                assert torch.equal(img, torch.from_numpy(tagged_image(i)).permute(2, 0, 1))
+        seen.append([i for _, y in batches for i in y.tolist()])
+        assert loader.state_dict()["positions"] == [[0, 24, 0], [0, 24, 0]]
+    assert not set(seen[0]) & set(seen[1])
+    assert sorted(seen[0] + seen[1]) == list(range(96))
+    # Epoch 1 covers the split again, in a different order.
+    loader = build_train_loader(cfg, rank=0, world_size=2)
+    for _ in range(12):
+        next(loader)
+    nxt = [i for _ in range(12) for i in next(loader)[1].tolist()]
+    assert nxt != seen[0] and len(set(nxt)) == 48
+
+
+@pytest.mark.parametrize("counts", [[10, 10, 10], [40]])
+def test_fewer_shards_than_ranks_x_workers_share_shards(tmp_path, counts):
+    """3 shards (or 1) for 2 ranks x 2 workers: shards are split into interleaved parts."""
+    write_split(tmp_path / "train", counts)
+    split = load_split(str(tmp_path / "train"))
+    cfg = data_cfg(tmp_path / "train", shuffle_buffer=4)
+    got = []
+    for g in range(4):
+        plan = EpochPlan(split.counts, 0, cfg.seed, g, 4, cfg.shuffle_buffer)
+        assert plan.length > 0
+        stream = worker_batches(split, cfg, cfg.seed, g, 4, 1, (0, 0, 0), g)
+        got.append([i for _ in range(plan.length) for i in next(stream)[1].tolist()])
+    flat = [i for w in got for i in w]
+    assert sorted(flat) == list(range(sum(counts)))
+
+
+def test_too_few_samples_for_the_workers_is_a_clear_error(tmp_path):
+    write_split(tmp_path / "train", [2])
+    with pytest.raises(DataError, match="cannot feed 2 rank"):
+        build_train_loader(data_cfg(tmp_path / "train", batch_size=2, num_workers=2), rank=0, world_size=2)
+
+
+@pytest.mark.parametrize("workers,flip", [(0, True), (2, True), (2, False)])
+def test_resume_gives_identical_next_batches(tmp_path, workers, flip):
+    """Save mid-shard and mid-epoch (and again across the epoch boundary); a fresh loader with
+    the saved state yields exactly the batches the uninterrupted loader yields next."""
+    write_split(tmp_path / "train", [13, 9, 11, 7], encoding="png")
+    cfg = data_cfg(tmp_path / "train", num_workers=workers, shuffle_buffer=6, random_flip=flip)
+    ref = build_train_loader(cfg, seed=3)
+    for _ in range(5):
+        next(ref)
+    state = ref.state_dict()
+    expected = [next(ref) for _ in range(12)]  # 17 batches x 4 > 40 samples: crosses into epoch 1
+    assert ref.epoch > 0
+    resumed = build_train_loader(cfg, seed=3)
+    resumed.load_state_dict(state)
+    for (xa, ya), (xb, yb) in zip(expected, (next(resumed) for _ in range(12))):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    assert resumed.state_dict() == ref.state_dict()
+    if flip:
+        flipped = [not torch.equal(img, torch.from_numpy(tagged_image(i)).permute(2, 0, 1))
+                   for x, y in expected for img, i in zip(x, y.tolist())]
+        assert 0 < sum(flipped) < len(flipped)
+
+
+def test_resume_does_not_decode_delivered_samples(tmp_path):
+    """Corrupt samples that were already delivered: a resumed loader never reads them, so
+    even with bad_data=error it continues without a complaint (and identically)."""
+    write_split(tmp_path / "train", [16], encoding="png")
+    cfg = data_cfg(tmp_path / "train", shuffle_buffer=0)
+    ref = build_train_loader(cfg)
+    assert ids(next(ref)[0]) == [0, 1, 2, 3]
+    state = ref.state_dict()
+    expected = [next(ref) for _ in range(3)]
+    path = tmp_path / "train" / "t-train-000000.tar"
+    raw = bytearray(path.read_bytes())
+    first_png = raw.find(b"\x89PNG")
+    raw[first_png + 16:first_png + 40] = b"\xff" * 24  # same size: the manifest's size check passes
+    path.write_bytes(bytes(raw))
+    resumed = build_train_loader(cfg)
+    resumed.load_state_dict(state)
+    for (xa, _), (xb, _) in zip(expected, (next(resumed) for _ in range(3))):
+        assert torch.equal(xa, xb)
+    with pytest.raises(DataError, match="s000000"):  # a fresh start does decode it
+        next(build_train_loader(cfg))
+
+
+def test_order_depends_on_seed_only(tmp_path):
+    write_split(tmp_path / "train", [20, 20])
+    cfg = data_cfg(tmp_path / "train")
+    a = [ids(next(build_train_loader(cfg, seed=s))[0]) for s in (0, 0, 1)]
+    assert a[0] == a[1] and a[0] != a[2]
+
+
+def test_state_from_another_layout_is_refused(tmp_path):
+    write_split(tmp_path / "train", [20, 20])
+    state = build_train_loader(data_cfg(tmp_path / "train")).state_dict()
+    with pytest.raises(ValueError, match="workers"):
+        build_train_loader(data_cfg(tmp_path / "train", num_workers=2)).load_state_dict(state)
+
+
+def test_eval_split_read_once_across_ranks(tmp_path):
+    write_split(tmp_path / "test", [7, 7, 6], split="test")
+    cfg = data_cfg(tmp_path / "test")
+    per_rank = [[i for x, y in iter_eval_batches(cfg, "test", r, 3, batch_size=4) for i in y.tolist()] for r in range(3)]
+    assert sorted(sum(per_rank, [])) == list(range(20))
+    assert per_rank[0] == [0, 1, 2, 3, 12, 13, 14, 15]  # global batches 0 and 3
+    starts = [s for s, _, _ in eval_split(cfg, "test").batches(4, 1, 3)]
+    assert starts == [4, 16]
+
+
+def test_evaluate_bpd_same_on_tensor_and_shards(tmp_path):
+    from helpers import small_flow
+
+    from flowscale.evaluate import evaluate_bpd
+
+    write_split(tmp_path / "test", [6, 5], split="test", labels=False)
+    cfg = data_cfg(tmp_path / "test")
+    images = torch.stack([torch.from_numpy(tagged_image(i)).permute(2, 0, 1) for i in range(11)])
+    flow = small_flow(size=8)
+    a = evaluate_bpd(flow, images, 8, 4, seed=1, dtype=torch.float64)
+    b = evaluate_bpd(flow, eval_split(cfg, "test"), 8, 4, seed=1, dtype=torch.float64)
+    assert a == b and 0 < a < 20
+
+
+def test_demo_goes_through_shards(tmp_path):
+    from flowscale.data import demo_images
+
+    kw = dict(image_size=8, train_size=40, test_size=24, batch_size=8, num_workers=0, shuffle_buffer=0)
+    cfg = DataConfig(cache_dir=str(tmp_path / "a"), **kw)
+    loader = build_train_loader(cfg)
+    got = torch.cat([next(loader)[0] for _ in range(5)])
+    want = demo_images("train", 40, 8, 0)
+    assert sorted(map(bytes, got.numpy())) == sorted(map(bytes, want.numpy()))
+    root_a = next((tmp_path / "a").glob("demo-*"))
+    build_train_loader(DataConfig(cache_dir=str(tmp_path / "b"), **kw))
+    root_b = next((tmp_path / "b").glob("demo-*"))
+    files = sorted(p.relative_to(root_a) for p in root_a.rglob("*") if p.is_file())
+    assert files and all((root_a / f).read_bytes() == (root_b / f).read_bytes() for f in files)
+
+
+def test_webdataset_reads_the_shards(tmp_path):
+    import webdataset as wds
+
+    write_split(tmp_path / "train", [5, 5], encoding="png")
+    urls = [str(p) for p in sorted((tmp_path / "train").glob("*.tar"))]
+    keys = [s["__key__"] for s in wds.WebDataset(urls, shardshuffle=False)]
+    assert keys == [f"s{i:06d}" for i in range(10)]
