@@ -99,9 +99,10 @@ class DataConfig:
     cache_dir: Optional[str] = None
     """demo: where the demo shards are built on first use; null = $XDG_CACHE_HOME/flowscale
     (default ~/.cache/flowscale)."""
-    num_workers: int = 2
-    """Loader worker processes per rank (0 = read in the training process). The sample order
-    depends on it: resume with the same value."""
+    num_workers: int = 0
+    """Loader worker processes per rank; 0 = read in the training process (enough for the demo
+    and npy shards; use 4-8 for PNG shards feeding a GPU). The sample order depends on it:
+    resume with the same value."""
     shuffle_buffer: int = 1000
     """Samples held by each worker's shuffle buffer (shard order is reshuffled every epoch as
     well); 0 or 1 = read shards in order."""
