@@ -34,19 +34,22 @@ def _check(cond: bool, name: str, msg: str) -> None:
 
 @dataclass
 class ModelConfig:
-    preset: Literal["nice", "realnvp", "glow"] = "glow"
+    preset: Literal["nice", "realnvp", "glow", "dlf"] = "glow"
     """Architecture family. Fills every layer choice below that is left unset (null):
     nice = additive coupling, reverse permutation, no ActNorm; realnvp = affine coupling with
     tanh-bounded scales, checkerboard then channel masks, fixed N(0,I) priors; glow = ActNorm,
-    invertible 1x1 conv, affine coupling with sigmoid(h+2) scales, learned priors."""
+    invertible 1x1 conv, affine coupling with sigmoid(h+2) scales, learned priors; dlf =
+    Dynamic Linear Flow: invertible 1x1 conv then a dynamic linear transform (dlt_* fields),
+    no ActNorm, learned priors."""
     levels: int = 3
     """L, the number of scales (each: squeeze, K steps, split). image_size must be divisible by 2^L."""
     steps: int = 4
     """K, flow steps per level."""
     width: int = 64
     """Hidden channels of each coupling network."""
-    coupling: Optional[Literal["additive", "affine"]] = None
-    """Coupling kind; null = the preset's choice (nice: additive; realnvp, glow: affine)."""
+    coupling: Optional[Literal["additive", "affine", "dynamic_linear"]] = None
+    """Coupling kind; null = the preset's choice (nice: additive; realnvp, glow: affine; dlf:
+    dynamic_linear, DLF's dynamic linear transform, configured by the dlt_* fields)."""
     mask: Optional[Literal["channel", "checkerboard", "alternate"]] = None
     """Which inputs condition a coupling: channel halves, pixel checkerboard, or alternate =
     checkerboard for the first half of each level's steps then channel (RealNVP). null = preset's."""
@@ -67,6 +70,32 @@ class ModelConfig:
     """> 0 makes the top prior class-conditional (Glow ycond) on labels in [0, num_classes)."""
     lu_max_log_s: Optional[float] = None
     """For permutation=invconv_lu: soft bound on |log| of the diagonal of U (conditioning of W); null = unbounded."""
+    invconv_bias: bool = False
+    """Learned per-channel bias after each invertible 1x1 conv (permutation invconv or invconv_lu;
+    DLF uses it for ImageNet 64)."""
+    dlt_partitions: int = 2
+    """coupling=dynamic_linear: number of channel partitions of each dynamic linear transform (the
+    DLF paper's K; model.steps is the number of flow steps per level). 2 = the DLF paper's main models."""
+    dlt_split: Literal["equal", "increasing", "decreasing"] = "equal"
+    """coupling=dynamic_linear: partition sizes: equal (C/P each), increasing [C/8, C/8, C/4, C/2]
+    or decreasing [C/2, C/4, C/8, C/8] (both need dlt_partitions=4)."""
+    dlt_decomposition: Literal["parallel_train", "parallel_sample"] = "parallel_train"
+    """coupling=dynamic_linear: parallel_train = partition k's scale/shift come from input partition
+    k-1 (one-pass forward, sequential inverse); parallel_sample = from output partition k-1
+    (sequential forward, one-pass inverse, i.e. fast sampling)."""
+    dlt_first: Literal["affine", "identity"] = "affine"
+    """coupling=dynamic_linear: partition 1 gets a learned per-channel affine map (plus a projection
+    of the label when num_classes > 0), or is left as is (with dlt_partitions=2 that is an affine coupling)."""
+    dlt_beta_init: float = -3.0
+    """coupling=dynamic_linear: initial beta of log-scales s = alpha*tanh(raw) + beta (learned
+    scalars, alpha starts at 1). The DLF reference uses -3."""
+    dlt_out_bias: float = 1.0
+    """coupling=dynamic_linear: initial bias of each g_k's zero-initialised output conv (and of
+    partition 1's learned shift/raw scale), so at init shift = dlt_out_bias and
+    s = tanh(dlt_out_bias) + dlt_beta_init. The DLF reference initialises it to 1; 0 gives shift 0, s = beta."""
+    spectral_norm: bool = False
+    """Bound the spectral norm of the hidden convs of every coupling / g_k network at 1 (their
+    ActNorms become plain biases so no learned scale undoes it); a Lipschitz control."""
     seed: int = 0
     """Seed for fixed permutations and the initial 1x1-conv rotations (weights use train.seed)."""
 
@@ -76,6 +105,11 @@ class ModelConfig:
         _check(self.width >= 1, "model.width", f"must be >= 1, got {self.width}")
         _check(self.clamp > 0, "model.clamp", f"must be > 0, got {self.clamp}")
         _check(self.num_classes >= 0, "model.num_classes", f"must be >= 0, got {self.num_classes}")
+        _check(self.dlt_partitions >= 2, "model.dlt_partitions", f"must be >= 2, got {self.dlt_partitions}")
+        _check(self.dlt_split == "equal" or self.dlt_partitions == 4, "model.dlt_split",
+               f"{self.dlt_split} partition sizes need model.dlt_partitions=4, got {self.dlt_partitions}")
+        _check(self.lu_max_log_s is None or self.lu_max_log_s > 0, "model.lu_max_log_s",
+               f"must be > 0 or null, got {self.lu_max_log_s}")
 
 
 @dataclass
@@ -169,6 +203,11 @@ class OptimConfig:
     ema_decay: float = 0.0
     """Polyak averaging: keep an exponential moving average of the weights with this decay
     (e.g. 0.999), used by eval and sampling; 0 disables it."""
+    invconv_l2: float = 0.0
+    """L2 penalty on the invertible 1x1-conv weights, added to the bits/dim loss:
+    invconv_l2 * sum(W^2) / (2 n) over all n entries of every 1x1-conv W (DLF's --l2_factor,
+    0.1 for CelebA-HQ, against 'input is not invertible' NaNs); 0 disables it. See
+    flowscale.lipschitz.flow_regularizer."""
 
     def __post_init__(self):
         _check(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
@@ -176,6 +215,7 @@ class OptimConfig:
         _check(self.grad_clip >= 0, "optim.grad_clip", f"must be >= 0 (0 = off), got {self.grad_clip}")
         _check(all(0 <= b < 1 for b in self.betas), "optim.betas", f"each must be in [0, 1), got {self.betas}")
         _check(0 <= self.ema_decay < 1, "optim.ema_decay", f"must be in [0, 1), got {self.ema_decay}")
+        _check(self.invconv_l2 >= 0, "optim.invconv_l2", f"must be >= 0 (0 = off), got {self.invconv_l2}")
 
 
 @dataclass

@@ -1,7 +1,8 @@
-"""``build_flow(model_cfg, channels, image_size)``: the presets "nice", "realnvp", "glow".
+"""``build_flow(model_cfg, channels, image_size)``: the presets "nice", "realnvp", "glow", "dlf".
 
 Each level is [squeeze -> K steps -> split]. A step is, in order, the optional parts of
 ``ActNorm -> permutation -> coupling``; the preset fills every choice the config leaves null.
+DLF's step is ``1x1 conv -> dynamic linear transform`` (coupling="dynamic_linear").
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from ..priors import SplitPrior, TopPrior
 from .actnorm import ActNorm
 from .base import FlowSequence
 from .couplings import Coupling
+from .dynamic_linear import DynamicLinearTransform
 from .multiscale import Level, MultiScaleFlow
 from .nets import glow_net
 from .permutations import build_permutation
@@ -29,6 +31,10 @@ PRESETS: dict[str, dict] = {
     # Glow (Kingma & Dhariwal 2018), openai/glow defaults.
     "glow": dict(coupling="affine", mask="channel", permutation="invconv", scale_fn="sigmoid",
                  actnorm=True, split_prior="learned", learn_top=True),
+    # Dynamic Linear Flow (Liao, He & Shu 2019), naturomics/DLF: invertible 1x1 conv then a
+    # dynamic linear transform, no ActNorm. mask/scale_fn are unused by the DLT.
+    "dlf": dict(coupling="dynamic_linear", mask="channel", permutation="invconv", scale_fn="tanh",
+                actnorm=False, split_prior="learned", learn_top=True),
 }
 
 
@@ -42,14 +48,19 @@ def _step(cfg: ModelConfig, channels: int, index: int, seed: int) -> FlowSequenc
     parts = []
     if cfg.actnorm:
         parts.append(ActNorm(channels))
-    perm = build_permutation(cfg.permutation, channels, seed, cfg.lu_max_log_s)
+    perm = build_permutation(cfg.permutation, channels, seed, cfg.lu_max_log_s, cfg.invconv_bias)
     if perm is not None:
         parts.append(perm)
+    if cfg.coupling == "dynamic_linear":
+        net = glow_net(cfg.width, out_bias=cfg.dlt_out_bias, spectral_norm=cfg.spectral_norm)
+        parts.append(DynamicLinearTransform(channels, net, cfg.dlt_partitions, cfg.dlt_split, cfg.dlt_decomposition,
+                                            cfg.dlt_first, cfg.num_classes, cfg.dlt_beta_init, cfg.dlt_out_bias))
+        return FlowSequence(parts)
     mask = cfg.mask
     if mask == "alternate":
         mask = "checkerboard" if index < max(cfg.steps // 2, 1) else "channel"
     parity = index % 2 if cfg.permutation == "none" else 0
-    parts.append(Coupling(channels, glow_net(cfg.width), kind=cfg.coupling, mask=mask, parity=parity,
+    parts.append(Coupling(channels, glow_net(cfg.width, spectral_norm=cfg.spectral_norm), kind=cfg.coupling, mask=mask, parity=parity,
                           scale_fn=cfg.scale_fn, clamp=cfg.clamp))
     return FlowSequence(parts)
 

@@ -67,30 +67,36 @@ def _conv1x1(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return F.conv2d(x, w.to(x.dtype)[:, :, None, None])
 
 
-class InvConv1x1(Flow):
-    """Invertible 1x1 convolution z = W x per pixel; logdet = H*W*log|det W| (Glow).
+def _add_bias(z: torch.Tensor, bias: nn.Parameter | None, sign: float = 1.0) -> torch.Tensor:
+    return z if bias is None else z + sign * bias.to(z.dtype)
 
-    W starts as a random rotation (|det W| = 1).
+
+class InvConv1x1(Flow):
+    """Invertible 1x1 convolution z = W x (+ b) per pixel; logdet = H*W*log|det W| (Glow).
+
+    W starts as a random rotation (|det W| = 1). ``bias``: a learned per-channel b, initialised
+    to 0 (DLF's --invconv_bias, used for ImageNet 64).
     """
 
-    def __init__(self, channels: int, seed: int = 0):
+    def __init__(self, channels: int, seed: int = 0, bias: bool = False):
         super().__init__()
         # QR returns a non-contiguous view; DeepSpeed needs contiguous parameters.
         self.weight = nn.Parameter(_random_rotation(channels, seed).float().contiguous())
+        self.bias = nn.Parameter(torch.zeros(1, channels, 1, 1)) if bias else None
 
     def _hw(self, x):
         return x.shape[2] * x.shape[3]
 
     def _forward(self, x, cond):
         w = self.weight
-        z = _conv1x1(x, w)
+        z = _add_bias(_conv1x1(x, w), self.bias)
         logdet = torch.linalg.slogdet(w.double())[1].to(torch.promote_types(x.dtype, torch.float32))
         return z, (logdet * self._hw(x)).expand(x.shape[0])
 
     def _inverse(self, z, cond):
         w = self.weight.double()
         w_inv = torch.linalg.inv(w)
-        x = _conv1x1(z, w_inv)
+        x = _conv1x1(_add_bias(z, self.bias, -1.0), w_inv)
         logdet = torch.linalg.slogdet(w)[1].to(torch.promote_types(z.dtype, torch.float32))
         return x, (-logdet * self._hw(z)).expand(z.shape[0])
 
@@ -103,8 +109,9 @@ class InvConv1x1LU(Flow):
     conditioning, and so the accuracy of its inverse, under control.
     """
 
-    def __init__(self, channels: int, seed: int = 0, max_log_s: float | None = None):
+    def __init__(self, channels: int, seed: int = 0, max_log_s: float | None = None, bias: bool = False):
         super().__init__()
+        self.bias = nn.Parameter(torch.zeros(1, channels, 1, 1)) if bias else None
         w = _random_rotation(channels, seed)
         p, l, u = torch.linalg.lu(w)
         s = torch.diagonal(u)
@@ -130,18 +137,21 @@ class InvConv1x1LU(Flow):
 
     def _forward(self, x, cond):
         w, ld = self.weight_and_logdet(torch.promote_types(x.dtype, torch.float32))
-        z = _conv1x1(x, w)
+        z = _add_bias(_conv1x1(x, w), self.bias)
         return z, (ld * x.shape[2] * x.shape[3]).expand(x.shape[0])
 
     def _inverse(self, z, cond):
         w, ld = self.weight_and_logdet(torch.float64)
-        x = _conv1x1(z, torch.linalg.inv(w))
+        x = _conv1x1(_add_bias(z, self.bias, -1.0), torch.linalg.inv(w))
         ld = ld.to(torch.promote_types(z.dtype, torch.float32))
         return x, (-ld * z.shape[2] * z.shape[3]).expand(z.shape[0])
 
 
-def build_permutation(kind: str, channels: int, seed: int = 0, max_log_s: float | None = None) -> Flow | None:
-    """``kind`` in {"none", "reverse", "shuffle", "invconv", "invconv_lu"}."""
+def build_permutation(kind: str, channels: int, seed: int = 0, max_log_s: float | None = None,
+                      bias: bool = False) -> Flow | None:
+    """``kind`` in {"none", "reverse", "shuffle", "invconv", "invconv_lu"}; ``bias`` only for the 1x1 convs."""
+    if bias and kind not in ("invconv", "invconv_lu"):
+        raise ValueError(f"a 1x1-conv bias needs permutation invconv or invconv_lu, got {kind!r}")
     if kind == "none":
         return None
     if kind == "reverse":
@@ -149,7 +159,7 @@ def build_permutation(kind: str, channels: int, seed: int = 0, max_log_s: float 
     if kind == "shuffle":
         return ShufflePermutation(channels, seed)
     if kind == "invconv":
-        return InvConv1x1(channels, seed)
+        return InvConv1x1(channels, seed, bias)
     if kind == "invconv_lu":
-        return InvConv1x1LU(channels, seed, max_log_s)
+        return InvConv1x1LU(channels, seed, max_log_s, bias)
     raise ValueError(f"unknown permutation {kind!r}; choose reverse, shuffle, invconv, invconv_lu or none")
