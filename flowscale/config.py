@@ -304,6 +304,10 @@ class TrainConfig:
     """Sampling temperatures for the sample grids."""
     init_batch_size: int = 256
     """Images used for the data-dependent ActNorm initialisation."""
+    bound_images: int = 0
+    """At the start of a run, compute the linear-flow bound (`flowscale bound`: the best bits/dim any
+    linear flow with a Gaussian base reaches) from this many train images and log it as
+    linear_bound_bpd beside bits/dim; 0 = skip. Needs more images than C*H*W dimensions."""
     progress: bool = True
     """Show a tqdm progress bar when stdout is a terminal (plain log lines otherwise)."""
 
@@ -316,6 +320,7 @@ class TrainConfig:
         _check(self.keep_last >= 1, "train.keep_last", f"must be >= 1, got {self.keep_last}")
         _check(all(t >= 0 for t in self.temperatures), "train.temperatures", f"must be >= 0, got {self.temperatures}")
         _check(self.init_batch_size >= 1, "train.init_batch_size", f"must be >= 1, got {self.init_batch_size}")
+        _check(self.bound_images >= 0, "train.bound_images", f"must be >= 0 (0 = off), got {self.bound_images}")
 
 
 @dataclass

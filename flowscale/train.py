@@ -158,6 +158,11 @@ def _train(cfg: Config, info: DistInfo, resume: bool) -> dict:
         f"{cfg.engine.precision} | device={device} run_dir={run_dir}", flush=True)
     log = RunLogger(run_dir, cfg.train.steps, start_step=step, is_main=info.is_main, progress=cfg.train.progress,
                     wandb_cfg=cfg.wandb, config_dict=to_dict(cfg))
+    if cfg.train.bound_images and found is None and info.is_main:
+        from .bound import dataset_bound  # the floor of any linear flow, logged once beside bits/dim
+
+        bound = dataset_bound(cfg.data, "train", cfg.train.bound_images, seed=cfg.train.seed)
+        log.log(step, {"linear_bound_bpd": bound["bpd"], "linear_bound_bpd_population": bound["bpd_population"]})
 
     def save(step: int) -> None:
         client = {"step": step, "bad_in_row": bad_in_row, "skipped_total": skipped_total,

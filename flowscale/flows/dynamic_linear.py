@@ -88,8 +88,10 @@ class TanhScalar(nn.Module):
 
     def __init__(self, beta: float = -3.0):
         super().__init__()
-        self.alpha = nn.Parameter(torch.ones(()))
-        self.beta = nn.Parameter(torch.full((), float(beta)))
+        # Shape [1], not a 0-dim scalar: DeepSpeed broadcasts parameters through a uint8 view,
+        # which 0-dim tensors do not allow.
+        self.alpha = nn.Parameter(torch.ones(1))
+        self.beta = nn.Parameter(torch.full((1,), float(beta)))
 
     def forward(self, raw: torch.Tensor) -> torch.Tensor:
         return self.alpha.to(raw.dtype) * torch.tanh(raw) + self.beta.to(raw.dtype)

@@ -1,0 +1,282 @@
+"""``flowscale bench converge``: how fast Glow, DLF and RealNVP reach a given bits/dim.
+
+Every model trains on the demo data with the same optimizer, learning-rate schedule, batch
+order, dequantisation noise and step budget, with hidden widths chosen so that the parameter
+counts match the first model's (Glow's by default) as closely as a whole width allows. Test
+bits/dim (a fixed subset of the held-out photos, fixed noise) are measured every
+``--eval-every`` steps. Reported per model: parameters, final/best test bits/dim, the steps
+and training wall time (evaluation excluded) each needs to first reach a common target
+bits/dim, and the ratio to the first model's steps. The target defaults to the first model's
+(Glow's) final test bits/dim: "x glow steps" = 4 then means a model got there in a quarter of
+Glow's budget. A model can carry its own overrides (``dlf:model.dlt_beta_init=0``), e.g. to
+compare initialisations or the reference optimizer.
+
+The DLF paper (Liao, He & Shu 2019) states that DLF converges 10x faster than Glow; this
+measures it on a small problem with whatever settings are given. Writes ``converge.json``,
+``converge.md`` and ``converge.png`` (bits/dim against steps and against wall time) to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import time
+from dataclasses import replace
+from datetime import date
+from pathlib import Path
+
+MODELS = ("glow", "dlf", "realnvp")
+
+
+def count_params(model_cfg, channels: int, size: int) -> int:
+    from ..flows.models import build_flow
+
+    return sum(p.numel() for p in build_flow(model_cfg, channels, size).parameters())
+
+
+def match_width(model_cfg, target: int, channels: int, size: int) -> int:
+    """The hidden width whose parameter count is closest to ``target`` (counts grow with width)."""
+    lo, hi = 1, 4 * max(model_cfg.width, 8)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if count_params(replace(model_cfg, width=mid), channels, size) < target:
+            lo = mid + 1
+        else:
+            hi = mid
+    cands = [w for w in (lo - 1, lo) if w >= 1]
+    return min(cands, key=lambda w: abs(count_params(replace(model_cfg, width=w), channels, size) - target))
+
+
+def train_one(cfg, train_x, test_x, steps: int, eval_every: int, seed: int, log=print) -> dict:
+    """Train one model with a plain torch loop; returns its curve and timings."""
+    import torch
+
+    from ..data.quantize import preprocess
+    from ..evaluate import evaluate_bpd
+    from ..flows.actnorm import initialize_actnorm
+    from ..flows.models import build_flow
+    from ..lipschitz import flow_regularizer
+    from ..loss import flow_bpd_dequantized
+    from ..train import build_optimizer
+
+    torch.manual_seed(seed)
+    d = cfg.data
+    flow = build_flow(cfg.model, d.channels, d.image_size)
+    g_init = torch.Generator().manual_seed(seed)
+    initialize_actnorm(flow, preprocess(train_x[:cfg.train.init_batch_size], d.n_bits, generator=g_init))
+    opt, schedule = build_optimizer(cfg, flow.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    g_order = torch.Generator().manual_seed(seed)  # the same batches and noise for every model
+    g_noise = torch.Generator().manual_seed(seed + 1)
+    order = torch.randperm(len(train_x), generator=g_order)
+    pos = 0
+    curve, window, train_s = [], [], 0.0
+
+    def evaluate(step: int) -> None:
+        test = evaluate_bpd(flow, test_x, d.n_bits, batch_size=128, seed=seed)
+        train = sum(window) / len(window) if window else float("nan")
+        curve.append({"step": step, "wall_s": train_s, "test_bpd": test, "train_bpd": train})
+        window.clear()
+        log(f"    step {step:5d}  {train_s:7.1f}s  train {train:.4f}  test {test:.4f}")
+
+    evaluate(0)
+    diverged = None
+    for step in range(1, steps + 1):
+        if pos + d.batch_size > len(order):
+            order, pos = torch.randperm(len(train_x), generator=g_order), 0
+        batch = train_x[order[pos:pos + d.batch_size]]
+        pos += d.batch_size
+        t0 = time.perf_counter()
+        x = preprocess(batch, d.n_bits, generator=g_noise)
+        opt.zero_grad(set_to_none=True)
+        bpd, _ = flow_bpd_dequantized(flow, x, d.n_bits)
+        loss = bpd.mean()
+        if not torch.isfinite(loss):
+            diverged = step
+            log(f"    non-finite bits/dim at step {step}: stopped")
+            break
+        (loss + flow_regularizer(flow, cfg)).backward()
+        if cfg.optim.grad_clip:
+            torch.nn.utils.clip_grad_norm_(flow.parameters(), cfg.optim.grad_clip)
+        opt.step()
+        sched.step()
+        train_s += time.perf_counter() - t0
+        window.append(loss.item())
+        if step % eval_every == 0 or step == steps:
+            evaluate(step)
+    return {"curve": curve, "diverged_at": diverged, "s_per_step": train_s / max(1, step - (diverged is not None)),
+            "params": sum(p.numel() for p in flow.parameters())}
+
+
+def parse_spec(spec: str) -> tuple[str, list[str]]:
+    """"dlf:model.dlt_beta_init=0,optim.lr=5e-3" -> ("dlf", ["model.dlt_beta_init=0", "optim.lr=5e-3"])."""
+    name, _, rest = spec.partition(":")
+    if name not in MODELS:
+        raise SystemExit(f"unknown model {name!r} in --models {spec!r}; choose from {', '.join(MODELS)}")
+    extras = [kv for kv in rest.split(",") if kv]
+    bad = [kv for kv in extras if "=" not in kv or "." not in kv.split("=")[0]]
+    if bad:
+        raise SystemExit(f"--models {spec!r}: overrides must look like section.field=value, got {bad}")
+    return name, extras
+
+
+def first_reach(curve: list[dict], target: float, key: str) -> float | None:
+    """The first ``key`` (step or wall_s) at which test bits/dim <= target, linearly
+    interpolated between evaluations; None if never."""
+    prev = None
+    for point in curve:
+        if point["test_bpd"] <= target:
+            if prev is None or not math.isfinite(prev["test_bpd"]):
+                return point[key]
+            f = (prev["test_bpd"] - target) / (prev["test_bpd"] - point["test_bpd"])
+            return prev[key] + f * (point[key] - prev[key])
+        prev = point
+    return None
+
+
+def run(args) -> int:
+    import torch
+
+    from ..config import load_config
+    from ..data import build_datasets
+
+    if args.config and "=" in args.config:  # only overrides were given
+        args.overrides, args.config = [args.config, *args.overrides], None
+    common = [*args.overrides, f"train.steps={args.steps}"]
+    base = load_config(args.config, common)
+    d = base.data
+    if d.dataset != "demo":
+        raise SystemExit("flowscale bench converge runs on the demo data (data.dataset=demo)")
+    train_x, test_x = build_datasets(d)
+    test_x = test_x[:args.test_images]
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    configs = {}
+    ref = None
+    for spec in args.models:
+        name, extras = parse_spec(spec)
+        cfg = load_config(args.config, [*common, f"model.preset={name}", *extras])
+        m = cfg.model
+        for field in ("coupling", "mask", "permutation", "scale_fn", "actnorm", "split_prior", "learn_top"):
+            if not any(kv.startswith(f"model.{field}=") for kv in extras):
+                m = replace(m, **{field: None})  # every preset fills its own choices
+        if ref is None:
+            ref = count_params(m, d.channels, d.image_size)
+        elif not args.same_width and not any(kv.startswith("model.width=") for kv in extras):
+            m = replace(m, width=match_width(m, ref, d.channels, d.image_size))
+        configs[spec] = replace(cfg, model=m)
+
+    bound = None
+    if not args.no_bound:
+        from ..bound import dataset_bound
+
+        bound = dataset_bound(d, "train")
+        print(f"linear-flow bound (demo train covariance): in-sample {bound['bpd']:.4f}, "
+              f"population {bound['bpd_population']:.4f} bits/dim", flush=True)
+
+    results = {}
+    for name, cfg in configs.items():
+        print(f"  {name}: width {cfg.model.width}, {count_params(cfg.model, d.channels, d.image_size):,} parameters",
+              flush=True)
+        results[name] = train_one(cfg, train_x, test_x, args.steps, args.eval_every, args.seed)
+        results[name]["width"] = cfg.model.width
+
+    first = args.models[0]
+    target = args.target if args.target is not None else results[first]["curve"][-1]["test_bpd"]
+    for r in results.values():
+        r["steps_to_target"] = first_reach(r["curve"], target, "step")
+        r["wall_to_target"] = first_reach(r["curve"], target, "wall_s")
+
+    machine = torch.cuda.get_device_name(0) if torch.cuda.is_available() else \
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    m0 = base.model
+    header = (f"bits/dim convergence on the demo data ({d.image_size}x{d.image_size}, {d.n_bits}-bit, batch {d.batch_size}, "
+              f"{args.steps} steps, {base.optim.name} lr {base.optim.lr:g} warmup {base.optim.warmup_steps} "
+              f"unless a model says otherwise); "
+              f"L={m0.levels} K={m0.steps}; test = {len(test_x)} held-out crops; target {target:.4f} bits/dim; "
+              f"{machine}; torch {torch.__version__}; {date.today().isoformat()}")
+    lines = [header, "",
+             "| model | width | params | final train bpd | final test bpd | best test bpd | steps to target | "
+             f"x {first} steps | train s to target | s/step |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    s0 = results[first]["steps_to_target"]
+    for name, r in results.items():
+        c = r["curve"]
+        best = min(p["test_bpd"] for p in c)
+        st, wt = r["steps_to_target"], r["wall_to_target"]
+        ratio = f"{s0 / st:.2f}" if (st and s0) else "-"
+        final = "diverged" if r["diverged_at"] else f"{c[-1]['test_bpd']:.4f}"
+        lines.append(f"| {name} | {r['width']} | {r['params']:,} | {c[-1]['train_bpd']:.4f} | {final} | {best:.4f} | "
+                     f"{'%.0f' % st if st is not None else 'not reached'} | {ratio} | "
+                     f"{'%.1f' % wt if wt is not None else '-'} | {r['s_per_step']:.4f} |")
+    if bound is not None:
+        lines += ["", f"Linear-flow bound of the demo train split: {bound['bpd']:.4f} bits/dim in-sample, "
+                      f"{bound['bpd_population']:.4f} population estimate (flowscale bound)."]
+    lines += ["", f"'x {first} steps' = {first}'s steps to the target / this model's (> 1: faster than {first})."]
+    table = "\n".join(lines)
+    print()
+    print(table)
+    (out_dir / "converge.md").write_text(table + "\n")
+    (out_dir / "converge.json").write_text(json.dumps({"header": header, "target": target, "bound": bound,
+                                                       "results": results}, indent=1))
+    png = plot(results, target, bound, out_dir / "converge.png", header)
+    print(f"\nwrote {out_dir / 'converge.md'}, {out_dir / 'converge.json'}" + (f", {png}" if png else ""))
+    return 0
+
+
+def plot(results: dict, target: float, bound: dict | None, path: Path, title: str) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for name, r in results.items():
+        c = r["curve"][1:]  # step 0 is the untrained model
+        for ax, key in zip(axes, ("step", "wall_s")):
+            line, = ax.plot([p[key] for p in c], [p["test_bpd"] for p in c], label=f"{name} test")
+            ax.plot([p[key] for p in c], [p["train_bpd"] for p in c], "--", color=line.get_color(), alpha=0.6,
+                    label=f"{name} train")
+    for ax, xlabel in zip(axes, ("step", "training wall time (s)")):
+        if math.isfinite(target):
+            ax.axhline(target, color="gray", lw=0.8, ls=":", label="target")
+        if bound is not None:
+            ax.axhline(bound["bpd_population"], color="black", lw=0.8, ls="-.", label="linear-flow bound")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("bits/dim")
+        finite = [p["test_bpd"] for r in results.values() for p in r["curve"][1:] if math.isfinite(p["test_bpd"])]
+        if finite:
+            lo = min(finite + ([bound["bpd_population"]] if bound else []))
+            ax.set_ylim(lo - 0.2, min(max(finite), lo + 4))
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(title[:160] + ("..." if len(title) > 160 else ""), fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("converge", help="bits/dim vs steps and wall time: Glow vs DLF vs RealNVP (demo data)",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", nargs="?", default=None, help="YAML config (default: the demo defaults)")
+    p.add_argument("overrides", nargs="*", help="section.field=value overrides (shared by every model)")
+    p.add_argument("--models", nargs="+", default=list(MODELS), metavar="PRESET[:section.field=value,...]",
+                   help="presets to compare, each optionally with its own overrides (e.g. "
+                        "dlf:model.dlt_beta_init=0,optim.lr=5e-3); the first sets the parameter budget and the "
+                        "default target (default: glow dlf realnvp)")
+    p.add_argument("--steps", type=int, default=500, help="optimisation steps per model (default: 500)")
+    p.add_argument("--eval-every", type=int, default=25, help="test bits/dim every this many steps (default: 25)")
+    p.add_argument("--test-images", type=int, default=256, help="held-out crops scored at each eval (default: 256)")
+    p.add_argument("--target", type=float, default=None,
+                   help="test bits/dim to reach (default: the first model's final test bits/dim)")
+    p.add_argument("--same-width", action="store_true", help="use model.width for every model (no parameter matching)")
+    p.add_argument("--no-bound", action="store_true", help="skip the linear-flow bound line")
+    p.add_argument("--seed", type=int, default=0, help="seed of weights, batch order and noise (default: 0)")
+    p.add_argument("--out", default="runs/bench_converge", help="output directory (default: runs/bench_converge)")
+    p.set_defaults(func=run)
