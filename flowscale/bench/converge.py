@@ -137,6 +137,10 @@ def first_reach(curve: list[dict], target: float, key: str) -> float | None:
     return None
 
 
+def _fmt_steps(s: float | None) -> str:
+    return "not reached" if s is None else f"{s:.0f}"
+
+
 def run(args) -> int:
     import torch
 
@@ -190,6 +194,8 @@ def run(args) -> int:
     for r in results.values():
         r["steps_to_target"] = first_reach(r["curve"], target, "step")
         r["wall_to_target"] = first_reach(r["curve"], target, "wall_s")
+        if bound is not None:  # when the model first beats every linear flow on held-out data
+            r["steps_to_bound"] = first_reach(r["curve"], bound["bpd_population"], "step")
 
     machine = torch.cuda.get_device_name(0) if torch.cuda.is_available() else \
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
@@ -201,8 +207,8 @@ def run(args) -> int:
               f"{machine}; torch {torch.__version__}; {date.today().isoformat()}")
     lines = [header, "",
              "| model | width | params | final train bpd | final test bpd | best test bpd | steps to target | "
-             f"x {first} steps | train s to target | s/step |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             f"x {first} steps | train s to target | s/step |" + (" steps to linear bound |" if bound else ""),
+             "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if bound else "")]
     s0 = results[first]["steps_to_target"]
     for name, r in results.items():
         c = r["curve"]
@@ -211,12 +217,15 @@ def run(args) -> int:
         ratio = f"{s0 / st:.2f}" if (st and s0) else "-"
         final = "diverged" if r["diverged_at"] else f"{c[-1]['test_bpd']:.4f}"
         lines.append(f"| {name} | {r['width']} | {r['params']:,} | {c[-1]['train_bpd']:.4f} | {final} | {best:.4f} | "
-                     f"{'%.0f' % st if st is not None else 'not reached'} | {ratio} | "
-                     f"{'%.1f' % wt if wt is not None else '-'} | {r['s_per_step']:.4f} |")
+                     f"{_fmt_steps(st)} | {ratio} | "
+                     f"{'%.1f' % wt if wt is not None else '-'} | {r['s_per_step']:.4f} |" +
+                     (f" {_fmt_steps(r['steps_to_bound'])} |" if bound else ""))
     if bound is not None:
         lines += ["", f"Linear-flow bound of the demo train split: {bound['bpd']:.4f} bits/dim in-sample, "
                       f"{bound['bpd_population']:.4f} population estimate (flowscale bound)."]
-    lines += ["", f"'x {first} steps' = {first}'s steps to the target / this model's (> 1: faster than {first})."]
+    lines += ["", f"'x {first} steps' = {first}'s steps to the target / this model's (> 1: faster than {first})."
+                  + (" 'steps to linear bound': first step whose test bits/dim beat the population estimate."
+                     if bound else "")]
     table = "\n".join(lines)
     print()
     print(table)
@@ -229,33 +238,41 @@ def run(args) -> int:
 
 
 def plot(results: dict, target: float, bound: dict | None, path: Path, title: str) -> Path | None:
+    """Test (solid) and train (dashed) bits/dim against steps and training wall time, log scale
+    so that slowly starting models stay on the chart."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FormatStrFormatter
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5.2))
+    handles = []
     for name, r in results.items():
-        c = r["curve"][1:]  # step 0 is the untrained model
-        for ax, key in zip(axes, ("step", "wall_s")):
-            line, = ax.plot([p[key] for p in c], [p["test_bpd"] for p in c], label=f"{name} test")
-            ax.plot([p[key] for p in c], [p["train_bpd"] for p in c], "--", color=line.get_color(), alpha=0.6,
-                    label=f"{name} train")
+        c = [p for p in r["curve"][1:] if math.isfinite(p["test_bpd"])]  # step 0 is the untrained model
+        for i, (ax, key) in enumerate(zip(axes, ("step", "wall_s"))):
+            line, = ax.plot([p[key] for p in c], [p["test_bpd"] for p in c], label=name)
+            ax.plot([p[key] for p in c], [p["train_bpd"] for p in c], "--", color=line.get_color(), alpha=0.5)
+            if i == 0:
+                handles.append(line)
     for ax, xlabel in zip(axes, ("step", "training wall time (s)")):
         if math.isfinite(target):
-            ax.axhline(target, color="gray", lw=0.8, ls=":", label="target")
+            h = ax.axhline(target, color="gray", lw=0.8, ls=":", label=f"target {target:.3f}")
         if bound is not None:
-            ax.axhline(bound["bpd_population"], color="black", lw=0.8, ls="-.", label="linear-flow bound")
+            hb = ax.axhline(bound["bpd_population"], color="black", lw=0.8, ls="-.",
+                            label=f"linear-flow bound {bound['bpd_population']:.3f}")
         ax.set_xlabel(xlabel)
-        ax.set_ylabel("bits/dim")
-        finite = [p["test_bpd"] for r in results.values() for p in r["curve"][1:] if math.isfinite(p["test_bpd"])]
-        if finite:
-            lo = min(finite + ([bound["bpd_population"]] if bound else []))
-            ax.set_ylim(lo - 0.2, min(max(finite), lo + 4))
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    fig.suptitle(title[:160] + ("..." if len(title) > 160 else ""), fontsize=7)
-    fig.tight_layout()
+        ax.set_ylabel("bits/dim (solid: test, dashed: train)")
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(FormatStrFormatter("%.1f"))
+        ax.yaxis.set_minor_formatter(FormatStrFormatter("%.1f"))
+        ax.tick_params(axis="y", which="minor", labelsize=6)
+        ax.grid(alpha=0.3, which="both")
+    handles += [h] if math.isfinite(target) else []
+    handles += [hb] if bound is not None else []
+    fig.legend(handles=handles, loc="lower center", ncol=2, fontsize=7, frameon=False)
+    fig.suptitle(title[:170] + ("..." if len(title) > 170 else ""), fontsize=7)
+    fig.tight_layout(rect=(0, 0.12, 1, 0.96))
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
