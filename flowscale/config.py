@@ -343,6 +343,8 @@ class Config:
     def __post_init__(self):
         _check(not (self.engine.zero_stage == 3 and self.optim.ema_decay > 0), "optim.ema_decay",
                "EMA weights are not supported with engine.zero_stage=3 (parameters are sharded); use stage 0-2 or set 0")
+        _check(not (self.engine.zero_stage == 3 and self.optim.invconv_l2 > 0), "optim.invconv_l2",
+               "the 1x1-conv L2 penalty needs full weights, not supported with engine.zero_stage=3; use stage 0-2 or set 0")
         for lvl in self.memory.recompute_levels or []:
             _check(0 <= lvl < self.model.levels, "memory.recompute_levels",
                    f"level {lvl} does not exist; model.levels={self.model.levels} (levels are 0..{self.model.levels - 1})")

@@ -48,6 +48,8 @@ def flow_regularizer(flow: nn.Module, cfg) -> torch.Tensor:
     if not ws:
         return torch.zeros((), device=param.device)
     n = sum(w.numel() for w in ws)
+    if n == 0:  # ZeRO-3 keeps only a partition of each parameter outside its module's call
+        raise RuntimeError("flow_regularizer needs the full 1x1-conv weights; use engine.zero_stage 0-2 with optim.invconv_l2")
     return factor * sum(w.float().pow(2).sum() for w in ws) / (2 * n)
 
 

@@ -132,3 +132,8 @@ def test_step_logdets_add_up_to_the_flow_logdet():
         {"logdet_step/max_abs"}
     assert stats["logdet_step/max_abs"] == pytest.approx(max(abs(v) for t in table for v in t))
     assert stats["logdet_step/level_0/min"] <= stats["logdet_step/level_0/mean"] <= stats["logdet_step/level_0/max"]
+
+
+def test_invconv_l2_refused_under_zero3():
+    with pytest.raises(ConfigError, match="invconv_l2"):
+        load_config(None, ["optim.invconv_l2=0.1", "engine.zero_stage=3"])
