@@ -8,7 +8,7 @@ bits/dim (a fixed subset of the held-out photos, fixed noise) are measured every
 and training wall time (evaluation excluded) each needs to first reach a common target
 bits/dim, and the ratio to the first model's steps. The target defaults to the first model's
 (Glow's) final test bits/dim: "x glow steps" = 4 then means a model got there in a quarter of
-Glow's budget. A model can carry its own overrides (``dlf:model.dlt_beta_init=0``), e.g. to
+the steps Glow needed. A model can carry its own overrides (``dlf:model.dlt_beta_init=0``), e.g. to
 compare initialisations or the reference optimizer.
 
 The DLF paper (Liao, He & Shu 2019) states that DLF converges 10x faster than Glow; this
