@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from .config import Config, ConfigError
+from .lipschitz import flow_regularizer
 from .loss import flow_bpd_dequantized
 from .data.quantize import preprocess
 
@@ -123,7 +124,8 @@ def train_step(engine, batch: torch.Tensor, y: torch.Tensor | None, cfg: Config,
                 return {"bpd": float("nan"), "skipped": 1}
             raise FloatingPointError(f"non-finite loss in micro-batch {i} of step {step} after earlier micro-batches "
                                      f"were accumulated; lower optim.lr or use engine.grad_accum=1 to skip such steps")
-        engine.backward(loss)
+        # Optional L2 penalty on 1x1-conv weights (DLF's guard against singular W); 0 when off.
+        engine.backward(loss + flow_regularizer(engine.module, cfg))
         if i == accum - 1 and engine.zero_optimization_stage() == 0:
             # ZeRO-0 keeps full gradients on the parameters; DeepSpeed reports no norm for it.
             grads = [p.grad for p in engine.module.parameters() if p.grad is not None]

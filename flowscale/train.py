@@ -194,11 +194,11 @@ def _train(cfg: Config, info: DistInfo, resume: bool) -> dict:
     metrics: dict = {}
     t0, seen, start_step, last_save = time.time(), 0, step, time.time()
     while step < cfg.train.steps:
-        batch, _labels = next(loader)  # labels (int64 [B]) when the shards have them, else None
+        batch, labels = next(loader)  # labels (int64 [B]) when the shards have them, else None
         # Checked at the first step of every (re)start too: the unstable-step flags are runtime state.
         if cfg.memory.check_every and (step % cfg.memory.check_every == 0 or step == start_step):
             log.log(step, health_metrics(module, batch[:cfg.memory.check_batch_size], cfg), echo=False)
-        metrics = train_step(engine, batch, None, cfg, step, ema)
+        metrics = train_step(engine, batch, labels if cfg.model.num_classes > 0 else None, cfg, step, ema)
         step += 1
         if metrics["skipped"]:
             bad_in_row, skipped_total = bad_in_row + 1, skipped_total + 1
