@@ -108,7 +108,7 @@ def cmd_submit(ns) -> int:
     if ns.dry_run:
         print(sbatch_preview(path, overrides, **kw))
         return 0
-    jobs = submit(path, overrides, array=ns.array, local=ns.local, **kw)
+    jobs = submit(path, overrides, array=ns.array, local=ns.local, max_timeouts=ns.max_timeouts, **kw)
     for j in jobs:
         print(f"submitted job {j.job_id}; logs: {j.paths.stdout} / {j.paths.stderr}")
     if ns.wait:
@@ -182,6 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--constraint", default=None, help="Slurm constraint (e.g. a100)")
     s.add_argument("--signal-delay", type=int, default=120,
                    help="seconds before the time limit at which Slurm sends USR2 (default: 120)")
+    s.add_argument("--max-timeouts", type=int, default=100,
+                   help="requeues after hitting the time limit before giving up (default: 100; submitit's own "
+                        "default of 3 would end a week-long run on a 24 h partition); preemptions requeue without limit")
     s.add_argument("--array", default=None, metavar="SWEEP.yaml",
                    help="a job array: a YAML list of {dotted.key: value} overrides, one job each")
     s.add_argument("--local", action="store_true", help="run with submitit's local executor (no Slurm)")

@@ -61,6 +61,9 @@ def dist_env() -> DistInfo:
         rank, world, local = 0, 1, 0
         env.setdefault("MASTER_ADDR", "127.0.0.1")
         env.setdefault("MASTER_PORT", str(_free_port()))
+    if world == 1:  # a lone process: any rendezvous on loopback will do
+        env.setdefault("MASTER_ADDR", "127.0.0.1")
+        env.setdefault("MASTER_PORT", str(_free_port()))
     if world > 1 and ("MASTER_ADDR" not in env or "MASTER_PORT" not in env):
         raise RuntimeError(f"rank {rank} of {world}: MASTER_ADDR and MASTER_PORT must be set for a multi-process run")
     for k, v in (("RANK", rank), ("WORLD_SIZE", world), ("LOCAL_RANK", local)):

@@ -69,8 +69,13 @@ def load_sweep(path: str) -> list[dict]:
 
 def make_executor(folder: Path, nodes: int, gpus_per_node: int, tasks_per_node: int | None, cpus_per_task: int,
                   partition: str | None, time_min: int, account: str | None, constraint: str | None,
-                  local: bool, signal_delay_s: int, mem_gb: float | None = None) -> submitit.AutoExecutor:
-    ex = submitit.AutoExecutor(folder=str(folder), cluster="local" if local else None)
+                  local: bool, signal_delay_s: int, mem_gb: float | None = None,
+                  max_timeouts: int = 100) -> submitit.AutoExecutor:
+    if max_timeouts < 0:
+        raise ValueError(f"--max-timeouts must be >= 0 (got {max_timeouts})")
+    # submitit gives up after 3 time-limit requeues by default: a week on a 24 h partition needs 7.
+    ex = submitit.AutoExecutor(folder=str(folder), cluster="local" if local else None,
+                               **({} if local else dict(slurm_max_num_timeout=max_timeouts)))
     tasks = tasks_per_node or max(gpus_per_node, 1)
     params = dict(nodes=nodes, tasks_per_node=tasks, cpus_per_task=cpus_per_task, timeout_min=time_min,
                   name="flowscale")
@@ -92,13 +97,17 @@ def make_executor(folder: Path, nodes: int, gpus_per_node: int, tasks_per_node: 
 def submit(config_path: str | None, overrides: list[str], nodes: int = 1, gpus_per_node: int = 0,
            tasks_per_node: int | None = None, cpus_per_task: int = 1, partition: str | None = None,
            time_min: int = 60, account: str | None = None, constraint: str | None = None,
-           array: str | None = None, local: bool = False, signal_delay_s: int = 120, mem_gb: float | None = None):
-    """Submit one job (or a job array from a sweep file); returns the submitit jobs."""
+           array: str | None = None, local: bool = False, signal_delay_s: int = 120, mem_gb: float | None = None,
+           max_timeouts: int = 100):
+    """Submit one job (or a job array from a sweep file); returns the submitit jobs.
+
+    ``max_timeouts``: how many times a job that reaches its time limit is requeued (preemptions
+    are requeued without limit)."""
     base = _absolute_run_dir(config_path, list(overrides))
     cfg = load_config(config_path, base)
     folder = Path(cfg.train.run_dir) / "submitit"
     ex = make_executor(folder, nodes, gpus_per_node, tasks_per_node, cpus_per_task, partition, time_min, account,
-                       constraint, local, signal_delay_s, mem_gb)
+                       constraint, local, signal_delay_s, mem_gb, max_timeouts)
     if array is None:
         return [ex.submit(TrainJob(config_path, base))]
     jobs = []

@@ -149,3 +149,21 @@ def test_bench_step_command(tmp_path):
     assert [r.split("|")[1].strip() for r in rows] == ["torch", "deepspeed", "ds+inverse"]
     assert all("error" not in r for r in rows)
     assert all(float(r.split("|")[2]) > 0 for r in rows)
+
+
+def test_dist_env_single_process_without_rendezvous(monkeypatch):
+    # RANK/WORLD_SIZE left by an earlier run but no MASTER_*: a lone process still gets a loopback rendezvous;
+    # two ranks without MASTER_* are refused with a message naming the variables.
+    from flowscale.distributed import dist_env
+
+    for k in ("MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    info = dist_env()
+    assert (info.rank, info.world_size) == (0, 1)
+    assert os.environ["MASTER_ADDR"] == "127.0.0.1" and int(os.environ["MASTER_PORT"]) > 0
+    monkeypatch.delenv("MASTER_ADDR")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(RuntimeError, match="MASTER_ADDR and MASTER_PORT"):
+        dist_env()

@@ -23,6 +23,7 @@ def float64_default():
     """Layers built in this module are float64 (brute-force Jacobians); restored afterwards."""
     old = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
+    torch.manual_seed(0)  # layer constructors draw from the global RNG: same weights in any test order
     yield
     torch.set_default_dtype(old)
 
@@ -101,7 +102,8 @@ def test_coupling_log_det_is_not_constant_across_samples():
     # An affine coupling's log-det depends on x; a layer that returned a per-batch constant would fail here.
     layer = perturb_(Coupling(C, glow_net(6), kind="affine").double(), 0.5, seed=4)
     _, ld = layer(data())
-    assert ld.std() > 1e-3
+    # A per-batch constant in float64 varies by ~1e-15 at most; a data-dependent log-det by far more.
+    assert ld.std() > 1e-6
 
 
 @pytest.mark.parametrize("learned", [True, False])

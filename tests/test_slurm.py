@@ -87,12 +87,26 @@ def test_preemption_requeues_and_resumes_exactly(tmp_path):
 
 
 @pytest.mark.slow
-def test_time_limit_requeues_until_done(tmp_path):
-    # A 1-minute limit with USR2 30 s before it: the training needs more than one slot.
+def test_time_limit_requeues_and_resumes(tmp_path):
+    # A 1-minute limit with USR2 30 s before it and far more steps than one slot can do: the job
+    # must be requeued at its time limit (same id), resume from the newest checkpoint and keep going,
+    # with the time-out budget counted down from --max-timeouts (not submitit's default of 3).
+    import pickle
+    import re
+
     run_dir = tmp_path / "run"
-    (job,) = submit(None, SMALL + ["train.steps=4000", "train.checkpoint_every=100", "model.width=32",
-                                   f"train.run_dir={run_dir}"], tasks_per_node=1, time_min=1, signal_delay_s=30)
-    results = job.results()
-    assert results[0]["step"] == 4000
-    logs = Path(job.paths.stdout).read_text()
-    assert logs.count("resumed from") >= 1, "the job should have hit its time limit and been requeued"
+    (job,) = submit(None, SMALL + ["train.steps=1000000", "train.checkpoint_every=25", f"train.run_dir={run_dir}"],
+                    tasks_per_node=1, time_min=1, signal_delay_s=30, max_timeouts=7)
+    log = Path(job.paths.stdout)
+    try:
+        wait_for(lambda: log.exists() and "resumed from" in log.read_text(), 400, "a requeue after the time limit")
+        resumed = int(re.search(r"resumed from \S+ at step (\d+)", log.read_text()).group(1))
+        assert resumed >= 25
+        wait_for(lambda: int(list_complete(run_dir)[-1].name.split("_")[1]) > resumed, 200,
+                 "a checkpoint written after the resume")
+        delayed = pickle.loads(Path(job.paths.submitted_pickle).read_bytes())
+        assert delayed._timeout_countdown == 6, "one time-out spent of the 7 allowed"
+    finally:
+        subprocess.run(["scancel", str(job.job_id)], check=False)
+    assert len({p.parent for p in run_dir.glob("submitit/*_log.out")}) == 1
+    assert sorted(p.name for p in (run_dir / "submitit").glob("*_log.out")) == [f"{job.job_id}_0_log.out"]
