@@ -65,6 +65,19 @@ def resolve(path: str | Path) -> Path:
     return latest
 
 
+def set_aside_newer(run_dir: str | Path, step: int) -> Path | None:
+    """Move this run's checkpoints newer than ``step`` into ``checkpoints/superseded-<time>/``
+    (kept, but no longer "latest"); returns that folder, or None when there were none."""
+    newer = [p for p in list_complete(run_dir) if int(_NAME.match(p.name).group(1)) > step]
+    if not newer:
+        return None
+    dest = checkpoint_dir(run_dir) / time.strftime("superseded-%Y%m%d-%H%M%S")
+    dest.mkdir(parents=True, exist_ok=True)
+    for p in newer:
+        p.rename(dest / p.name)
+    return dest
+
+
 def _barrier():
     if dist.is_available() and dist.is_initialized():
         dist.barrier()

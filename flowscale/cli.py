@@ -31,7 +31,7 @@ def cmd_train(ns) -> int:
 
     path, overrides = _split_config_and_overrides(ns.args)
     cfg = load_config(path, overrides)
-    result = main(cfg, resume=not ns.no_resume)
+    result = main(cfg, resume=not ns.no_resume, resume_from=ns.resume, trust_checkpoint=ns.trust_checkpoint)
     test = result.get("test_bpd")
     if os.environ.get("RANK", "0") == "0":
             print(f"done: step {result['step']}" + (f", test bits/dim {test:.4f}" if test is not None else ""))
@@ -132,6 +132,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="optional YAML config, then dotted overrides")
     t.add_argument("--no-resume", action="store_true",
                    help="refuse to continue an existing run (fails if train.run_dir holds checkpoints)")
+    t.add_argument("--resume", metavar="PATH", default=None,
+                   help="continue from this checkpoint (a checkpoints/step_XXXXXXXX directory, or a run directory "
+                        "meaning its newest) instead of the newest one in train.run_dir; this run's newer "
+                        "checkpoints are moved to checkpoints/superseded-<time>/, not deleted")
+    t.add_argument("--trust-checkpoint", action="store_true",
+                   help="allow --resume from a checkpoint outside train.run_dir: DeepSpeed checkpoints are pickles "
+                        "and loading one runs code, so only for checkpoints from someone you trust")
     # The `deepspeed` launcher appends --local_rank=N; the rank is read from the environment.
     t.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     t.set_defaults(func=cmd_train)
@@ -214,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"flowscale: error: {e}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, FileExistsError, FloatingPointError) as e:
+    except (FileNotFoundError, FileExistsError, FloatingPointError, PermissionError) as e:
         print(f"flowscale: error: {e}", file=sys.stderr)
         return 1
 

@@ -28,6 +28,7 @@ from .engine import EMA, batch_layout, initialize, model_dtype, train_step
 from .evaluate import evaluate_bpd
 from .flows.actnorm import initialize_actnorm
 from .flows.models import build_flow
+from .lipschitz import logdet_stats
 from .inverse_checkpoint import check_and_flag, inverse_checkpoint
 from .lock import acquire, release
 from .logging import RunLogger
@@ -69,29 +70,55 @@ def build_optimizer(cfg: Config, params) -> tuple[torch.optim.Optimizer, callabl
 
 
 def health_metrics(flow, batch: torch.Tensor, cfg: Config) -> dict:
-    """Per-level inverse reconstruction error |x - f^-1(f(x))| / |x|; flags unstable steps so
-    they store activations instead of being recomputed through their inverse."""
+    """Per-level inverse reconstruction error |x - f^-1(f(x))| / |x| (flags unstable steps so
+    they store activations instead of being recomputed through their inverse), and per-level
+    statistics of each step's log-det per dimension (``logdet_step/level_i/{mean,min,max}``)."""
     # Own generator: the check must not consume the training RNG (exact resume).
     x = preprocess(batch.cpu(), cfg.data.n_bits, generator=torch.Generator().manual_seed(cfg.train.seed))
     param = next(flow.parameters())
     errs = check_and_flag(flow, x.to(param.device, model_dtype(cfg)), cfg.memory.max_reconstruction_error)
     out = {f"recon_err/level_{i}": e for i, e in enumerate(errs["level"])}
     out["recon_unstable_steps"] = errs["flagged"]
+    out.update(logdet_stats(flow, x.to(param.device, model_dtype(cfg))))  # per-level volume change per step
     return out
 
 
-def main(cfg: Config, resume: bool = True) -> dict:
-    """Train per ``cfg`` on this process's rank; returns the final metrics (bits/dim, step)."""
+def main(cfg: Config, resume: bool = True, resume_from: str | Path | None = None,
+         trust_checkpoint: bool = False) -> dict:
+    """Train per ``cfg`` on this process's rank; returns the final metrics (bits/dim, step).
+
+    ``resume``: continue from the newest complete checkpoint of ``train.run_dir`` (the default).
+    ``resume_from``: continue from this checkpoint (a ``step_XXXXXXXX`` directory, or a run
+    directory meaning its newest). DeepSpeed checkpoints are pickles, so one from outside
+    ``train.run_dir`` is only loaded with ``trust_checkpoint=True``.
+    """
+    chosen = _check_resume_from(cfg, resume, resume_from, trust_checkpoint)
     info = init_distributed(cfg.engine.backend)
     lock = None
     try:
         if info.is_main:
-            lock = _prepare_run_dir(cfg, resume)
+            lock = _prepare_run_dir(cfg, resume, chosen)
         _barrier()
-        return _train(cfg, info, resume)
+        return _train(cfg, info, resume, chosen)
     finally:
         release(lock)
         cleanup()
+
+
+def _check_resume_from(cfg: Config, resume: bool, resume_from, trust: bool) -> Path | None:
+    """The explicitly chosen checkpoint, refused before any work if it is not to be trusted."""
+    if resume_from is None:
+        return None
+    if not resume:
+        raise ValueError("--resume PATH and --no-resume contradict each other; give one of them")
+    ckpt = ckpt_io.resolve(resume_from).resolve()
+    own = Path(cfg.train.run_dir).resolve() in ckpt.parents
+    if not own and not trust:
+        raise PermissionError(
+            f"{ckpt} is a DeepSpeed checkpoint from outside train.run_dir ({cfg.train.run_dir}); its files are "
+            f"pickles, and unpickling runs code. Pass --trust-checkpoint if you trust whoever wrote it, or use its "
+            f"model.safetensors (flowscale sample/eval read only safetensors). Nothing was written.")
+    return ckpt
 
 
 def _barrier():
@@ -99,10 +126,14 @@ def _barrier():
         torch.distributed.barrier()
 
 
-def _prepare_run_dir(cfg: Config, resume: bool):
+def _prepare_run_dir(cfg: Config, resume: bool, chosen: Path | None = None):
     run_dir = Path(cfg.train.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     lock = acquire(run_dir)
+    if chosen is not None:
+        moved = ckpt_io.set_aside_newer(run_dir, int(chosen.name.split("_")[1]))
+        if moved is not None:  # kept, out of resolve_latest's sight, so a later restart continues this branch
+            print(f"resuming from {chosen}: this run's newer checkpoints were moved to {moved}", flush=True)
     latest = ckpt_io.resolve_latest(run_dir)
     if latest is not None and not resume:
         release(lock)
@@ -112,7 +143,7 @@ def _prepare_run_dir(cfg: Config, resume: bool):
     return lock
 
 
-def _train(cfg: Config, info: DistInfo, resume: bool) -> dict:
+def _train(cfg: Config, info: DistInfo, resume: bool, chosen: Path | None = None) -> dict:
     run_dir = Path(cfg.train.run_dir)
     device = torch.device("cuda", info.local_rank) if torch.cuda.is_available() else torch.device("cpu")
     layout = batch_layout(cfg, info.world_size)
@@ -139,7 +170,10 @@ def _train(cfg: Config, info: DistInfo, resume: bool) -> dict:
     shapes = module.latent_shapes(cfg.data.channels, cfg.data.image_size)
 
     step, bad_in_row, skipped_total = 0, 0, 0
-    found = ckpt_io.load_latest(engine, run_dir, info.rank, warn=lambda m: warnings.warn(m)) if resume else None
+    if chosen is not None:  # picked by the user: no silent fallback to another one
+        found = (chosen, *ckpt_io.load(engine, chosen, info.rank))
+    else:
+        found = ckpt_io.load_latest(engine, run_dir, info.rank, warn=lambda m: warnings.warn(m)) if resume else None
     if found is not None:
         path, client, rank_state = found
         step, bad_in_row, skipped_total = client["step"], client["bad_in_row"], client["skipped_total"]
@@ -205,7 +239,7 @@ def _train(cfg: Config, info: DistInfo, resume: bool) -> dict:
             log.log(step, {"skipped_steps": skipped_total})
             if bad_in_row >= cfg.engine.max_bad_steps:
                 raise FloatingPointError(
-                    f"non-finite bits/dim in {bad_in_row} steps in a row (last at step {step}); lower optim.lr, raise "
+                    f"non-finite loss or gradient in {bad_in_row} steps in a row (last at step {step}); lower optim.lr, raise "
                     f"optim.warmup_steps, or use bounded scales (model.scale_fn). No checkpoint was written from these weights.")
             continue
         bad_in_row = 0

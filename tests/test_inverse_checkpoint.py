@@ -2,6 +2,7 @@
 
 import copy
 import json
+import math
 
 import pytest
 import torch
@@ -197,6 +198,7 @@ def test_recompute_levels_selects_levels():
     assert kinds == [InvertibleSequence, FlowSequence, InvertibleSequence]
 
 
+@pytest.mark.usefixtures("single_process_env")
 def test_training_logs_reconstruction_health(tmp_path):
     from flowscale.config import load_config
     from flowscale.logging import read_metrics
@@ -210,6 +212,11 @@ def test_training_logs_reconstruction_health(tmp_path):
     health = [r for r in read_metrics(tmp_path) if "recon_err/level_0" in r]
     assert [r["step"] for r in health] == [0, 3]
     assert all(0 <= r["recon_err/level_1"] < 1e-4 and r["recon_unstable_steps"] == 0 for r in health)
+    for r in health:  # per-level log-det statistics ride along with the reconstruction check
+        for lvl in (0, 1):
+            lo, mean, hi = (r[f"logdet_step/level_{lvl}/{k}"] for k in ("min", "mean", "max"))
+            assert lo <= mean <= hi and math.isfinite(lo) and math.isfinite(hi)
+            assert r["logdet_step/max_abs"] >= max(abs(lo), abs(hi)) - 1e-12
 
 
 def test_bench_memory_command(tmp_path, capsys):

@@ -74,6 +74,32 @@ def test_no_resume_refuses_existing_run(tmp_path):
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == before
 
 
+def test_resume_from_a_chosen_checkpoint(tmp_path, capsys):
+    # --resume PATH: from another run only with --trust-checkpoint (pickles), exact either way; in the
+    # same run, newer checkpoints are set aside (kept) so that later restarts continue the new branch.
+    common = ["train.steps=8", "train.checkpoint_every=4", "train.keep_last=5", "train.log_every=1", *QUIET]
+    a, b = tmp_path / "a", tmp_path / "b"
+    train_main(small_cfg(a, *common))
+    mid = a / "checkpoints" / "step_00000004"
+    final_a = final_weights(a)
+    argv = ["train", *SMALL, *common, f"train.run_dir={b}", "--resume", str(mid)]
+    assert cli_main(argv) == 1
+    assert "--trust-checkpoint" in capsys.readouterr().err
+    assert not b.exists(), "a refused resume writes nothing"
+    assert cli_main(argv + ["--trust-checkpoint"]) == 0
+    final_b = final_weights(b)
+    assert all(torch.equal(final_a[k], final_b[k]) for k in final_a)
+    assert [r["step"] for r in read_metrics(b) if "bpd" in r] == [5, 6, 7, 8]
+
+    train_main(small_cfg(a, *common), resume_from=mid)  # own run: no trust needed
+    aside = [p for p in (a / "checkpoints").iterdir() if p.name.startswith("superseded-")]
+    assert len(aside) == 1 and (aside[0] / "step_00000008" / "COMPLETE").is_file()
+    again = final_weights(a)
+    assert all(torch.equal(final_a[k], again[k]) for k in final_a)
+    with pytest.raises(ValueError, match="contradict"):
+        train_main(small_cfg(a, *common), resume=False, resume_from=mid)
+
+
 def test_keep_last_k(tmp_path):
     train_main(small_cfg(tmp_path / "run", "train.steps=8", "train.checkpoint_every=2", "train.keep_last=2", *QUIET))
     names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
