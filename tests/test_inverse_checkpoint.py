@@ -227,6 +227,7 @@ def test_bench_memory_command(tmp_path, capsys):
     assert "| 16 | 2 | 4 | inverse |" in out
     rows = json.loads((tmp_path / "memory.json").read_text())["rows"]
     assert len(rows) == 6 and not any("error" in r for r in rows)
+    assert all(r["step_s"] > 0 and r["step_s_isolated"] > 0 for r in rows), "side-by-side timings replace isolated ones"
     by = {(r["k"], r["mode"]): r["saved_bytes"] for r in rows}
     assert by[(4, "inverse")] < by[(4, "plain")]
     assert (tmp_path / "memory.png").stat().st_size > 1000

@@ -10,7 +10,12 @@ For every (resolution, batch, K, mode) case a fresh subprocess builds the model,
 training step under ``torch.autograd.graph.saved_tensors_hooks`` to count the bytes saved
 for backward (activations only: parameter storages are excluded), then times
 ``--repeats`` steps and reads the peak memory (process RSS on CPU; CUDA peak allocated on
-GPU). Prints a markdown table with ratios to plain autograd at the same K and writes a PNG.
+GPU). Step times are then measured side by side: for each (resolution, batch, K) one more
+subprocess builds the model once, copies it for every mode and alternates single training
+steps between the modes (rotating the order each round), so load on a shared machine hits
+all modes alike; the table's time ratios come from these medians (``--timing separate``
+uses the per-case subprocess timings instead). Prints a markdown table with ratios to plain
+autograd at the same K and writes a PNG.
 """
 
 from __future__ import annotations
@@ -124,6 +129,72 @@ def run_case(size: int, batch: int, k: int, mode: str, width: int, repeats: int,
     return out
 
 
+def build_case(size: int, k: int, mode: str, width: int, device: str, seed: int = 0):
+    """(flow, input batch builder) for one benchmark case; the same seed gives the same weights."""
+    import torch
+
+    from ..config import ModelConfig
+    from ..flows.actnorm import initialize_actnorm
+    from ..flows.models import build_flow
+    from ..inverse_checkpoint import checkpoint_steps, inverse_checkpoint
+
+    torch.manual_seed(seed)
+    flow = build_flow(ModelConfig(preset="glow", levels=_levels_for(size), steps=k, width=width), 3, size).to(device)
+    return flow, (inverse_checkpoint if mode == "inverse" else checkpoint_steps if mode == "checkpoint" else None)
+
+
+def time_interleaved(size: int, batch: int, k: int, modes, width: int, repeats: int, device: str,
+                     seed: int = 0) -> dict:
+    """Median step time per mode, the modes' steps alternating in one process (same weights, same batch)."""
+    import copy
+
+    import torch
+
+    from ..flows.actnorm import initialize_actnorm
+    from ..loss import flow_bpd_dequantized
+
+    torch.manual_seed(seed)
+    flow, _ = build_case(size, k, "plain", width, device, seed)
+    x = (torch.rand(batch, 3, size, size, device=device) - 0.5)
+    initialize_actnorm(flow, x)
+    runs = {}
+    for mode in modes:
+        f = copy.deepcopy(flow)
+        _, wrap = build_case(size, k, mode, width, device, seed)
+        if wrap is not None:
+            wrap(f)
+        runs[mode] = (f, torch.optim.Adam(f.parameters(), lr=1e-7))
+
+    def step(mode):
+        f, opt = runs[mode]
+        opt.zero_grad(set_to_none=True)
+        bpd, _ = flow_bpd_dequantized(f, x, 8)
+        bpd.mean().backward()
+        opt.step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    for mode in modes:  # warm-up: optimizer state, allocator
+        step(mode)
+    times = {m: [] for m in modes}
+    order = list(modes)
+    for r in range(repeats):
+        for mode in order[r % len(order):] + order[:r % len(order)]:
+            t0 = time.perf_counter()
+            step(mode)
+            times[mode].append(time.perf_counter() - t0)
+    return {m: statistics.median(v) for m, v in times.items()}
+
+
+def _subprocess_timing(args, size, batch, k) -> dict:
+    cmd = [sys.executable, "-m", "flowscale.bench.memory", "--time", f"{size}:{batch}:{k}", "--modes", *args.modes,
+           "--width", str(args.width), "--repeats", str(args.repeats), "--device", args.device]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        return {}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def _subprocess_case(args, size, batch, k, mode) -> dict:
     cmd = [sys.executable, "-m", "flowscale.bench.memory", "--one", f"{size}:{batch}:{k}:{mode}",
            "--width", str(args.width), "--repeats", str(args.repeats), "--device", args.device]
@@ -211,10 +282,19 @@ def run(args) -> int:
                 rows.append(r)
                 status = r.get("error") or f"saved {_fmt_mb(r['saved_bytes'])} MB, {r['step_s']:.3f} s/step"
                 print(f"  {size}px b{batch} K={k} {mode}: {status}", file=sys.stderr, flush=True)
+            if args.timing == "interleaved":
+                side = _subprocess_timing(args, size, batch, k)
+                for r in rows:
+                    if (r["size"], r["batch"], r["k"]) == (size, batch, k) and "error" not in r and r["mode"] in side:
+                        r["step_s_isolated"], r["step_s"] = r["step_s"], side[r["mode"]]
+                print(f"  {size}px b{batch} K={k} side by side: " +
+                      ", ".join(f"{m} {t:.3f} s" for m, t in side.items()), file=sys.stderr, flush=True)
     machine = (torch.cuda.get_device_name(0) if args.device == "cuda" else
                f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores")
     header = (f"Glow (L by size: 64->4, 256->6; width {args.width}) one training step, fp32, device {args.device} "
-              f"({machine}), torch {torch.__version__}, median of {args.repeats} steps")
+              f"({machine}), torch {torch.__version__}, median of {args.repeats} steps"
+              + (", step times measured side by side (modes alternating in one process)"
+                 if args.timing == "interleaved" else ", step times from separate processes"))
     table = format_table(rows)
     print(header)
     print()
@@ -243,13 +323,20 @@ def _add_args(p) -> None:
     p.add_argument("--width", type=int, default=128, help="coupling network width (default: 128)")
     p.add_argument("--repeats", type=int, default=3, help="timed steps per case; the median is reported (default: 3)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run (default: cpu)")
+    p.add_argument("--timing", default="interleaved", choices=["interleaved", "separate"],
+                   help="step times from one process alternating the modes (default), or from each case's own process")
     p.add_argument("--out", default="bench_out", help="directory for memory.md/.json/.png (default: bench_out)")
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     _add_args(ap)
-    ap.add_argument("--one", required=True, help="internal: SIZE:BATCH:K:MODE, run one case and print JSON")
+    ap.add_argument("--one", help="internal: SIZE:BATCH:K:MODE, run one case and print JSON")
+    ap.add_argument("--time", help="internal: SIZE:BATCH:K, time the modes side by side and print JSON")
     a = ap.parse_args()
-    s, b, kk, m = a.one.split(":")
-    print(json.dumps(run_case(int(s), int(b), int(kk), m, a.width, a.repeats, a.device)))
+    if a.time:
+        s, b, kk = (int(v) for v in a.time.split(":"))
+        print(json.dumps(time_interleaved(s, b, kk, a.modes, a.width, a.repeats, a.device)))
+    else:
+        s, b, kk, m = a.one.split(":")
+        print(json.dumps(run_case(int(s), int(b), int(kk), m, a.width, a.repeats, a.device)))
