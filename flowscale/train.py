@@ -248,6 +248,9 @@ def _train(cfg: Config, info: DistInfo, resume: bool, chosen: Path | None = None
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
             metrics["images_per_s"] = seen / (time.time() - t0)
             metrics["mem_gb"] = _memory_gb(device)
+            metrics["epoch"] = loader.epoch
+            if cfg.data.bad_data == "skip":  # bad samples skipped so far, all ranks (collective: every rank logs here)
+                metrics["data_skipped"] = _sum_over_ranks(loader.skipped, device)
             t0, seen = time.time(), 0
             log.log(step, metrics)
         extra = evaluate_and_sample(step, final=step == cfg.train.steps)
@@ -286,6 +289,13 @@ def ranks_agree(engine) -> bool:
     gathered = [torch.zeros_like(digest) for _ in range(torch.distributed.get_world_size())]
     torch.distributed.all_gather(gathered, digest)
     return all(torch.equal(g, gathered[0]) for g in gathered)
+
+
+def _sum_over_ranks(n: int, device) -> int:
+    t = torch.tensor([float(n)], device=device)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(t)
+    return int(t.item())
 
 
 def _agree(flag: bool) -> bool:

@@ -156,3 +156,29 @@ def test_worker_errors_reach_the_training_process(tmp_path):
     write_split(tmp_path / "train", [12, 12], members=replace_sample(3, BAD_SAMPLES["not-an-image"][0]))
     with pytest.raises(DataError, match="s000003"):
         run(data_cfg(tmp_path / "train", num_workers=2, shuffle_buffer=0), 8)
+
+
+@pytest.mark.usefixtures("single_process_env")
+def test_training_logs_the_skip_count(tmp_path):
+    # bad_data=skip in a real training run: the count reaches the logged metrics (and W&B), not only stderr.
+    from flowscale.config import load_config
+    from flowscale.logging import read_metrics
+    from flowscale.train import main
+
+    bad = {3, 9}
+    write_split(tmp_path / "train", [16], encoding="png",
+                members=lambda i, key, ms: [(f"{key}.png", b"not a png")] if i in bad else ms)
+    write_split(tmp_path / "test", [8], split="test")
+    run_dir = tmp_path / "run"
+    cfg = load_config(None, ["data.dataset=shards", f"data.train_manifest={tmp_path / 'train'}",
+                             f"data.test_manifest={tmp_path / 'test'}", "data.image_size=8", "data.batch_size=4",
+                             "data.num_workers=0", "data.shuffle_buffer=0", "data.bad_data=skip",
+                             "model.levels=1", "model.steps=1", "model.width=8", "train.steps=5", "train.log_every=1",
+                             "train.eval_every=0", "train.sample_every=0", "train.init_batch_size=4",
+                             "train.progress=false", "wandb.mode=disabled", f"train.run_dir={run_dir}"])
+    main(cfg)
+    logged = [(r["step"], r["data_skipped"]) for r in read_metrics(run_dir) if "data_skipped" in r]
+    # 4 images per step from 16 with ids 3 and 9 bad: step 1 reads ids 0-4, step 3 reaches id 9, and the
+    # second epoch (from step 4 on) meets id 3 again at step 5: the count is cumulative.
+    assert logged == [(1, 1), (2, 1), (3, 2), (4, 2), (5, 3)]
+    assert all(r["epoch"] >= 0 for r in read_metrics(run_dir) if "epoch" in r)
