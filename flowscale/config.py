@@ -192,8 +192,13 @@ class OptimConfig:
     """Peak learning rate, reached after warmup_steps."""
     warmup_steps: int = 50
     """Linear warmup from 0 to lr over this many steps (Glow uses warmup; ActNorm-initialised flows need it)."""
-    decay: Literal["none", "cosine"] = "none"
-    """Learning-rate decay after warmup."""
+    decay: Literal["none", "cosine", "linear", "exponential"] = "none"
+    """Learning-rate decay from the end of warmup to train.steps: cosine or linear down to
+    min_lr_ratio * lr, or exponential (geometric, lr * min_lr_ratio ** progress; the reference
+    DLF decays its learning rate exponentially)."""
+    min_lr_ratio: float = 0.0
+    """The learning rate at train.steps as a fraction of lr, for decay != none (must be > 0 for
+    exponential)."""
     weight_decay: float = 0.0
     """Decoupled weight decay (adamw) or L2 penalty (adam, adamax)."""
     grad_clip: float = 50.0
@@ -216,6 +221,9 @@ class OptimConfig:
         _check(all(0 <= b < 1 for b in self.betas), "optim.betas", f"each must be in [0, 1), got {self.betas}")
         _check(0 <= self.ema_decay < 1, "optim.ema_decay", f"must be in [0, 1), got {self.ema_decay}")
         _check(self.invconv_l2 >= 0, "optim.invconv_l2", f"must be >= 0 (0 = off), got {self.invconv_l2}")
+        _check(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        _check(not (self.decay == "exponential" and self.min_lr_ratio <= 0), "optim.min_lr_ratio",
+               "must be > 0 with optim.decay=exponential (the LR at the end, e.g. 0.01)")
 
 
 @dataclass

@@ -51,7 +51,8 @@ def build_model(cfg: Config, device: torch.device | str = "cpu"):
 
 
 def build_optimizer(cfg: Config, params) -> tuple[torch.optim.Optimizer, callable]:
-    """A torch optimizer and the LR multiplier schedule(step) (linear warmup, optional cosine)."""
+    """A torch optimizer and the LR multiplier schedule(step): linear warmup, then optional
+    cosine / linear / exponential decay to optim.min_lr_ratio at train.steps."""
     o = cfg.optim
     params = [p for p in params if p.requires_grad]
     kinds = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "adamax": torch.optim.Adamax}
@@ -61,9 +62,14 @@ def build_optimizer(cfg: Config, params) -> tuple[torch.optim.Optimizer, callabl
     def schedule(step: int) -> float:
         if warm and step < warm:
             return (step + 1) / warm
+        progress = min(1.0, (step - warm) / max(1, total - warm))
+        floor = o.min_lr_ratio
         if o.decay == "cosine":
-            progress = min(1.0, (step - warm) / max(1, total - warm))
-            return 0.5 * (1 + math.cos(math.pi * progress))
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+        if o.decay == "linear":
+            return floor + (1 - floor) * (1 - progress)
+        if o.decay == "exponential":
+            return floor ** progress
         return 1.0
 
     return opt, schedule

@@ -4,6 +4,7 @@ from dataclasses import fields, is_dataclass
 from pathlib import Path
 
 import pytest
+import torch
 
 from flowscale.cli import main as cli_main
 from flowscale.config import Config, ConfigError, describe_fields, field_docs, from_dict, load_config, to_dict, to_yaml
@@ -43,6 +44,7 @@ def test_round_trip_through_yaml_and_dict(tmp_path):
     ("model.levels=6", "model.levels", "divisible"),             # cross-field: 32 px / 2^6
     ("train.temperatures=[-1]", "train.temperatures", ">= 0"),
     ("nosection.x=1", "nosection", "nosection"),
+    ("optim.decay=exponential", "optim.min_lr_ratio", "> 0"),     # exponential needs a floor
 ])
 def test_bad_values_name_the_field(override, field, hint):
     with pytest.raises(ConfigError) as e:
@@ -113,3 +115,24 @@ def test_train_help_lists_fields(capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert "model.preset" in out and "Architecture family" in out and "optim.lr" in out
+
+
+@pytest.mark.parametrize("decay", ["none", "cosine", "linear", "exponential"])
+def test_lr_schedule_closed_forms(decay):
+    import math
+
+    from flowscale.train import build_optimizer
+
+    cfg = load_config(None, [f"optim.decay={decay}", "optim.warmup_steps=10", "train.steps=110",
+                             "optim.min_lr_ratio=0.01"])
+    _, f = build_optimizer(cfg, [torch.nn.Parameter(torch.zeros(1))])
+    assert [f(s) for s in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])  # linear warmup
+    expected = {"none": lambda p: 1.0,
+                "cosine": lambda p: 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * p)),
+                "linear": lambda p: 0.01 + 0.99 * (1 - p),
+                "exponential": lambda p: 0.01 ** p}[decay]
+    for step in (10, 35, 60, 109, 110, 500):
+        p = min(1.0, (step - 10) / 100)
+        assert f(step) == pytest.approx(expected(p), rel=1e-12), step
+    if decay != "none":
+        assert f(110) == pytest.approx(0.01) and f(60) < f(35) < 1.0
