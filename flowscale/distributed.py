@@ -37,6 +37,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def master_port(job_id: str) -> int:
+    """The rendezvous port of a Slurm job: the same on every task and across requeues, and in
+    15000-29999, below Linux's ephemeral range (32768-60999) where outgoing connections could
+    already hold it."""
+    import zlib
+
+    return 15000 + zlib.crc32(str(job_id).encode()) % 15000
+
+
 def _first_slurm_host(nodelist: str) -> str:
     """First host of a Slurm nodelist such as 'gpu[001-004,007],cpu01' -> 'gpu001'."""
     head = nodelist.split(",")[0] if "[" not in nodelist.split(",")[0] else nodelist[:nodelist.index("]") + 1]
@@ -56,7 +65,7 @@ def dist_env() -> DistInfo:
     elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
         rank, world, local = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
         env.setdefault("MASTER_ADDR", _first_slurm_host(env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "127.0.0.1"))))
-        env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
+        env.setdefault("MASTER_PORT", str(master_port(env.get("SLURM_JOB_ID", "0"))))
     else:
         rank, world, local = 0, 1, 0
         env.setdefault("MASTER_ADDR", "127.0.0.1")

@@ -15,13 +15,13 @@ which the training loop writes every ``train.checkpoint_every`` steps / ``train.
 from __future__ import annotations
 
 import os
-import zlib
 from pathlib import Path
 
 import submitit
 import yaml
 
 from flowscale.config import load_config, to_dict
+from flowscale.distributed import master_port
 
 
 class TrainJob:
@@ -36,8 +36,7 @@ class TrainJob:
         job_key = str(env.job_id)
         os.environ.update(RANK=str(env.global_rank), WORLD_SIZE=str(env.num_tasks), LOCAL_RANK=str(env.local_rank),
                           MASTER_ADDR=env.hostnames[0],
-                          MASTER_PORT=os.environ.get("FLOWSCALE_MASTER_PORT",
-                                                     str(20000 + zlib.crc32(job_key.encode()) % 20000)))
+                          MASTER_PORT=os.environ.get("FLOWSCALE_MASTER_PORT", str(master_port(job_key))))
         from flowscale.train import main
 
         cfg = load_config(self.config_path, self.overrides)

@@ -18,11 +18,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def clear_env(monkeypatch, *names):
+    """Remove variables for one test AND restore their absence afterwards: values that the code
+    under test writes into os.environ (dist_env fills in RANK, MASTER_PORT, ...) must not leak
+    into later tests. (A plain delenv of an absent variable records nothing to undo.)"""
+    for k in names:
+        monkeypatch.setenv(k, "")
+        monkeypatch.delenv(k)
+
+
 @pytest.fixture
 def single_process_env(monkeypatch):
     """A fresh single-process rendezvous for each in-process training run."""
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS"):
-        monkeypatch.delenv(k, raising=False)
+    clear_env(monkeypatch, "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID",
+              "SLURM_NTASKS")
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", str(free_port()))
     yield

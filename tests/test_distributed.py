@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from flowscale.checkpoint import list_complete
 from flowscale.logging import read_metrics
 
-from conftest import free_port
+from conftest import clear_env, free_port
 
 SMALL = ["model.levels=2", "model.steps=2", "model.width=16", "data.train_size=512", "data.test_size=64",
          "data.batch_size=16", "train.init_batch_size=64", "train.progress=false", "wandb.mode=disabled",
@@ -156,8 +156,7 @@ def test_dist_env_single_process_without_rendezvous(monkeypatch):
     # two ranks without MASTER_* are refused with a message naming the variables.
     from flowscale.distributed import dist_env
 
-    for k in ("MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS"):
-        monkeypatch.delenv(k, raising=False)
+    clear_env(monkeypatch, "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS", "LOCAL_RANK")
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "1")
     info = dist_env()

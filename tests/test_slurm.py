@@ -95,12 +95,17 @@ def steps_per_second(tmp_path, overrides) -> float:
     """This machine's training speed for ``overrides`` right now (in-process, same model)."""
     from flowscale.train import main
 
+    saved = dict(os.environ)
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         os.environ.pop(k, None)
-    main(load_config(None, overrides + ["train.steps=20", f"train.run_dir={tmp_path / 'warm'}"]))
-    t0 = time.time()
-    main(load_config(None, overrides + ["train.steps=220", f"train.run_dir={tmp_path / 'warm'}"]))
-    return 200 / (time.time() - t0)
+    try:
+        main(load_config(None, overrides + ["train.steps=20", f"train.run_dir={tmp_path / 'warm'}"]))
+        t0 = time.time()
+        main(load_config(None, overrides + ["train.steps=220", f"train.run_dir={tmp_path / 'warm'}"]))
+        return 200 / (time.time() - t0)
+    finally:  # the rendezvous variables main() filled in must not travel into the sbatch environment
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 @pytest.mark.slow
