@@ -217,8 +217,11 @@ def format_table(rows: list[dict]) -> str:
             key = (r["size"], r["batch"], r["mode"])
             first_k.setdefault(key, r)
     gpu = any("cuda_fwd_bwd_peak_bytes" in r for r in rows)
+    side = any("step_s_isolated" in r for r in rows)
     head = ["size", "batch", "K", "mode", "saved act. MB", "x plain", "x own K=min",
             "fwd+bwd peak MB" if gpu else "peak RSS growth MB", "step s", "x plain time"]
+    if side:
+        head += ["isolated step s", "x plain (isolated)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         if "error" in r:
@@ -232,12 +235,17 @@ def format_table(rows: list[dict]) -> str:
             f"{r['saved_bytes'] / p['saved_bytes']:.3f}" if p else "-",
             f"{r['saved_bytes'] / base['saved_bytes']:.2f}",
             _fmt_mb(peak), f"{r['step_s']:.3f}",
-            f"{r['step_s'] / p['step_s']:.2f}" if p else "-"]) + " |")
+            f"{r['step_s'] / p['step_s']:.2f}" if p else "-"]
+            + ([f"{r['step_s_isolated']:.3f}" if "step_s_isolated" in r else "-",
+                f"{r['step_s_isolated'] / p['step_s_isolated']:.2f}" if p and "step_s_isolated" in r
+                and "step_s_isolated" in p else "-"] if side else [])) + " |")
     kind = ("CUDA peak allocated during forward+backward above parameters and optimizer state "
             "(activations, gradients, temporaries)" if gpu else
             "growth of the process peak RSS over the training steps (after the model was built)")
     lines.append("")
-    lines.append(f"peak mem = {kind}; 'x own K=min' = saved bytes relative to the same mode at the smallest K.")
+    lines.append(f"peak mem = {kind}; 'x own K=min' = saved bytes relative to the same mode at the smallest K."
+                 + (" 'step s' = median over steps alternating between the modes in one process (side by side);"
+                    " 'isolated' = each case's own process, run one after another." if side else ""))
     return "\n".join(lines)
 
 
