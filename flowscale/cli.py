@@ -206,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Convert datasets into shards (parallel, resumable, deterministic) or verify them.")
     add_prep_parsers(pr.add_subparsers(dest="prep", required=True, metavar="DATASET"))
 
+    from .plan import add_parser as add_plan_parser
+
+    add_plan_parser(sub)
     b = sub.add_parser("bench", help="benchmarks that print a table (memory, ...)",
                        description="Benchmarks. Each prints a table; ratios are measured side by side in one run.")
     from .bench import add_parsers

@@ -46,7 +46,11 @@ class ModelConfig:
     steps: int = 4
     """K, flow steps per level."""
     width: int = 64
-    """Hidden channels of each coupling network."""
+    """Hidden channels of each coupling network (every level, unless widths is set)."""
+    widths: Optional[list[int]] = None
+    """Hidden channels per level, finest level first (one entry per level), overriding width;
+    e.g. [64, 128, 256, 512, 512, 512, 512, 512] keeps the 512x512 level of a 1024px model
+    affordable. null = width at every level."""
     coupling: Optional[Literal["additive", "affine", "dynamic_linear"]] = None
     """Coupling kind; null = the preset's choice (nice: additive; realnvp, glow: affine; dlf:
     dynamic_linear, DLF's dynamic linear transform, configured by the dlt_* fields)."""
@@ -99,10 +103,16 @@ class ModelConfig:
     seed: int = 0
     """Seed for fixed permutations and the initial 1x1-conv rotations (weights use train.seed)."""
 
+    def level_width(self, level: int) -> int:
+        """Hidden width of the coupling networks at ``level`` (0 = finest)."""
+        return self.widths[level] if self.widths is not None else self.width
+
     def __post_init__(self):
         _check(self.levels >= 1, "model.levels", f"must be >= 1, got {self.levels}")
         _check(self.steps >= 1, "model.steps", f"must be >= 1, got {self.steps}")
         _check(self.width >= 1, "model.width", f"must be >= 1, got {self.width}")
+        _check(self.widths is None or (len(self.widths) == self.levels and all(w >= 1 for w in self.widths)),
+               "model.widths", f"needs one width >= 1 per level (model.levels={self.levels}), got {self.widths}")
         _check(self.clamp > 0, "model.clamp", f"must be > 0, got {self.clamp}")
         _check(self.num_classes >= 0, "model.num_classes", f"must be >= 0, got {self.num_classes}")
         _check(self.dlt_partitions >= 2, "model.dlt_partitions", f"must be >= 2, got {self.dlt_partitions}")

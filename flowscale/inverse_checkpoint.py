@@ -30,6 +30,8 @@ Usage (applied from outside the single-device model)::
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.utils.checkpoint
 from torch import nn
@@ -38,6 +40,8 @@ from .flows.base import Flow, FlowSequence, run_chain, zeros_logdet
 
 
 def _autocast_state(device_type: str):
+    if device_type == "meta":  # shape/memory planning (flowscale.plan): autocast has no meta backend
+        return None
     if torch.is_autocast_enabled(device_type):
         return {"device_type": device_type, "dtype": torch.get_autocast_dtype(device_type), "enabled": True}
     return {"device_type": device_type, "enabled": False}
@@ -72,7 +76,7 @@ class _InverseRecompute(torch.autograd.Function):
         if grad_logdet is None:
             grad_logdet = torch.zeros(z.shape[0], dtype=torch.promote_types(z.dtype, torch.float32), device=z.device)
         z = z.detach()
-        with torch.autocast(**ctx.autocast):
+        with torch.autocast(**ctx.autocast) if ctx.autocast is not None else contextlib.nullcontext():
             for step in reversed(ctx.steps):
                 z, grad_z = backprop_through(step, z, grad_z, grad_logdet, ctx.cond)
         grad_x = grad_z if ctx.x_requires_grad else None

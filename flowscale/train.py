@@ -192,7 +192,7 @@ def _train(cfg: Config, info: DistInfo, resume: bool, chosen: Path | None = None
         say(f"initialised {n_init} ActNorm layers from {len(init) * info.world_size} images", flush=True)
 
     n_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in module.parameters())
-    say(f"model: {cfg.model.preset} L={cfg.model.levels} K={cfg.model.steps} width={cfg.model.width} "
+    say(f"model: {cfg.model.preset} L={cfg.model.levels} K={cfg.model.steps} width={cfg.model.widths or cfg.model.width} "
         f"params={n_params / 1e6:.2f}M | ranks={info.world_size} global batch={layout['global']} "
         f"micro-batch={layout['micro']} x accum={layout['accum']} | ZeRO-{cfg.engine.zero_stage} "
         f"{cfg.engine.precision} | device={device} run_dir={run_dir}", flush=True)

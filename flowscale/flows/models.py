@@ -44,7 +44,7 @@ def resolve_preset(cfg: ModelConfig) -> ModelConfig:
     return replace(cfg, **{k: v for k, v in defaults.items() if getattr(cfg, k) is None})
 
 
-def _step(cfg: ModelConfig, channels: int, index: int, seed: int) -> FlowSequence:
+def _step(cfg: ModelConfig, channels: int, index: int, seed: int, width: int) -> FlowSequence:
     parts = []
     if cfg.actnorm:
         parts.append(ActNorm(channels))
@@ -52,7 +52,7 @@ def _step(cfg: ModelConfig, channels: int, index: int, seed: int) -> FlowSequenc
     if perm is not None:
         parts.append(perm)
     if cfg.coupling == "dynamic_linear":
-        net = glow_net(cfg.width, out_bias=cfg.dlt_out_bias, spectral_norm=cfg.spectral_norm)
+        net = glow_net(width, out_bias=cfg.dlt_out_bias, spectral_norm=cfg.spectral_norm)
         parts.append(DynamicLinearTransform(channels, net, cfg.dlt_partitions, cfg.dlt_split, cfg.dlt_decomposition,
                                             cfg.dlt_first, cfg.num_classes, cfg.dlt_beta_init, cfg.dlt_out_bias))
         return FlowSequence(parts)
@@ -60,7 +60,7 @@ def _step(cfg: ModelConfig, channels: int, index: int, seed: int) -> FlowSequenc
     if mask == "alternate":
         mask = "checkerboard" if index < max(cfg.steps // 2, 1) else "channel"
     parity = index % 2 if cfg.permutation == "none" else 0
-    parts.append(Coupling(channels, glow_net(cfg.width, spectral_norm=cfg.spectral_norm), kind=cfg.coupling, mask=mask, parity=parity,
+    parts.append(Coupling(channels, glow_net(width, spectral_norm=cfg.spectral_norm), kind=cfg.coupling, mask=mask, parity=parity,
                           scale_fn=cfg.scale_fn, clamp=cfg.clamp))
     return FlowSequence(parts)
 
@@ -74,7 +74,7 @@ def build_flow(cfg: ModelConfig, channels: int, image_size: int) -> MultiScaleFl
     c = channels
     for lvl in range(cfg.levels):
         c *= 4
-        steps = FlowSequence(_step(cfg, c, k, seed=cfg.seed * 100_003 + lvl * 1000 + k) for k in range(cfg.steps))
+        steps = FlowSequence(_step(cfg, c, k, seed=cfg.seed * 100_003 + lvl * 1000 + k, width=cfg.level_width(lvl)) for k in range(cfg.steps))
         split = lvl < cfg.levels - 1
         prior = None
         if split:

@@ -60,6 +60,8 @@ def _conv1x1(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     GPUs; W x and W^-1 z would then each lose ~1e-3 relative accuracy and the inverse
     reconstruction would drift step after step (seen on an H100 at K=32 as NaN weights).
     """
+    if x.device.type == "meta":  # shape/memory planning (flowscale.plan): no autocast on meta
+        return F.conv2d(x, w.to(x.dtype)[:, :, None, None])
     cudnn = torch.backends.cudnn
     with torch.autocast(device_type=x.device.type, enabled=False), \
             cudnn.flags(enabled=cudnn.enabled, benchmark=cudnn.benchmark,
