@@ -33,6 +33,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from .config import Config, ConfigError, load_config
 
@@ -142,24 +143,39 @@ def _inputs(cfg: Config, batch: int, dtype: torch.dtype, device="meta"):
     return x, y
 
 
-def flops_per_image(cfg: Config) -> dict[str, float]:
-    """{"forward", "train_plain", "train_inverse"}: FLOPs per image of a forward pass and of a
-    training step (forward + backward) without and with inverse recompute, counted on meta."""
-    from torch.utils.flop_counter import FlopCounterMode
+class _FlopCount(TorchDispatchMode):
+    """Sums ``torch.utils.flop_counter``'s per-op FLOP formulas (convolutions, matrix products)
+    over every op dispatched; unlike FlopCounterMode it tracks no module hierarchy, which is
+    slower and trips over views made under no_grad."""
 
+    def __init__(self):
+        super().__init__()
+        from torch.utils.flop_counter import FlopCounterMode
+
+        self.registry = FlopCounterMode().flop_registry
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        count = self.registry.get(func._overloadpacket)
+        if count is not None:
+            self.total += count(*args, **kwargs, out_val=out)
+        return out
+
+
+def count_flops(flow, cfg: Config, backward: bool) -> float:
+    """FLOPs of one image through ``flow`` (a forward pass, or forward + backward), counted on
+    the meta device (convolutions and matrix products, 2 per multiply-add)."""
     from .loss import flow_bpd_dequantized
 
-    out = {}
-    for name, inverse, backward in (("forward", False, False), ("train_plain", False, True),
-                                    ("train_inverse", True, True)):
-        flow = meta_flow(cfg, inverse, torch.float32)
-        x, y = _inputs(cfg, 1, torch.float32)
-        with FlopCounterMode(display=False) as counter, torch.set_grad_enabled(backward):
-            bpd, _ = flow_bpd_dequantized(flow, x, cfg.data.n_bits, y)
-            if backward:
-                bpd.sum().backward()
-        out[name] = float(counter.get_total_flops())
-    return out
+    x, y = _inputs(cfg, 1, next(flow.parameters()).dtype)
+    with _FlopCount() as counter, torch.set_grad_enabled(backward):
+        bpd, _ = flow_bpd_dequantized(flow, x, cfg.data.n_bits, y)
+        if backward:
+            bpd.sum().backward()
+    flow.zero_grad(set_to_none=True)
+    return float(counter.total)
 
 
 # -- the plan ------------------------------------------------------------------------------------
@@ -190,7 +206,9 @@ class ModePlan:
 
     mode: str
     candidates: list[tuple[int, int]]
-    """(fixed, per_image) bytes of the activation peak candidate of each level, finest first."""
+    """(fixed, per_image) bytes of the activation peak candidates (see :func:`plan`)."""
+    saved: tuple[int, int]
+    """(fixed, per_image) bytes autograd saves for backward in the forward pass (all levels)."""
     static: int
     """Model states (parameters, persistent gradients, master weights, moments, EMA, buckets)."""
     reserve: int
@@ -202,6 +220,10 @@ class ModePlan:
     def per_image(self) -> int:
         """Activation bytes per additional image (the largest slope)."""
         return max(p for _, p in self.candidates)
+
+    def saved_bytes(self, b: int) -> int:
+        """Bytes saved for backward by the forward pass at micro-batch b (what autograd holds when backward starts)."""
+        return self.saved[0] + b * self.saved[1]
 
     def activation_bytes(self, b: int) -> int:
         """Peak bytes of activations, activation gradients and in-flight parameter gradients at micro-batch b."""
@@ -305,14 +327,6 @@ def _level_shapes(cfg: Config) -> list[tuple[int, int, int]]:
     return shapes
 
 
-def _trace_mode(cfg: Config, inverse: bool, batch: int) -> tuple[dict, int]:
-    from .engine import model_dtype
-
-    flow = meta_flow(cfg, inverse)
-    x, y = _inputs(cfg, batch, model_dtype(cfg))
-    return saved_bytes_by_label(flow, x, y, cfg.data.n_bits)
-
-
 def _level_sum(by_label: dict, level: int) -> int:
     return sum(v for k, v in by_label.items() if k[0] == "level" and k[1] == level)
 
@@ -327,14 +341,27 @@ def plan(cfg: Config, gpu_mem_bytes: int, gpus: int = 1, reserve_bytes: int = DE
     autograd and inverse recompute (whatever ``cfg.memory.inverse_recompute`` says)."""
     if gpus < 1:
         raise ConfigError(f"--gpus must be >= 1, got {gpus}")
-    # Two micro-batches give the batch-independent part and the per-image slope exactly.
-    plain = [_trace_mode(cfg, False, b) for b in (1, 2)]
-    inv = [_trace_mode(cfg, True, b) for b in (1, 2)]
+    from .engine import model_dtype
+    from .inverse_checkpoint import inverse_checkpoint
+
+    # One meta model, traced plain, then switched to inverse recompute in place and traced
+    # again. Two micro-batches give the batch-independent part and the per-image slope exactly.
+    meta = meta_flow(cfg, inverse=False)
+
+    def trace(b: int):
+        x, y = _inputs(cfg, b, model_dtype(cfg))
+        return saved_bytes_by_label(meta, x, y, cfg.data.n_bits)
+
+    plain = [trace(b) for b in (1, 2)]
+    flops = {"forward": count_flops(meta, cfg, False), "train_plain": count_flops(meta, cfg, True)} if with_flops else {}
+    inverse_checkpoint(meta, levels=cfg.memory.recompute_levels)
+    inv = [trace(b) for b in (1, 2)]
+    if with_flops:
+        flops["train_inverse"] = count_flops(meta, cfg, True)
 
     def slope_fixed(v1: int, v2: int) -> tuple[int, int]:
         return v2 - v1, 2 * v1 - v2
 
-    meta = meta_flow(cfg, False)
     levels = []
     for i, shape in enumerate(_level_shapes(cfg)):
         lv = meta.levels[i]
@@ -383,20 +410,22 @@ def plan(cfg: Config, gpu_mem_bytes: int, gpus: int = 1, reserve_bytes: int = DE
 
     modes = {}
     for name, traces in (("plain", plain), ("inverse", inv)):
-        mp = ModePlan(name, candidates(traces, name == "inverse"), static, reserve_bytes, fragmentation, gpu_mem_bytes)
+        slope, fixed = slope_fixed(*(sum(t[0].values()) for t in traces))
+        mp = ModePlan(name, candidates(traces, name == "inverse"), (fixed, slope), static, reserve_bytes,
+                      fragmentation, gpu_mem_bytes)
         mp.max_micro_batch = mp.largest_fitting()
         modes[name] = mp
     d = cfg.data
     micro = d.batch_size // (gpus * cfg.engine.grad_accum) if d.batch_size % (gpus * cfg.engine.grad_accum) == 0 else 0
     p = Plan(config=config_name, gpus=gpus, gpu_mem=gpu_mem_bytes, micro_batch=micro, params=n_params,
-             states=states, levels=levels, modes=modes, flops=flops_per_image(cfg) if with_flops else {})
+             states=states, levels=levels, modes=modes, flops=flops)
     return p
 
 
 # -- reporting -----------------------------------------------------------------------------------
 
 def _gib(b: float) -> str:
-    return f"{b / GIB:,.2f}"
+    return f"{b / GIB:,.2f}" if b >= 0.01 * GIB or b == 0 else f"{b / GIB:.2g}"
 
 
 def _mb(b: float) -> str:
@@ -455,8 +484,9 @@ def format_plan(p: Plan, cfg: Config) -> str:
         out.append(row + f"{mp.max_micro_batch} |")
     if p.flops:
         f = p.flops
-        out += ["", f"FLOPs per image: forward {f['forward'] / 1e9:,.1f} G; training step {f['train_plain'] / 1e9:,.1f} G "
-                    f"plain, {f['train_inverse'] / 1e9:,.1f} G with inverse recompute "
+        g = lambda v: f"{v / 1e9:,.1f}" if v >= 1e10 else f"{v / 1e9:.3g}"
+        out += ["", f"FLOPs per image: forward {g(f['forward'])} G; training step {g(f['train_plain'])} G "
+                    f"plain, {g(f['train_inverse'])} G with inverse recompute "
                     f"({f['train_inverse'] / f['train_plain']:.2f}x)"]
     out += [""] + verdict(p, cfg)
     return "\n".join(out)
