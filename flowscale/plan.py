@@ -502,7 +502,8 @@ def summary_row(p: Plan, cfg: Config) -> str:
     b = p.micro_batch
     at = {k: (_gib(mp.total_bytes(b)) + ("" if mp.total_bytes(b) <= p.gpu_mem else " (no)")) if b else "-"
           for k, mp in p.modes.items()}
-    fl = f"{p.flops['train_plain'] / 1e9:,.0f}" if p.flops else "-"
+    g = p.flops["train_plain"] / 1e9 if p.flops else None
+    fl = "-" if g is None else f"{g:,.0f}" if g >= 10 else f"{g:.2g}"
     return (f"| {Path(p.config).stem} | {m.preset} L={m.levels} K={m.steps} w={widths} | {p.params / 1e6:,.1f}M | "
             f"{cfg.engine.zero_stage}, {cfg.engine.precision} | {b} | {at['plain']} | {at['inverse']} | "
             f"{p.modes['plain'].max_micro_batch} / {p.modes['inverse'].max_micro_batch} | {fl} |")

@@ -61,7 +61,8 @@ def test_predicted_saved_activations_match_cpu_measurement(case):
     for mode in ("plain", "inverse"):
         measured = _measured_saved_bytes(cfg, batch, inverse=mode == "inverse")
         predicted = p.modes[mode].saved_bytes(batch)
-        assert abs(predicted - measured) <= 0.15 * measured, (case, mode, predicted, measured)
+        # The issue asks for 15%; the meta trace is the same code, so it is held to 2% (it is exact here).
+        assert abs(predicted - measured) <= 0.02 * measured, (case, mode, predicted, measured)
     assert p.modes["inverse"].saved_bytes(batch) < p.modes["plain"].saved_bytes(batch)
     # Per-level attribution adds up to no more than the whole (the rest is loss and top prior).
     per_level = sum(lv.saved_plain for lv in p.levels)
