@@ -12,7 +12,7 @@ of it:
 * **model states** (parameters, gradients, fp32 master weights, optimizer moments, EMA and
   DeepSpeed's gradient buckets) follow from the parameter count, the precision and the ZeRO
   stage, as DeepSpeed 0.19 allocates them (see :func:`model_state_bytes`).
-* **FLOPs** per image: ``torch.utils.flop_counter`` over a forward and over a full training
+* **FLOPs** per image: ``torch.utils.flop_counter``'s per-op formulas over a forward and a full training
   step (forward + backward, which includes the inverse passes of inverse recompute).
 
 The per-GPU peak is ``model states + reserve + (1 + fragmentation) * activations(b)``; the
@@ -273,24 +273,39 @@ class Plan:
 
 def model_state_bytes(n_params: int, precision: str, zero_stage: int, gpus: int, optimizer: str = "adam",
                       ema: bool = False) -> dict[str, int]:
-    """Per-GPU bytes of everything that scales with the parameter count, as DeepSpeed 0.19 holds it.
+    """Per-GPU bytes of everything that scales with the parameter count (and DeepSpeed's reduce
+    bucket) at the backward peak, as DeepSpeed 0.19 holds it under flowscale's engine config (a
+    torch optimizer, no ``grad_accum_dtype``: gradients are reduced in the training dtype).
+    Measured against a real engine in tests/test_plan_states.py.
 
-    P parameters, N = gpus, w = 4 (fp32) or 2 (bf16/fp16) bytes:
+    P parameters, N = gpus, w = 4 (fp32) or 2 (bf16/fp16) bytes, B = reduce_bucket_size = 5e8:
 
-        stage  params        persistent grads       fp32 master  moments   buckets
-        0      wP            4P fp32 if bf16        4P/N if bf16 8P/N*    -
-        1      wP            4P/N fp32              4P/N         8P/N      reduce bucket (fp32)
-        2      wP            wP/N (+ 4P/N if bf16)  4P/N         8P/N      reduce bucket (w)
-        3      wP/N + live   wP/N (+ 4P/N if bf16)  4P/N         8P/N      -
+        stage  parameters        gradients  fp32 master   moments  buckets
+        0      wP                -          4P if bf16    8P       -
+        1      wP                wP/N (b)   4P/N          8P/N     wB (a)
+        2      wP                wP/N (b)   4P/N          8P/N     wB (a)
+        3      wP/N + live (c)   wP/N       4P/N          8P/N     wB
+
+    Parameters, fp32 master weights, moments and EMA live from start to end; so do ZeRO-3's
+    gradient partition and reduce bucket (one flat buffer each, allocated at initialisation).
+
+    (a) ZeRO-1/2 allocate their bucket at the first gradient of every backward and free it when
+        backward ends: alive through all of backward, so at the peak (on CPU ``torch.empty`` of
+        2 GB fp32 is paged in lazily; a GPU's caching allocator holds all of it).
+    (b) The reduced gradient partition appears at the end of backward (next to the bucket it is
+        flushed from) and is freed by the step, which first turns it into fp32 (4P/N, after the
+        bucket is gone). ZeRO-2 keeps param.grad as views into the bucket.
+    (c) ZeRO-3 keeps parameters of at most 1e5 elements (stage3_param_persistence_threshold)
+        whole on every rank and gathers the others module by module, prefetching up to
+        prefetch_bucket_size (5e7) elements: counted as w * min(P, 5e7) when N > 1 (at N = 1
+        the partition is the parameter; nothing is gathered).
 
     At ZeRO-0/1 the wP of param.grad exists only from backward to the end of the step; the
     plan counts it with the activations (:class:`ModePlan`), level by level as backward makes it.
-
-    (*) fp32 ZeRO-0 steps the torch optimizer on the parameters: moments 8P, no copy; bf16
-    ZeRO-0 uses DeepSpeed's BF16_Optimizer, which partitions its fp32 master weights and
-    moments over the data-parallel ranks and keeps full fp32 gradients. ZeRO-1/2 keep an fp32
-    copy of the rank's partition even in fp32. "live" = parameters ZeRO-3 gathers ahead
-    (prefetch bucket). The EMA shadow is a full fp32 copy on every rank.
+    bf16 (and fp16) ZeRO-0 wraps the torch optimizer in DeepSpeed's FP16_UnfusedOptimizer: a
+    whole fp32 copy of the parameters on every rank (not partitioned), the moments on that copy,
+    and fp32 gradients only inside the step. fp32 ZeRO-0 steps the torch optimizer on the
+    parameters: moments 8P, no copy. The EMA shadow is a whole fp32 copy on every rank.
     """
     P, N = n_params, gpus
     w = 4 if precision == "fp32" else 2
@@ -299,20 +314,22 @@ def model_state_bytes(n_params: int, precision: str, zero_stage: int, gpus: int,
     s: dict[str, int] = {}
     if zero_stage == 0:
         s["parameters"] = w * P
-        s["gradients"] = 4 * P if low else 0  # param.grad itself lives only during backward (set to None after the step)
-        s["fp32 master weights"] = 4 * P // N if low else 0
-        s["optimizer moments"] = moments * P // N if low else moments * P
+        s["gradients"] = 0  # param.grad lives only from backward to the end of the step (counted in ModePlan)
+        s["fp32 master weights"] = 4 * P if low else 0
+        s["optimizer moments"] = moments * P
     elif zero_stage in (1, 2):
         s["parameters"] = w * P
-        s["gradients"] = (4 * P // N if zero_stage == 1 else w * P // N + (4 * P // N if low else 0))
+        s["gradients"] = w * P // N
         s["fp32 master weights"] = 4 * P // N
         s["optimizer moments"] = moments * P // N
-        s["gradient buckets"] = DS_REDUCE_BUCKET * (4 if zero_stage == 1 else w)
+        s["gradient buckets"] = w * DS_REDUCE_BUCKET
     else:
-        s["parameters"] = w * P // N + w * min(P, DS_PREFETCH_BUCKET)
-        s["gradients"] = w * P // N + (4 * P // N if low else 0)
+        s["parameters"] = w * P // N
+        s["gathered parameters"] = w * min(P, DS_PREFETCH_BUCKET) if N > 1 else 0
+        s["gradients"] = w * P // N
         s["fp32 master weights"] = 4 * P // N
         s["optimizer moments"] = moments * P // N
+        s["gradient buckets"] = w * DS_REDUCE_BUCKET
     s["EMA weights"] = 4 * P if ema else 0
     return {k: int(v) for k, v in s.items()}
 

@@ -98,7 +98,7 @@ def test_largest_micro_batch_is_the_boundary_and_zero_stages_shrink_states():
     assert big > small
     tight = plan(cfg, 2 * GIB, with_flops=False)  # under the 2 GiB reserve: nothing fits
     assert tight.modes["plain"].max_micro_batch == 0
-    P = 10 ** 8
+    P = 10 ** 9  # ZeRO-3 still holds a 2 GB reduce bucket: the win shows on large models
     totals = [sum(model_state_bytes(P, "fp32", z, 8, "adam").values()) for z in (0, 3)]
     assert totals[1] < totals[0] / 2
     # fp32 ZeRO-0 Adam: parameters + two moments = 12 bytes per parameter (gradients live in backward).
