@@ -29,7 +29,7 @@ import json
 import math
 import re
 import sys
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -260,8 +260,6 @@ class Plan:
     modes: dict[str, ModePlan]
     flops: dict[str, float]
     """FLOPs per image: forward, train_plain, train_inverse."""
-    summary: str = ""
-    extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         d = {k: getattr(self, k) for k in ("config", "gpus", "gpu_mem", "micro_batch", "params", "states", "flops")}

@@ -68,3 +68,17 @@ def test_per_level_widths_build_and_validate():
         load_config(None, ["model.levels=3", "model.widths=[8,16]"])
     with pytest.raises(ConfigError, match="model.widths"):
         load_config(None, ["model.levels=2", "model.widths=[8,0]"])
+
+
+@pytest.mark.parametrize("path", [p for p in CONFIGS if p.stem != "demo"], ids=lambda p: p.stem)
+def test_config_batch_fits_8_x_80gb_in_the_mode_it_chooses(path):
+    """What each paper config promises in its comments: its micro-batch per GPU on 8 x 80 GB
+    fits with the memory mode it sets (plain autograd unless it turns inverse recompute on)."""
+    from flowscale.plan import GIB, plan
+
+    cfg = load_config(path)
+    p = plan(cfg, 80 * GIB, gpus=8, with_flops=False)
+    mode = "inverse" if cfg.memory.inverse_recompute else "plain"
+    assert p.micro_batch >= 1, "data.batch_size must split over 8 GPUs"
+    assert p.modes[mode].total_bytes(p.micro_batch) <= 80 * GIB, (mode, p.modes[mode].total_bytes(p.micro_batch) / GIB)
+    assert p.modes[mode].max_micro_batch >= p.micro_batch
