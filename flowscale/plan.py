@@ -462,11 +462,20 @@ def verdict(p: Plan, cfg: Config) -> list[str]:
         line = (f"{label}: micro-batch {p.micro_batch} needs {_gib(total)} GiB of {_gib(p.gpu_mem)} -> "
                 f"{'fits' if ok else 'does NOT fit'}; largest micro-batch {mp.max_micro_batch}")
         if not ok and mp.max_micro_batch > 0:
-            accum = math.ceil(p.micro_batch * e.grad_accum / mp.max_micro_batch)
+            per_gpu = p.micro_batch * e.grad_accum  # images per GPU per optimizer step
+            accum = math.ceil(per_gpu / mp.max_micro_batch)
+            while per_gpu % accum:  # the micro-batch must divide it exactly
+                accum += 1
             line += f" (set engine.grad_accum={accum} to keep data.batch_size={cfg.data.batch_size})"
         elif not ok:
             line += " (not even 1 image: more GPUs with engine.zero_stage=3, bf16, or a smaller model)"
         lines.append(line)
+    chosen = "inverse" if cfg.memory.inverse_recompute else "plain"
+    other = "plain" if chosen == "inverse" else "inverse"
+    fits = {k: mp.total_bytes(p.micro_batch) <= p.gpu_mem for k, mp in p.modes.items()}
+    if not fits[chosen] and fits[other]:
+        lines.append(f"-> the config uses {'inverse recompute' if chosen == 'inverse' else 'plain autograd'}; "
+                     f"set memory.inverse_recompute={str(other == 'inverse').lower()} to fit micro-batch {p.micro_batch}")
     return lines
 
 

@@ -153,3 +153,27 @@ def test_cli_report_summary_and_errors():
     assert r.returncode == 2 and "nope.yaml" in r.stderr and "not found" in r.stderr
     r = _plan_cli("configs/demo.yaml", "data.batch_size=30", "--gpus", "4", "--no-flops")
     assert r.returncode == 0 and "does not divide" in r.stdout
+
+
+def test_verdict_suggests_what_fits():
+    """Plain autograd at 80 micro-batch per GPU of a 64 px Glow does not fit in 8 GiB; the plan
+    proposes a gradient accumulation that divides the batch and fits, and inverse recompute."""
+    r = _plan_cli("configs/glow_imagenet64.yaml", "model.steps=8", "data.batch_size=80", "engine.zero_stage=0",
+                  "--gpu-mem", "8GB", "--no-flops", "--json")
+    (p,) = json.loads(r.stdout)
+    m = p["modes"]["plain"]["max_micro_batch"]
+    assert 1 <= m < 80 and p["modes"]["inverse"]["max_micro_batch"] >= 80
+    r = _plan_cli("configs/glow_imagenet64.yaml", "model.steps=8", "data.batch_size=80", "engine.zero_stage=0",
+                  "--gpu-mem", "8GB", "--no-flops")
+    line = next(l for l in r.stdout.splitlines() if l.startswith("plain autograd"))
+    accum = int(line.split("engine.grad_accum=")[1].split()[0])
+    assert 80 % accum == 0 and 80 // accum <= m  # divides the batch, and the micro-batch fits
+    assert all(80 // a > m for a in range(1, accum) if 80 % a == 0)  # the smallest such
+    assert "set memory.inverse_recompute=true to fit micro-batch 80" in r.stdout
+
+
+def test_class_conditional_config_plans():
+    cfg = load_config(ROOT / "configs/glow_imagenet32.yaml", SMALL.split() + ["model.num_classes=10"])
+    p = plan(cfg, 80 * GIB, with_flops=False)
+    plain = plan(load_config(ROOT / "configs/glow_imagenet32.yaml", SMALL.split()), 80 * GIB, with_flops=False)
+    assert p.params == plain.params + 10 * 2 * p.levels[-1].shape[0]  # the top prior's label embedding
