@@ -332,16 +332,6 @@ def model_state_bytes(n_params: int, precision: str, zero_stage: int, gpus: int,
     return {k: int(v) for k, v in s.items()}
 
 
-def _level_shapes(cfg: Config) -> list[tuple[int, int, int]]:
-    shapes, c, s = [], cfg.data.channels, cfg.data.image_size
-    for lvl in range(cfg.model.levels):
-        c, s = c * 4, s // 2
-        shapes.append((c, s, s))
-        if lvl < cfg.model.levels - 1:
-            c = c - c // 2
-    return shapes
-
-
 def _level_sum(by_label: dict, level: int) -> int:
     return sum(v for k, v in by_label.items() if k[0] == "level" and k[1] == level)
 
@@ -378,7 +368,7 @@ def plan(cfg: Config, gpu_mem_bytes: int, gpus: int = 1, reserve_bytes: int = DE
         return v2 - v1, 2 * v1 - v2
 
     levels = []
-    for i, shape in enumerate(_level_shapes(cfg)):
+    for i, shape in enumerate(meta.level_shapes(cfg.data.channels, cfg.data.image_size)):
         lv = meta.levels[i]
         n = sum(p.numel() for p in lv.parameters())
         levels.append(LevelPlan(shape=shape, width=cfg.model.level_width(i), params=n,
@@ -392,9 +382,9 @@ def plan(cfg: Config, gpu_mem_bytes: int, gpus: int = 1, reserve_bytes: int = DE
     # Parameter gradients that exist only during backward (ZeRO-0/1 put them on param.grad in
     # the training dtype and free them after the step; ZeRO-2/3 reduce them into the
     # partitions and buckets counted in the model states). Top-prior gradients come first.
-    w = 4 if cfg.engine.precision == "fp32" else 2
-    grads = [w * lv.params if cfg.engine.zero_stage <= 1 else 0 for lv in levels]
-    grads[-1] += w * (n_params - sum(lv.params for lv in levels)) if cfg.engine.zero_stage <= 1 else 0
+    w = (4 if cfg.engine.precision == "fp32" else 2) if cfg.engine.zero_stage <= 1 else 0
+    grads = [w * lv.params for lv in levels]
+    grads[-1] += w * (n_params - sum(lv.params for lv in levels))
     recomputed = [i for i in range(cfg.model.levels)
                   if cfg.memory.recompute_levels is None or i in cfg.memory.recompute_levels]
 
@@ -432,9 +422,8 @@ def plan(cfg: Config, gpu_mem_bytes: int, gpus: int = 1, reserve_bytes: int = DE
         modes[name] = mp
     d = cfg.data
     micro = d.batch_size // (gpus * cfg.engine.grad_accum) if d.batch_size % (gpus * cfg.engine.grad_accum) == 0 else 0
-    p = Plan(config=config_name, gpus=gpus, gpu_mem=gpu_mem_bytes, micro_batch=micro, params=n_params,
-             states=states, levels=levels, modes=modes, flops=flops)
-    return p
+    return Plan(config=config_name, gpus=gpus, gpu_mem=gpu_mem_bytes, micro_batch=micro, params=n_params,
+                states=states, levels=levels, modes=modes, flops=flops)
 
 
 # -- reporting -----------------------------------------------------------------------------------

@@ -92,14 +92,20 @@ class MultiScaleFlow(Flow):
             h, _ = level.squeeze(h, reverse=True)
         return h, logdet
 
-    def latent_shapes(self, channels: int, size: int) -> list[tuple[int, int, int]]:
-        """Shapes (C, H, W) of each eps for an input of ``channels`` x ``size`` x ``size``."""
+    def level_shapes(self, channels: int, size: int) -> list[tuple[int, int, int]]:
+        """Shapes (C, H, W) each level's steps run on (after its squeeze), for an input of
+        ``channels`` x ``size`` x ``size``."""
         shapes = []
         c, s = channels, size
         for level in self.levels:
             c, s = c * 4, s // 2
+            shapes.append((c, s, s))
             if level.split:
-                shapes.append((c - c // 2, s, s))
-                c = c // 2
-        shapes.append((c, s, s))
+                c = c - c // 2  # the half kept by h.chunk(2)
         return shapes
+
+    def latent_shapes(self, channels: int, size: int) -> list[tuple[int, int, int]]:
+        """Shapes (C, H, W) of each eps for an input of ``channels`` x ``size`` x ``size``."""
+        shapes = [(c // 2, h, w) for (c, h, w), level in zip(self.level_shapes(channels, size), self.levels)
+                  if level.split]
+        return shapes + [self.level_shapes(channels, size)[-1]]
