@@ -30,7 +30,16 @@ def batch_layout(cfg: Config, world_size: int) -> dict:
     return {"global": b, "micro": b // (world_size * accum), "accum": accum}
 
 
+# DeepSpeed's own defaults (runtime/zero/config.py), written out so the JSON states them and the
+# memory planner reads them from here: ZeRO-1/2/3 reduce gradients through one bucket of
+# reduce_bucket_size elements; ZeRO-3 prefetches up to prefetch_bucket_size gathered elements
+# and keeps parameters of at most param_persistence_threshold elements whole on every rank.
+ZERO_BUCKETS = {"reduce_bucket_size": int(5e8), "stage3_prefetch_bucket_size": int(5e7),
+                "stage3_param_persistence_threshold": int(1e5)}
+
+
 def deepspeed_config(cfg: Config, world_size: int) -> dict:
+    """The DeepSpeed JSON for ``cfg`` on ``world_size`` ranks (generated, never hand-written)."""
     layout = batch_layout(cfg, world_size)
     e = cfg.engine
     return {
@@ -38,7 +47,7 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
         "train_micro_batch_size_per_gpu": layout["micro"],
         "gradient_accumulation_steps": layout["accum"],
         "gradient_clipping": float(cfg.optim.grad_clip),
-        "zero_optimization": {"stage": e.zero_stage},
+        "zero_optimization": {"stage": e.zero_stage, **ZERO_BUCKETS},
         "bf16": {"enabled": e.precision == "bf16"},
         "fp16": {"enabled": e.precision == "fp16"},
         "zero_allow_untested_optimizer": True,
