@@ -56,6 +56,18 @@ def _first_slurm_host(nodelist: str) -> str:
     return prefix + first
 
 
+def env_rank() -> int:
+    """This process's rank as the launcher set it (RANK, else SLURM_PROCID, else 0), without
+    starting anything: for code that runs before or after the process group."""
+    env = os.environ
+    return int(env.get("RANK", env.get("SLURM_PROCID", 0)) if "RANK" in env or "SLURM_NTASKS" in env else 0)
+
+
+def is_main_process() -> bool:
+    """The one definition of the main rank outside a running job (inside one: ``DistInfo.is_main``)."""
+    return env_rank() == 0
+
+
 def dist_env() -> DistInfo:
     """Read (and complete) the rendezvous variables; returns this process's place."""
     env = os.environ
