@@ -8,7 +8,8 @@ import sys
 import textwrap
 from pathlib import Path
 
-from .config import ConfigError, describe_fields, load_config
+from .config import CONFIG_DIR, ConfigError, config_summary, describe_fields, list_configs, load_config
+from .distributed import is_main_process
 
 
 def _fields_epilog() -> str:
@@ -19,8 +20,34 @@ def _fields_epilog() -> str:
     return "\n".join(lines)
 
 
+CONFIG_ARG = "[CONFIG] [section.field=value ...]"
+CONFIG_HELP = ("optional config: a bundled config's name (see --list-configs) or a YAML file; "
+               "then dotted overrides")
+
+
+class _ListConfigs(argparse.Action):
+    """``--list-configs``: print the bundled configs and exit, like ``--help``."""
+
+    def __init__(self, option_strings, dest, **kw):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
+                         help="print the bundled configs (name and what it is) and exit")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        configs = list_configs()
+        print(f"bundled configs ({CONFIG_DIR}); pass a name or a YAML path as CONFIG:")
+        width = max(map(len, configs), default=0)
+        for name, path in configs.items():
+            print(f"  {name:<{width}}  {config_summary(path)}")
+        parser.exit(0)
+
+
+def _add_config_args(parser: argparse.ArgumentParser, help_suffix: str = "") -> None:
+    parser.add_argument("args", nargs="*", metavar=CONFIG_ARG, help=CONFIG_HELP + help_suffix)
+    parser.add_argument("--list-configs", action=_ListConfigs)
+
+
 def _split_config_and_overrides(args: list[str]) -> tuple[str | None, list[str]]:
-    """The first positional is the config file unless it is an override (contains '=')."""
+    """The first positional is the config (a file or a bundled name) unless it is an override (contains '=')."""
     if args and "=" not in args[0]:
         return args[0], args[1:]
     return None, args
@@ -33,8 +60,8 @@ def cmd_train(ns) -> int:
     cfg = load_config(path, overrides)
     result = main(cfg, resume=not ns.no_resume, resume_from=ns.resume, trust_checkpoint=ns.trust_checkpoint)
     test = result.get("test_bpd")
-    if os.environ.get("RANK", "0") == "0":
-            print(f"done: step {result['step']}" + (f", test bits/dim {test:.4f}" if test is not None else ""))
+    if is_main_process():
+        print(f"done: step {result['step']}" + (f", test bits/dim {test:.4f}" if test is not None else ""))
     return 0
 
 
@@ -126,10 +153,14 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a flow (no arguments: the demo model on the bundled demo photos)",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Train a flow. Resumes from the newest checkpoint in train.run_dir if there is one.\n\n"
-                                   "examples:\n  flowscale train\n  flowscale train configs/demo.yaml model.levels=2 optim.lr=1e-3",
+                                   "CONFIG is the name of a bundled config (flowscale train --list-configs) or a "
+                                   "YAML file; no CONFIG = the defaults (the demo).\n\n"
+                                   "examples:\n  flowscale train\n  flowscale train demo model.levels=2 optim.lr=1e-3\n"
+                                   "  flowscale train glow_celebahq256 train.run_dir=runs/celeba256\n"
+                                   "  flowscale train my_config.yaml optim.lr=5e-4\n"
+                                   "  flowscale train --list-configs",
                        epilog=_fields_epilog())
-    t.add_argument("args", nargs="*", metavar="[CONFIG.yaml] [section.field=value ...]",
-                   help="optional YAML config, then dotted overrides")
+    _add_config_args(t)
     t.add_argument("--no-resume", action="store_true",
                    help="refuse to continue an existing run (fails if train.run_dir holds checkpoints)")
     t.add_argument("--resume", metavar="PATH", default=None,
@@ -164,9 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="The linear-flow bound (Liao & He 2021): D/2 log(2 pi e) + 1/2 sum log eig(Sigma) for the "
                                    "covariance Sigma of the dequantised, scaled data, in bits/dim with the\n"
                                    "discretisation term. Every nonlinear flow should beat it.\n\n"
-                                   "examples:\n  flowscale bound\n  flowscale bound configs/dlf_cifar10.yaml --max-images 20000")
-    s.add_argument("args", nargs="*", metavar="[CONFIG.yaml] [section.field=value ...]",
-                   help="optional YAML config, then dotted overrides (the data section is used)")
+                                   "examples:\n  flowscale bound\n  flowscale bound dlf_cifar10 --max-images 20000")
+    _add_config_args(s, " (the data section is used)")
     s.add_argument("--split", default="train", choices=["train", "test"], help="which split (default: train)")
     s.add_argument("--max-images", type=int, default=None, help="use at most this many images (default: all)")
     s.add_argument("--batch-size", type=int, default=256, help="images per read (default: 256)")
@@ -175,9 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("submit", help="run the same training as a Slurm job through submitit (requeues on preemption)",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Submit `flowscale train CONFIG [overrides]` to Slurm: one task per GPU, resume on requeue.\n\n"
-                                   "examples:\n  flowscale submit configs/demo.yaml --nodes 2 --gpus-per-node 8 --partition gpu --time 1440\n"
-                                   "  flowscale submit configs/demo.yaml --array sweep.yaml --dry-run")
-    s.add_argument("args", nargs="*", metavar="[CONFIG.yaml] [section.field=value ...]")
+                                   "CONFIG is the name of a bundled config (--list-configs) or a YAML file.\n\n"
+                                   "examples:\n  flowscale submit glow_imagenet64 --nodes 2 --gpus-per-node 8 --partition gpu --time 1440\n"
+                                   "  flowscale submit demo --array sweep.yaml --dry-run")
+    _add_config_args(s)
     s.add_argument("--nodes", type=int, default=1, help="nodes (default: 1)")
     s.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node; one task per GPU (default: 0 = CPU)")
     s.add_argument("--tasks-per-node", type=int, default=None, help="tasks per node (default: gpus-per-node, or 1)")

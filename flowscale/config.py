@@ -1,8 +1,11 @@
 """The typed config tree. Every field has a docstring (shown by ``flowscale train --help``).
 
-Loaded from a YAML file in ``configs/`` and dotted command-line overrides::
+Loaded from a YAML file -- a path, or the name of a config bundled with the package
+(``flowscale/configs/*.yaml``, listed by ``flowscale train --list-configs``) -- and dotted
+command-line overrides::
 
-    flowscale train configs/demo.yaml model.levels=2 optim.lr=1e-3
+    flowscale train demo model.levels=2 optim.lr=1e-3
+    flowscale train my_configs/run.yaml model.levels=2
 
 Types and ``Literal`` choices are enforced by OmegaConf structured configs; ranges and
 cross-field rules by ``__post_init__``. Every problem is raised before any work starts as a
@@ -379,15 +382,51 @@ def _format_omegaconf_error(e: OmegaConfBaseException) -> str:
     return f"config field '{key}': {msg}"
 
 
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+"""The bundled configs: package data, so an installed (non-editable) flowscale has them too.
+In a source checkout the top-level ``configs`` is a symlink to this directory."""
+
+
+def list_configs() -> dict[str, Path]:
+    """{name: path} of every bundled config, sorted by name (``demo``, ``glow_imagenet32``, ...)."""
+    return {p.stem: p for p in sorted(CONFIG_DIR.glob("*.yaml"))}
+
+
+def config_summary(path: str | Path) -> str:
+    """The first line of a config's opening comment: what it is (e.g. 'Glow on ImageNet 32x32 ...')."""
+    for line in Path(path).read_text().splitlines():
+        if line.strip():
+            return line.lstrip("# ").strip() if line.lstrip().startswith("#") else ""
+    return ""
+
+
+def config_path(name_or_path: str | Path) -> Path:
+    """The YAML file a config argument means: an existing file wins; otherwise a bare name (with
+    or without ``.yaml``) of a bundled config. Anything else is a :class:`ConfigError` that lists
+    the bundled names."""
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    bundled = list_configs()
+    stem = p.name[: -len(".yaml")] if p.name.endswith(".yaml") else p.name
+    is_name = p.parent == Path(".") and not p.is_absolute()
+    if is_name and stem in bundled:
+        return bundled[stem]
+    names = ", ".join(bundled) or "(none)"
+    hint = f"; did you mean the bundled config '{stem}'?" if stem in bundled else ""
+    what = (f"config '{name_or_path}' not found: no such file, and no bundled config has that name" if is_name
+            else f"config file '{name_or_path}' not found{hint}")
+    raise ConfigError(f"{what} (bundled configs: {names}; `flowscale train --list-configs` describes them)")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults <- YAML file (optional) <- ``key.sub=value`` overrides; validated to a Config."""
+    """Defaults <- YAML file (optional; a path or a bundled config's name, see :func:`config_path`)
+    <- ``key.sub=value`` overrides; validated to a Config."""
     schema = OmegaConf.structured(Config)
     try:
         layers = [schema]
         if path is not None:
-            p = Path(path)
-            if not p.is_file():
-                raise ConfigError(f"config file '{p}' not found (give a YAML file such as configs/demo.yaml)")
+            p = config_path(path)
             loaded = OmegaConf.load(p)
             if loaded is None or not hasattr(loaded, "keys"):
                 raise ConfigError(f"config file '{p}' must hold a mapping of sections (model:, data:, ...)")

@@ -20,7 +20,7 @@ from pathlib import Path
 import submitit
 import yaml
 
-from flowscale.config import load_config, to_dict
+from flowscale.config import config_path as resolve_config, load_config
 from flowscale.distributed import master_port
 
 
@@ -102,6 +102,10 @@ def submit(config_path: str | None, overrides: list[str], nodes: int = 1, gpus_p
 
     ``max_timeouts``: how many times a job that reaches its time limit is requeued (preemptions
     are requeued without limit)."""
+    # The job reads the config file on the node: pin a bundled name or a relative path to the
+    # absolute file now, so the job's working directory (and requeues) cannot change which one.
+    if config_path is not None:
+        config_path = str(resolve_config(config_path).absolute())
     base = _absolute_run_dir(config_path, list(overrides))
     cfg = load_config(config_path, base)
     folder = Path(cfg.train.run_dir) / "submitit"
