@@ -7,13 +7,69 @@ import pytest
 import torch
 
 from flowscale.cli import main as cli_main
-from flowscale.config import Config, ConfigError, describe_fields, field_docs, from_dict, load_config, to_dict, to_yaml
+from flowscale.config import (CONFIG_DIR, Config, ConfigError, config_path, config_summary, describe_fields, field_docs,
+                              from_dict, list_configs, load_config, to_dict, to_yaml)
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def test_defaults_are_the_demo_config():
-    assert load_config(REPO / "configs" / "demo.yaml") == load_config()
+    assert load_config(CONFIG_DIR / "demo.yaml") == load_config() == load_config("demo")
+
+
+def test_config_path_takes_a_bundled_name_with_or_without_yaml(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no configs/ here: only the package's copy can answer
+    assert config_path("glow_imagenet32") == config_path("glow_imagenet32.yaml") == CONFIG_DIR / "glow_imagenet32.yaml"
+    assert CONFIG_DIR.parent == Path(config_path.__code__.co_filename).parent  # inside the package
+    assert load_config("glow_imagenet32").model.steps == 48  # the file's value, not the default 4
+
+
+def test_config_path_an_existing_file_wins_over_a_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("demo.yaml").write_text("model:\n  levels: 1\n")
+    assert config_path("demo.yaml") == Path("demo.yaml")
+    assert load_config("demo.yaml").model.levels == 1
+    assert load_config("demo").model.levels == 3  # the bare name is still the bundled one
+    sub = tmp_path / "mine" / "run.yaml"
+    sub.parent.mkdir()
+    sub.write_text("optim:\n  lr: 0.25\n")
+    assert config_path(sub) == sub and load_config(str(sub)).optim.lr == 0.25
+    assert load_config("mine/run.yaml").optim.lr == 0.25  # relative paths too
+
+
+def test_unknown_config_name_lists_the_bundled_ones(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as e:
+        config_path("glow_imagenet33")
+    msg = str(e.value)
+    assert "glow_imagenet33" in msg and "not found" in msg
+    assert all(name in msg for name in list_configs()), msg
+    with pytest.raises(ConfigError, match="glow_imagenet33"):
+        load_config("glow_imagenet33")
+    # A path (it has a directory) is never taken for a name; the error still points at the name.
+    with pytest.raises(ConfigError, match=r"configs/demo.yaml' not found.*bundled config 'demo'"):
+        config_path("configs/demo.yaml")
+
+
+def test_list_configs_names_every_bundled_file_with_its_summary():
+    configs = list_configs()
+    assert list(configs) == sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")) and "demo" in configs
+    assert all(p.is_file() and p.parent == CONFIG_DIR for p in configs.values())
+    assert config_summary(configs["demo"]).startswith("The demo run")
+    assert all(config_summary(p) for p in configs.values())
+    top = REPO / "configs"  # a source checkout keeps the old top-level path, as a link to the package's copy
+    if top.exists():
+        assert top.resolve() == CONFIG_DIR.resolve()
+
+
+@pytest.mark.parametrize("command", ["train", "bound", "submit"])
+def test_list_configs_flag(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli_main([command, "--list-configs"])
+    assert e.value.code == 0
+    lines = capsys.readouterr().out.splitlines()
+    listed = {line.split()[0]: line.split(None, 1)[1] for line in lines[1:]}
+    assert listed == {name: config_summary(p) for name, p in list_configs().items()}
 
 
 def test_yaml_then_overrides(tmp_path):
@@ -94,10 +150,9 @@ def test_every_field_has_a_docstring():
 
 
 def test_every_shipped_config_loads():
-    configs = sorted((REPO / "configs").glob("*.yaml"))
-    assert configs
-    for p in configs:
-        load_config(p)
+    assert list_configs()
+    for name, p in list_configs().items():
+        assert load_config(name) == load_config(p)
 
 
 def test_cli_reports_config_errors_before_work(tmp_path, capsys):
