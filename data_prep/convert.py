@@ -4,7 +4,7 @@ The shard plan (which items go into which shard) is fixed before any pixel is wr
 items' order comes from the source plan, and the samples per shard from ``--samples-per-shard``
 or from the target shard size divided by the encoded size of the first few items. Workers
 decode and encode items; the main process writes each shard in order through
-:class:`flowscale.data.shards.TarWriter` (a temporary file renamed when complete) and then a
+:class:`flowscale.data.tar.TarWriter` (a temporary file renamed when complete) and then a
 small ``.<shard>.json`` record. Re-running skips every shard that has its record and the
 recorded size, so an interrupted conversion continues where it stopped and the result is
 byte-identical to an uninterrupted one. The manifest is written last.
@@ -20,7 +20,9 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from flowscale.data.shards import Manifest, ShardEntry, TarWriter, encode_sample, shard_name, write_manifest
+from flowscale.data.codec import encode_sample
+from flowscale.data.manifest import Manifest, ShardEntry, shard_name, write_manifest
+from flowscale.data.tar import TarWriter
 
 from .sources import SplitPlan, load_item
 

@@ -7,8 +7,9 @@ from __future__ import annotations
 import multiprocessing as mp
 from pathlib import Path
 
-from flowscale.data.loader import SampleDecoder
-from flowscale.data.shards import DataError, Manifest, SampleReader, open_shard, sha256_file
+from flowscale.data.manifest import DataError, Manifest, sha256_file
+from flowscale.data.reader import SampleDecoder
+from flowscale.data.tar import SampleReader, open_shard
 
 
 def find_manifests(paths: list[str]) -> list[Path]:

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-from flowscale.data.shards import Manifest, ShardEntry, TarWriter, encode_sample, shard_name, write_manifest
+from flowscale.data.codec import encode_sample
+from flowscale.data.manifest import Manifest, ShardEntry, shard_name, write_manifest
+from flowscale.data.tar import TarWriter
 
 
 def tagged_image(i: int, size: int = 8, channels: int = 3) -> np.ndarray:

@@ -22,7 +22,8 @@ def _write_inputs(root: Path, size: int, n: int) -> dict[str, Path]:
     from PIL import Image
 
     from ..data import demo_images
-    from ..data.shards import Manifest, write_shards
+    from ..data.manifest import Manifest
+    from ..data.tar import write_shards
 
     x = demo_images("train", n, size, seed=size).permute(0, 2, 3, 1).numpy()
     folder = root / f"folder{size}" / "photos"

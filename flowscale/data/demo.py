@@ -79,7 +79,8 @@ def demo_shards(data_cfg) -> Path:
     """The directory holding ``train/`` and ``test/`` demo shards for this data config, built on
     first use. Concurrent callers (ranks, runs) wait on a file lock; the build goes to a
     temporary directory that is renamed into place, so a crash never leaves a partial cache."""
-    from .shards import Manifest, write_shards
+    from .manifest import Manifest
+    from .tar import write_shards
 
     if data_cfg.channels != 3:
         raise ValueError(f"data.channels={data_cfg.channels}, but the demo photos are RGB: set data.channels=3")

@@ -1,0 +1,124 @@
+"""One sample's tar members: lossless uint8 pixels and an optional label.
+
+Each sample is a group of consecutive tar members that share a key (the webdataset
+convention: the name up to the first dot)::
+
+    <key>.png   RGB (or L for channels=1), 8-bit, height = width = resolution
+    <key>.npy   the same pixels as a raw uint8 [H, W, C] array (fast to decode at small sizes)
+    <key>.cls   optional class label, ASCII decimal, 0-based
+
+Decoding never converts: a grayscale, CMYK, 16-bit or wrongly sized image in a shard is a
+ValueError saying what is wrong (data_prep converts explicitly, before writing).
+"""
+
+from __future__ import annotations
+
+import ast
+import io
+
+import numpy as np
+
+from .manifest import check_key
+
+IMAGE_EXTS = ("npy", "png")
+
+
+def encode_image(x_hwc: np.ndarray, encoding: str) -> bytes:
+    """uint8 [H, W, C] -> PNG or .npy bytes (deterministic for a given zlib / numpy)."""
+    if x_hwc.dtype != np.uint8 or x_hwc.ndim != 3 or x_hwc.shape[2] not in (1, 3):
+        raise ValueError(f"expected uint8 [H, W, 1|3], got {x_hwc.dtype} {x_hwc.shape}")
+    buf = io.BytesIO()
+    if encoding == "npy":
+        np.save(buf, np.ascontiguousarray(x_hwc), allow_pickle=False)
+    elif encoding == "png":
+        from PIL import Image
+
+        img = Image.fromarray(x_hwc[:, :, 0] if x_hwc.shape[2] == 1 else x_hwc)
+        img.save(buf, format="PNG", compress_level=6)
+    else:
+        raise ValueError(f"encoding must be 'png' or 'npy', got {encoding!r}")
+    return buf.getvalue()
+
+
+def encode_sample(key: str, x_hwc: np.ndarray, encoding: str, label: int | None) -> list[tuple[str, bytes]]:
+    """Tar members of one sample, in their fixed order."""
+    check_key(key)
+    members = [(f"{key}.{encoding}", encode_image(x_hwc, encoding))]
+    if label is not None:
+        members.append((f"{key}.cls", str(int(label)).encode()))
+    return members
+
+
+_NPY_HEADERS: dict[bytes, tuple[tuple[int, ...], str, bool]] = {}
+
+
+def _decode_npy(data: bytes) -> np.ndarray:
+    if data[:6] != b"\x93NUMPY":
+        raise ValueError("not a .npy file (bad magic)")
+    major = data[6]
+    if major == 1:
+        hlen, start = int.from_bytes(data[8:10], "little"), 10
+    else:
+        hlen, start = int.from_bytes(data[8:12], "little"), 12
+    header = data[start:start + hlen]
+    parsed = _NPY_HEADERS.get(header)
+    if parsed is None:  # parse each distinct header once: they repeat for every sample
+        d = ast.literal_eval(header.decode("latin1"))
+        parsed = (tuple(d["shape"]), d["descr"], d["fortran_order"])
+        _NPY_HEADERS[header] = parsed
+    shape, descr, fortran = parsed
+    dtype = np.dtype(descr)
+    if dtype.hasobject:
+        raise ValueError("object arrays are not images")
+    body = data[start + hlen:]
+    n = int(np.prod(shape)) * dtype.itemsize
+    if len(body) != n:
+        raise ValueError(f"truncated .npy: {len(body)} bytes of pixels, header says {n}")
+    arr = np.frombuffer(body, dtype=dtype).reshape(shape, order="F" if fortran else "C")
+    return arr
+
+
+_MODE_WORDS = {"I;16": "16-bit", "I;16B": "16-bit", "I;16L": "16-bit", "I": "32-bit integer", "F": "float",
+               "CMYK": "CMYK", "L": "grayscale", "LA": "grayscale+alpha", "P": "palette", "RGBA": "RGBA",
+               "1": "1-bit", "YCbCr": "YCbCr", "RGB": "RGB"}
+
+
+def decode_image(data: bytes, ext: str, resolution: int, channels: int) -> np.ndarray:
+    """Image bytes -> uint8 [H, W, C], or ValueError saying what is wrong. Never converts:
+    a grayscale, CMYK, 16-bit or wrongly sized image in a shard is an error, not silently fixed."""
+    if ext == "npy":
+        x = _decode_npy(data)
+        if x.dtype != np.uint8:
+            raise ValueError(f"pixels are {x.dtype}, expected uint8 (re-run data_prep to convert to 8-bit)")
+        if x.ndim == 2:
+            x = x[:, :, None]
+        if x.ndim != 3:
+            raise ValueError(f"array of shape {x.shape} is not an [H, W, C] image")
+    elif ext == "png":
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            img = Image.open(io.BytesIO(data))
+            img.load()
+        except (UnidentifiedImageError, OSError, SyntaxError) as e:
+            raise ValueError(f"not a decodable image ({type(e).__name__}: {e})") from None
+        want = "RGB" if channels == 3 else "L"
+        if img.mode != want:
+            raise ValueError(f"image mode {img.mode} ({_MODE_WORDS.get(img.mode, img.mode)}), expected {want} "
+                             f"(8-bit, {channels} channel(s)); re-run data_prep, which converts explicitly")
+        x = np.asarray(img)
+        if x.ndim == 2:
+            x = x[:, :, None]
+    else:
+        raise ValueError(f"member '.{ext}' is not an image member (expected one of {IMAGE_EXTS})")
+    if x.shape != (resolution, resolution, channels):
+        raise ValueError(f"image is {x.shape[1]}x{x.shape[0]} with {x.shape[2]} channel(s), the manifest says "
+                         f"{resolution}x{resolution} with {channels}")
+    return x
+
+
+def decode_label(data: bytes) -> int:
+    try:
+        return int(data.decode("ascii").strip())
+    except (UnicodeDecodeError, ValueError):
+        raise ValueError(f"label member is not an ASCII integer: {data[:20]!r}") from None

@@ -1,0 +1,91 @@
+"""Which samples a worker reads in an epoch, and in what order: pure arithmetic on the
+manifest's per-shard counts and the seed, no data read.
+
+For epoch ``e`` every rank and worker computes the same shard permutation from
+``(data.seed, e)``; global worker ``g = rank * num_workers + worker`` of ``G = world_size *
+num_workers`` takes every G-th shard. With fewer shards than G, each shard is split into
+``m = ceil(G / n_shards)`` interleaved parts (sample i belongs to part i mod m) and the
+parts are dealt out instead; a worker then reads the whole shard but decodes only its part.
+Within a worker, samples pass through a shuffle buffer of ``data.shuffle_buffer`` slots. The
+buffer's behaviour depends only on sample *positions*, never on pixels, so a worker computes
+its whole emission order for an epoch from the manifest's per-shard counts and the seed::
+
+    units      = every G-th (shard, part) of permutation(n_shards; "data_order", e), from g
+    positions  = concat(parts of the worker's units)                 0 .. L-1, in reading order
+    order      = shuffle_buffer(positions; "shuffle_buffer", e, g)   order[t] = position emitted at time t
+
+(the random streams are named in :mod:`flowscale.seeds`). A worker's place in an epoch is
+therefore just the emission time ``t``, and each epoch covers every sample of the split once
+across all ranks and workers, disjointly.
+"""
+
+from __future__ import annotations
+
+import bisect
+
+import numpy as np
+
+from .. import seeds
+from .manifest import DataError
+
+
+def shuffle_buffer_order(n: int, size: int, rng: np.random.Generator) -> np.ndarray:
+    """Emission order of a shuffle buffer with ``size`` slots fed positions 0..n-1: once full,
+    each incoming position evicts a uniformly chosen slot; the rest is flushed in random order."""
+    if size <= 1 or n <= 1:
+        return np.arange(n, dtype=np.int64)
+    u = rng.random(n)
+    buf: list[int] = []
+    out = np.empty(n, dtype=np.int64)
+    k = 0
+    for p in range(n):
+        buf.append(p)
+        if len(buf) >= size:
+            j = int(u[p] * len(buf))
+            buf[j], buf[-1] = buf[-1], buf[j]
+            out[k] = buf.pop()
+            k += 1
+    out[k:] = np.asarray(buf, dtype=np.int64)[rng.permutation(len(buf))]
+    return out
+
+
+def worker_units(counts: list[int], epoch: int, seed: int, g: int, G: int) -> list[tuple[int, int, int]]:
+    """(shard, part, parts) read by global worker ``g`` of ``G`` in ``epoch``."""
+    n = len(counts)
+    perm = seeds.numpy_rng(seed, "data_order", epoch).permutation(n)
+    m = -(-G // n) if n < G else 1
+    units = [(int(s), j, m) for s in perm for j in range(m)]
+    return units[g::G]
+
+
+def check_sharing(counts: list[int], world_size: int, num_workers: int, where: str) -> None:
+    """Every worker must get samples in every epoch (an empty worker would stall the DataLoader)."""
+    G, n = world_size * num_workers, len(counts)
+    if n >= G:
+        return
+    m = -(-G // n)
+    if min(counts) < m:
+        raise DataError(f"{where}: {n} shard(s) with as few as {min(counts)} samples cannot feed {world_size} rank(s) x "
+                        f"{num_workers} worker(s): each shard is split into {m} parts and some would be empty. "
+                        f"Use fewer data.num_workers, or re-shard with more samples or more shards")
+
+
+class EpochPlan:
+    """The reading and emission order of one worker in one epoch (see the module docstring):
+    ``order[t]`` is the position emitted at time t, ``emit_time[p]`` the time position p is emitted."""
+
+    def __init__(self, counts: list[int], epoch: int, seed: int, g: int, G: int, shuffle_buffer: int):
+        self.units = worker_units(counts, epoch, seed, g, G)
+        sizes = [len(range(j, counts[s], m)) for s, j, m in self.units]
+        self.unit_start = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        self.length = int(self.unit_start[-1])
+        rng = seeds.numpy_rng(seed, "shuffle_buffer", epoch, g)
+        self.order = shuffle_buffer_order(self.length, shuffle_buffer, rng)
+        self.emit_time = np.empty(self.length, dtype=np.int64)
+        self.emit_time[self.order] = np.arange(self.length)
+
+    def locate(self, p: int) -> tuple[int, int]:
+        """Position -> (unit index, sample index within its shard)."""
+        u = bisect.bisect_right(self.unit_start, p) - 1
+        s, j, m = self.units[u]
+        return u, j + m * (p - int(self.unit_start[u]))

@@ -1,0 +1,118 @@
+"""Where a split lives: a manifest and one URL per shard, checked against the config.
+
+``load_split`` reads the manifest (a manifest.json, its split directory, or a URL) and
+resolves its shards next to it or from an explicit list whose file names must match the
+manifest's. Local shards are checked at once: a missing one is an error (or, with
+``data.bad_data=skip``, left for the reader to count as skipped); a size different from the
+manifest's is always an error. ``resolve_split`` picks the train or test split of a data
+config (building the demo shards on first use) and refuses a manifest whose resolution or
+channels differ from the config's.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .manifest import DataError, Manifest
+from .tar import is_local, read_text
+
+
+@dataclass
+class Split:
+    """A split's manifest and one URL per manifest shard."""
+    manifest: Manifest
+    urls: list[str]
+    where: str
+    """The manifest's location, for messages."""
+
+    @property
+    def counts(self) -> list[int]:
+        return [s.count for s in self.manifest.shards]
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of every image in the split."""
+        return self.manifest.channels, self.manifest.resolution, self.manifest.resolution
+
+
+def _manifest_url(loc: str) -> str:
+    if is_local(loc) and Path(loc).is_dir():
+        return str(Path(loc) / "manifest.json")
+    return loc
+
+
+def load_split(manifest: str, shards: str | None = None, bad_data: str = "error") -> Split:
+    """Read ``manifest`` (a manifest.json, the split directory holding one, or a URL) and
+    resolve its shards: next to the manifest, or from ``shards`` (a brace pattern / list of
+    paths or URLs separated by '::' whose file names match the manifest's).
+
+    Local shards are checked now: a missing one is an error (a counted skip with
+    bad_data=skip); a size different from the manifest's is always an error.
+    """
+    where = _manifest_url(str(manifest))
+    if is_local(where) and not Path(where).is_file():
+        raise DataError(f"manifest {where} not found; create shards with `flowscale prep ...` "
+                        f"(see README, Data) or point data.train_manifest/test_manifest at one")
+    m = Manifest.from_json(read_text(where), where)
+    names = [s.name for s in m.shards]
+    if shards:
+        from webdataset.shardlists import expand_urls
+
+        given = expand_urls(shards)
+        by_name = {}
+        for u in given:
+            base = u.rstrip("/").rsplit("/", 1)[-1]
+            by_name[base] = u
+        missing = [n for n in names if n not in by_name]
+        extra = sorted(set(by_name) - set(names))
+        if missing or extra:
+            raise DataError(f"shard list {shards!r} does not match manifest {where}: "
+                            + (f"missing {missing[:3]}{'...' if len(missing) > 3 else ''} " if missing else "")
+                            + (f"not in the manifest {extra[:3]}{'...' if len(extra) > 3 else ''}" if extra else ""))
+        urls = [by_name[n] for n in names]
+    else:
+        base = str(Path(where).parent) if is_local(where) else where.rsplit("/", 1)[0]
+        urls = [str(Path(base) / n) if is_local(where) else f"{base}/{n}" for n in names]
+    for url, s in zip(urls, m.shards):
+        if not is_local(url):
+            continue
+        path = url[7:] if url.startswith("file:") else url
+        if not os.path.exists(path):
+            if bad_data == "error":
+                raise DataError(f"shard {path} (listed in manifest {where}, {s.count} samples) is missing; "
+                                f"re-run the conversion (it resumes) or set data.bad_data=skip to skip it (counted)")
+            continue
+        size = os.path.getsize(path)
+        if size != s.bytes:
+            raise DataError(f"shard {path} is {size} bytes but manifest {where} says {s.bytes}: the shard and the "
+                            f"manifest do not match; re-run the conversion or `flowscale prep verify {where}`")
+    return Split(m, urls, where)
+
+
+def resolve_split(data_cfg, split: str) -> Split:
+    """The ``train`` or ``test`` split of ``data_cfg``, checked against the config."""
+    from ..config import ConfigError
+
+    if data_cfg.dataset == "demo":
+        from .demo import demo_shards
+
+        root = demo_shards(data_cfg)
+        src = load_split(str(root / split), None, data_cfg.bad_data)
+    else:
+        field = f"{split}_manifest"
+        loc = getattr(data_cfg, field)
+        if not loc:
+            raise ConfigError(f"config field 'data.{field}': required for data.dataset=shards (a manifest.json, "
+                              f"its split directory, or a URL)")
+        src = load_split(loc, getattr(data_cfg, f"{split}_shards"), data_cfg.bad_data)
+    m = src.manifest
+    if m.resolution != data_cfg.image_size:
+        raise ConfigError(f"config field 'data.image_size': {data_cfg.image_size}, but {src.where} holds "
+                          f"{m.resolution}x{m.resolution} images; set data.image_size={m.resolution} or prep shards "
+                          f"at {data_cfg.image_size}")
+    if m.channels != data_cfg.channels:
+        raise ConfigError(f"config field 'data.channels': {data_cfg.channels}, but {src.where} holds "
+                          f"{m.channels}-channel images; set data.channels={m.channels}")
+    return src
