@@ -1,0 +1,102 @@
+"""A non-editable install (`pip install .`, as on a cluster) is complete: from a directory that
+is not the checkout, the bundled configs are listed and a training run picks one by name and
+writes a checkpoint.
+
+The venv sees this machine's packages (``--system-site-packages``: torch, deepspeed, ... need no
+download), which include the editable install of the checkout. Nothing is uninstalled: the
+venv's own site-packages come first on ``sys.path`` and the editable finder sits at the end of
+``sys.meta_path``, so the venv's copy is what gets imported -- asserted below through
+``flowscale.__file__``, with the source copy the wheel was built from deleted beforehand.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+# What a checkout holds besides sources; not copied into the build tree.
+NOT_SOURCES = shutil.ignore_patterns(".git", "build", "dist", "*.egg-info", "__pycache__", "runs", "wandb",
+                                     ".pytest_cache", "bench_out", ".venv")
+
+TINY = ["data.dataset=demo", "data.image_size=32", "data.batch_size=8", "data.train_size=64", "data.test_size=16",
+        "model.steps=2", "model.width=16", "train.steps=2", "train.init_batch_size=16", "train.checkpoint_every=2",
+        "train.eval_every=0", "train.sample_every=0", "train.progress=false", "optim.warmup_steps=1",
+        "wandb.mode=disabled"]
+
+
+def _clean_env() -> dict[str, str]:
+    """This process's environment minus whatever could point Python at the checkout or make the
+    run think it is one rank of a job."""
+    drop = ("PYTHONPATH", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "VIRTUAL_ENV")
+    env = {k: v for k, v in os.environ.items() if k not in drop and not k.startswith("SLURM_")}
+    return env | {"DS_ACCELERATOR": "cpu", "WANDB_MODE": "disabled", "PYTHONNOUSERSITE": "1"}
+
+
+def _run(cmd, cwd, **kw) -> subprocess.CompletedProcess:
+    r = subprocess.run([str(c) for c in cmd], cwd=cwd, env=_clean_env(), capture_output=True, text=True, **kw)
+    assert r.returncode == 0, f"{cmd} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    return r
+
+
+@pytest.fixture(scope="module")
+def venv(tmp_path_factory) -> Path:
+    """A fresh venv with flowscale installed from a copy of this checkout, the copy then deleted."""
+    root = tmp_path_factory.mktemp("install")
+    src = root / "src"
+    # Build from a copy: pip builds in the source tree (build/, *.egg-info), and the checkout is
+    # shared with other runs; a copy also proves the install needs nothing from the checkout.
+    shutil.copytree(REPO, src, symlinks=True, ignore=NOT_SOURCES)
+    env_dir = root / "venv"
+    # --without-pip: the venv runs this machine's pip and setuptools (ensurepip would put its own,
+    # older setuptools first, one without bdist_wheel); they install into the venv's prefix.
+    _run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", env_dir], cwd=root)
+    _run([env_dir / "bin" / "python", "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index",
+          "--quiet", src], cwd=root, timeout=600)
+    shutil.rmtree(src)
+    return env_dir
+
+
+def test_the_venv_imports_its_own_copy(venv, tmp_path):
+    probe = ("import json, flowscale, launch, flowscale.config as c; "
+             "print(json.dumps([flowscale.__file__, launch.__file__, str(c.CONFIG_DIR)]))")
+    files = [Path(f) for f in json.loads(_run([venv / "bin" / "python", "-c", probe], cwd=tmp_path).stdout)]
+    site = next((venv / "lib").glob("python3*/site-packages"))
+    for f in files:
+        assert f.is_relative_to(site), f"{f} is not the venv's copy (site-packages: {site})"
+        assert not f.resolve().is_relative_to(REPO.resolve())
+    shipped = {p.name for p in (site / "launch" / "slurm_local").glob("*.sh")}
+    assert {"start.sh", "stop.sh", "start_two_nodes.sh", "stop_two_nodes.sh"} <= shipped, shipped
+    bundled = {p.name for p in files[2].glob("*.yaml")}
+    assert bundled == {p.name for p in (REPO / "flowscale" / "configs").glob("*.yaml")}
+
+
+def test_list_configs_from_another_directory(venv, tmp_path):
+    out = _run([venv / "bin" / "flowscale", "train", "--list-configs"], cwd=tmp_path).stdout
+    header, *rows = out.splitlines()
+    assert str(venv) in header, header  # the directory it lists is the installed one
+    names = {row.split()[0] for row in rows}
+    assert names == {p.stem for p in (REPO / "flowscale" / "configs").glob("*.yaml")}
+    assert any(row.split(None, 1)[1].startswith("Glow on ImageNet 32x32") for row in rows if "glow_imagenet32" in row)
+
+
+@pytest.mark.slow
+def test_train_a_bundled_config_by_name(venv, tmp_path):
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    run_dir = tmp_path / "run"
+    _run([venv / "bin" / "flowscale", "train", "glow_imagenet32", *TINY, f"data.cache_dir={tmp_path / 'cache'}",
+          f"train.run_dir={run_dir}"], cwd=work, timeout=600)
+    ckpt = run_dir / "checkpoints" / "step_00000002"
+    assert (ckpt / "COMPLETE").is_file(), sorted(p.name for p in run_dir.rglob("*"))
+    saved = (run_dir / "config.yaml").read_text()
+    # The bundled file's values (the defaults would be adam and no learned top prior), under the overrides.
+    for line in ("name: adamax", "learn_top: true", "zero_stage: 1", "steps: 2", "width: 16"):
+        assert line in saved, line
+    assert not (work / "runs").exists() and not list(work.iterdir()), "nothing written to the working directory"
