@@ -72,7 +72,7 @@ def test_the_venv_imports_its_own_copy(venv, tmp_path):
         assert f.is_relative_to(site), f"{f} is not the venv's copy (site-packages: {site})"
         assert not f.resolve().is_relative_to(REPO.resolve())
     shipped = {p.name for p in (site / "launch" / "slurm_local").glob("*.sh")}
-    assert {"start.sh", "stop.sh", "start_two_nodes.sh", "stop_two_nodes.sh"} <= shipped, shipped
+    assert {"common.sh", "start.sh", "stop.sh", "start_two_nodes.sh", "stop_two_nodes.sh"} <= shipped, shipped
     bundled = {p.name for p in files[2].glob("*.yaml")}
     assert bundled == {p.name for p in (REPO / "flowscale" / "configs").glob("*.yaml")}
 

@@ -9,43 +9,26 @@
 set -euo pipefail
 
 STATE=${FLOWSCALE_SLURM_DIR:-/tmp/flowscale-slurm}
+HERE=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source=common.sh
+. "$HERE/common.sh"
 CPUS=$(nproc)
-mkdir -p "$STATE"/{spool,state,log,bin} /etc/slurm /run/munge /var/log/munge /var/lib/munge /etc/munge
+mkdir -p "$STATE"/{spool,state,log,bin} /etc/slurm
 
-cat > /etc/slurm/slurm.conf <<CONF
+{
+  cat <<CONF
 ClusterName=flowscale
 SlurmctldHost=localhost(127.0.0.1)
 SlurmctldPort=6817
 SlurmdPort=6818
-SlurmUser=root
-SlurmdUser=root
-AuthType=auth/munge
-AuthInfo=cred_expire=10
-CryptoType=crypto/munge
-StateSaveLocation=$STATE/state
 SlurmdSpoolDir=$STATE/spool
-SlurmctldPidFile=$STATE/slurmctld.pid
 SlurmdPidFile=$STATE/slurmd.pid
-SlurmctldLogFile=$STATE/log/slurmctld.log
 SlurmdLogFile=$STATE/log/slurmd.log
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-JobRequeue=1
-MailProg=/bin/true
-SchedulerType=sched/backfill
-SchedulerParameters=sched_interval=2,bf_interval=2
-KillWait=5
-MinJobAge=300
-ReturnToService=2
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
-AccountingStorageType=accounting_storage/none
-JobAcctGatherType=jobacct_gather/none
-JobCompType=jobcomp/filetxt
-JobCompLoc=$STATE/jobcomp.txt
-NodeName=localhost NodeAddr=127.0.0.1 CPUs=$CPUS State=UNKNOWN
-PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
 CONF
+  slurm_common_conf "$STATE"
+  echo "NodeName=localhost NodeAddr=127.0.0.1 CPUs=$CPUS State=UNKNOWN"
+  echo "PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4"
+} > /etc/slurm/slurm.conf
 
 need=()
 for p in slurmctld slurmd slurm-client munge; do dpkg -s "$p" >/dev/null 2>&1 || need+=("$p"); done
@@ -57,23 +40,14 @@ if [ ${#need[@]} -gt 0 ]; then
   }
 fi
 
-# Without slurmdbd plain `sacct` fails, and submitit then never sees a job end; this wrapper
-# answers from the job-completion file instead. Put $STATE/bin first on PATH.
-cat > "$STATE/bin/sacct" <<'WRAP'
+# sacct that works without slurmdbd (see common.sh). Put $STATE/bin first on PATH.
+cat > "$STATE/bin/sacct" <<WRAP
 #!/bin/sh
-exec /usr/bin/sacct --completion "$@"
+exec $SACCT "\$@"
 WRAP
 chmod +x "$STATE/bin/sacct"
 
-# munge: a key, then the daemon.
-if [ ! -s /etc/munge/munge.key ]; then
-  dd if=/dev/urandom of=/etc/munge/munge.key bs=1024 count=1 status=none
-fi
-chown -R munge:munge /etc/munge /run/munge /var/log/munge /var/lib/munge 2>/dev/null || true
-chmod 0400 /etc/munge/munge.key
-if ! pgrep -x munged >/dev/null; then
-  su -s /bin/sh munge -c "/usr/sbin/munged" 2>/dev/null || /usr/sbin/munged --force
-fi
+start_munge
 
 pkill -x slurmctld 2>/dev/null || true
 pkill -x slurmd 2>/dev/null || true

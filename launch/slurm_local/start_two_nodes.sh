@@ -33,6 +33,8 @@ set -euo pipefail
 
 STATE=${FLOWSCALE_SLURM2_DIR:-/tmp/flowscale-slurm2}
 HERE=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source=common.sh
+. "$HERE/common.sh"
 CONF=$STATE/slurm.conf
 CTL_NS=fs2-ctl
 NODES=(node1 node2)
@@ -63,34 +65,12 @@ ClusterName=flowscale2
 SlurmctldHost=ctl($CTL_IP)
 SlurmctldPort=$CTL_PORT
 SlurmdPort=$SLURMD_PORT
-SlurmUser=root
-SlurmdUser=root
-AuthType=auth/munge
-AuthInfo=cred_expire=10
-CryptoType=crypto/munge
-StateSaveLocation=$STATE/state
 SlurmdSpoolDir=$STATE/spool/%n
-SlurmctldPidFile=$STATE/slurmctld.pid
 SlurmdPidFile=$STATE/slurmd-%n.pid
-SlurmctldLogFile=$STATE/log/slurmctld.log
 SlurmdLogFile=$STATE/log/slurmd-%n.log
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-JobRequeue=1
 FirstJobId=200001
-MailProg=/bin/true
-SchedulerType=sched/backfill
-SchedulerParameters=sched_interval=2,bf_interval=2
-KillWait=5
-MinJobAge=300
-ReturnToService=2
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
-AccountingStorageType=accounting_storage/none
-JobAcctGatherType=jobacct_gather/none
-JobCompType=jobcomp/filetxt
-JobCompLoc=$STATE/jobcomp.txt
 CONF
+  slurm_common_conf "$STATE"
   for n in "${NODES[@]}"; do
     echo "NodeName=$n NodeAddr=${NODE_IP[$n]} CPUs=$CPUS State=UNKNOWN"
   done
@@ -136,9 +116,7 @@ done
 # already in one of this cluster's namespaces (a batch script calling srun on node1).
 for cmd in sbatch srun salloc squeue scancel scontrol sinfo sacct; do
   real=/usr/bin/$cmd
-  # Without slurmdbd plain `sacct` fails (and submitit then never sees a job end); --completion
-  # answers from the job-completion file instead.
-  [ "$cmd" = sacct ] && real="/usr/bin/sacct --completion"
+  [ "$cmd" = sacct ] && real=$SACCT  # works without slurmdbd (see common.sh)
   cat > "$STATE/bin/$cmd" <<WRAP
 #!/bin/sh
 # $cmd for the two-node test cluster (written by start_two_nodes.sh)
@@ -151,17 +129,10 @@ WRAP
   chmod +x "$STATE/bin/$cmd"
 done
 
-# munge: shared with the single-node cluster; start it only if it is not running (and remember
-# that we did, so stop_two_nodes.sh may stop it again).
-mkdir -p /run/munge /var/log/munge /var/lib/munge /etc/munge
-if [ ! -s /etc/munge/munge.key ]; then
-  dd if=/dev/urandom of=/etc/munge/munge.key bs=1024 count=1 status=none
-fi
-chown -R munge:munge /etc/munge /run/munge /var/log/munge /var/lib/munge 2>/dev/null || true
-chmod 0400 /etc/munge/munge.key
-if ! pgrep -x munged >/dev/null; then
-  su -s /bin/sh munge -c "/usr/sbin/munged" 2>/dev/null || /usr/sbin/munged --force
-  sleep 0.2
+# munge: shared with the single-node cluster; started only if it is not running (and then
+# remembered, so stop_two_nodes.sh may stop it again).
+start_munge
+if [ "$MUNGE_STARTED" = 1 ]; then
   cp /run/munge/munged.pid "$STATE/munged.ours" 2>/dev/null || true
 fi
 
