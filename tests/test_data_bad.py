@@ -55,6 +55,14 @@ def run(cfg, batches):
     return loader, [next(loader) for _ in range(batches)]
 
 
+def both_readers_raise(cfg, match: str) -> None:
+    """Training and evaluation read shards through the same checks: both stop with ``match``."""
+    with pytest.raises(DataError, match=match):
+        run(cfg, 4)
+    with pytest.raises(DataError, match=match):
+        list(eval_split(cfg, "train").batches(4))
+
+
 @pytest.mark.parametrize("case", sorted(BAD_SAMPLES))
 def test_bad_sample_error_names_shard_and_sample_or_counted_skip(tmp_path, case):
     make, words = BAD_SAMPLES[case]
@@ -82,12 +90,15 @@ def test_truncated_tar(tmp_path):
     path.write_bytes(path.read_bytes()[:3000])  # in the middle of sample 1 or 2
     with pytest.raises(DataError, match="size|bytes"):  # local: the manifest's size check
         build_train_loader(data_cfg(tmp_path / "train"))
-    with pytest.raises(DataError, match=r"t-train-000000\.tar.*truncated"):
-        run(_pipe_cfg(tmp_path, 2), 2)
+    both_readers_raise(_pipe_cfg(tmp_path, 2), r"t-train-000000\.tar.*truncated")
     loader, batches = run(_pipe_cfg(tmp_path, 2, bad_data="skip"), 2)
     got = [image_id(img) for x, _ in batches for img in x]
     assert 0 in got and 11 in got and 5 not in got  # shard 1 whole, shard 0 only up to the cut
     assert loader.skipped >= 4 and len(got) == 8
+    ev = eval_split(_pipe_cfg(tmp_path, 2, bad_data="skip"), "train")
+    got = [image_id(img) for _, x, _ in ev.batches(4) for img in x]
+    cut = got.index(6)  # eval reads in stored order: shard 0 up to the cut, then shard 1 whole
+    assert 0 < cut < 6 and got == list(range(cut)) + list(range(6, 12)) and ev.skipped == 6 - cut
 
 
 def test_corrupt_tar_header(tmp_path):
@@ -97,8 +108,7 @@ def test_corrupt_tar_header(tmp_path):
     second = raw.find(b"s000002.npy")
     raw[second + 124:second + 130] = b"777777"  # size field garbage: header checksum breaks
     path.write_bytes(bytes(raw))
-    with pytest.raises(DataError, match="corrupt tar header"):
-        run(data_cfg(tmp_path / "train", shuffle_buffer=0), 2)
+    both_readers_raise(data_cfg(tmp_path / "train", shuffle_buffer=0), "corrupt tar header")
 
 
 def test_missing_shard(tmp_path):
@@ -126,13 +136,15 @@ def test_manifest_that_does_not_match(tmp_path):
 
     write_split(tmp_path / "b", [6, 6])  # fewer samples than the shard holds
     _edit_manifest(tmp_path / "b", lambda d: (d["shards"][0].update(count=5), d.update(num_samples=11)))
-    with pytest.raises(DataError, match="more samples than the 5"):
-        run(data_cfg(tmp_path / "b", shuffle_buffer=0), 3)
+    both_readers_raise(data_cfg(tmp_path / "b", shuffle_buffer=0), "more samples than the 5")
 
     write_split(tmp_path / "c", [6, 6])  # a shard swapped for another
     _edit_manifest(tmp_path / "c", lambda d: d["shards"][1].update(first_key="s999999"))
-    with pytest.raises(DataError, match="starts with sample 's000006'"):
-        run(data_cfg(tmp_path / "c", shuffle_buffer=0), 3)
+    both_readers_raise(data_cfg(tmp_path / "c", shuffle_buffer=0), "starts with sample 's000006'")
+
+    write_split(tmp_path / "e", [6, 6])  # the manifest counts more than the shard holds (sizes match: reading finds out)
+    _edit_manifest(tmp_path / "e", lambda d: (d["shards"][0].update(count=7), d.update(num_samples=13)))
+    both_readers_raise(data_cfg(tmp_path / "e", shuffle_buffer=0), r"t-train-000000\.tar.*shard ends after 6 samples")
 
     write_split(tmp_path / "d", [6, 6])  # counts that do not add up
     _edit_manifest(tmp_path / "d", lambda d: d.update(num_samples=13))

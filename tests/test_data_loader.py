@@ -71,6 +71,28 @@ def test_fewer_shards_than_ranks_x_workers_share_shards(tmp_path, counts):
     assert sorted(flat) == list(range(sum(counts)))
 
 
+def test_flips_do_not_depend_on_ranks_or_workers(tmp_path):
+    """Which images are flipped in an epoch is a function of (seed, epoch, sample): one worker
+    and 2 ranks x 2 workers flip the same ones; another epoch or seed flips others."""
+    write_split(tmp_path / "train", [10, 10, 10])
+    split = load_split(str(tmp_path / "train"))
+    cfg = data_cfg(tmp_path / "train", random_flip=True)
+
+    def flipped(seed: int, G: int, epoch: int = 0) -> dict[int, bool]:
+        out = {}
+        for g in range(G):
+            plan = EpochPlan(split.counts, epoch, seed, g, G, cfg.shuffle_buffer)
+            stream = worker_batches(split, cfg, seed, g, G, 1, (epoch, 0, 0), g)
+            for x, y, _ in (next(stream) for _ in range(plan.length)):
+                out[y.item()] = not torch.equal(x[0], torch.from_numpy(tagged_image(y.item())).permute(2, 0, 1))
+        assert sorted(out) == list(range(30))
+        return out
+
+    one = flipped(0, 1)
+    assert one == flipped(0, 4) and 0 < sum(one.values()) < 30
+    assert one != flipped(0, 1, epoch=1) and one != flipped(1, 1)
+
+
 def test_too_few_samples_for_the_workers_is_a_clear_error(tmp_path):
     write_split(tmp_path / "train", [2])
     with pytest.raises(DataError, match="cannot feed 2 rank"):
