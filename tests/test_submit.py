@@ -25,6 +25,15 @@ def test_dry_run_prints_the_sbatch_script(tmp_path, capsys):
     assert not (tmp_path / "run" / "checkpoints").exists(), "a dry run starts nothing"
 
 
+def test_dry_run_takes_a_bundled_config_name(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no configs/ here
+    assert cli_main(["submit", "glow_imagenet64", f"train.run_dir={tmp_path / 'run'}", "--gpus-per-node", "8",
+                     "--dry-run"]) == 0
+    assert "#SBATCH --ntasks-per-node=8" in capsys.readouterr().out
+    assert cli_main(["submit", "glow_imagenet65", "--dry-run"]) == 2
+    assert "glow_imagenet64" in capsys.readouterr().err  # the error lists the bundled names
+
+
 def test_sweep_file(tmp_path):
     good = tmp_path / "sweep.yaml"
     good.write_text("- {optim.lr: 0.001}\n- {optim.lr: 0.0005, model.width: 64}\n")
