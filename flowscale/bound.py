@@ -24,6 +24,8 @@ from typing import Iterable
 
 import torch
 
+from . import seeds
+
 from .data.quantize import preprocess
 from .loss import bits_per_dim
 
@@ -89,7 +91,7 @@ def linear_flow_bound(batches: Iterable[torch.Tensor], n_bits: int, seed: int = 
     "n_dims", "min_eig", "max_eig"}.
     """
     acc = CovarianceAccumulator()
-    g = torch.Generator().manual_seed(seed)
+    g = seeds.generator(seed, "bound")
     for x in batches:
         if max_images is not None:
             x = x[:max_images - acc.n]

@@ -4,10 +4,13 @@ Layout of one checkpoint, ``<run_dir>/checkpoints/step_XXXXXXXX/``::
 
     (DeepSpeed's files)      model, optimizer (sharded per ZeRO stage), LR schedule
     rank_00000.pt ...        per-rank state: RNG streams, data-loader position
-    client.pt                step, EMA weights, W&B run id, resolved config, counters
-    model.safetensors        consolidated weights (+ ema.safetensors): what eval/sample load
+    client.pt                step, skipped-step counters, resolved config
+    model.safetensors        consolidated weights: what eval/sample load
+    ema.safetensors          the EMA weights (when optim.ema_decay > 0): eval/sample prefer them, resume reads them
     config.yaml              the resolved config
     COMPLETE                 written last, by rank 0, after every rank finished writing
+
+The W&B run id lives beside the checkpoints, in ``<run_dir>/wandb_id.txt`` (see :mod:`flowscale.logging`).
 
 A directory without COMPLETE is a save that crashed midway and is never resumed from, so a
 crash can not leave a "latest" that points at a partial checkpoint. :func:`resolve_latest`
@@ -24,7 +27,8 @@ import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
+
+from .distributed import any_rank, barrier, world_size
 
 _NAME = re.compile(r"^step_(\d{8})$")
 
@@ -78,11 +82,6 @@ def set_aside_newer(run_dir: str | Path, step: int) -> Path | None:
     return dest
 
 
-def _barrier():
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as f:
@@ -121,7 +120,7 @@ def save(engine, run_dir: str | Path, step: int, rank: int, rank_state: dict, cl
     path = root / tag
     if rank == 0 and (path / "COMPLETE").exists():
         (path / "COMPLETE").unlink()  # re-saving a step: it is incomplete until rewritten
-    _barrier()
+    barrier()
     engine.save_checkpoint(str(root), tag=tag, save_latest=False)
     path.mkdir(parents=True, exist_ok=True)
     _atomic_torch_save(rank_state, path / f"rank_{rank:05d}.pt")
@@ -133,14 +132,13 @@ def save(engine, run_dir: str | Path, step: int, rank: int, rank_state: dict, cl
         if ema_state is not None:
             save_file({k: v.contiguous() for k, v in ema_state.items()}, str(path / "ema.safetensors"))
         (path / "config.yaml").write_text(config_yaml)
-    _barrier()
+    barrier()
     if rank == 0:
-        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-        _atomic_write_bytes(path / "COMPLETE", json.dumps({"step": step, "world_size": world,
+        _atomic_write_bytes(path / "COMPLETE", json.dumps({"step": step, "world_size": world_size(),
                                                            "time": time.time()}).encode())
         for old in list_complete(run_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
-    _barrier()
+    barrier()
     return path
 
 
@@ -167,14 +165,23 @@ def load_latest(engine, run_dir: str | Path, rank: int, warn) -> tuple[Path, dic
             client, rank_state = load(engine, ckpt, rank)
         except Exception as e:  # corrupt or truncated files
             ok, err = False, f"{type(e).__name__}: {e}"
-        if dist.is_available() and dist.is_initialized():
-            t = torch.tensor([0.0 if ok else 1.0])
-            dist.all_reduce(t)
-            ok = t.item() == 0
+        ok = not any_rank(not ok)
         if ok:
             return ckpt, client, rank_state
         warn(f"checkpoint {ckpt} is unreadable ({err or 'on another rank'}); falling back to an older one")
     return None
+
+
+def load_ema(ckpt: Path, client: dict) -> dict:
+    """The EMA weights of a checkpoint: ema.safetensors (older checkpoints kept them in client.pt)."""
+    from safetensors.torch import load_file
+
+    if (ckpt / "ema.safetensors").is_file():
+        return load_file(str(ckpt / "ema.safetensors"))
+    if client.get("ema") is not None:
+        return client["ema"]
+    raise FileNotFoundError(f"{ckpt} has no EMA weights (ema.safetensors) but optim.ema_decay > 0; resume with "
+                            f"the run's own config, or start a new run_dir")
 
 
 def load_exported(ckpt: str | Path, use_ema: bool = True) -> tuple[dict, Path, bool]:
@@ -192,3 +199,19 @@ def load_exported(ckpt: str | Path, use_ema: bool = True) -> tuple[dict, Path, b
         state.update(ema)
         used_ema = True
     return state, path, used_ema
+
+
+def load_trained(ckpt: str | Path, device: torch.device | str = "cpu", use_ema: bool = True):
+    """(flow in eval mode, Config) from a run directory (its latest) or a checkpoint directory.
+
+    Reads only the safetensors export and config.yaml, never pickles.
+    """
+    from .build import build_model
+    from .config import load_config
+
+    state, path, _ = load_exported(ckpt, use_ema)
+    cfg = load_config(path / "config.yaml")
+    flow = build_model(cfg, device)
+    flow.load_state_dict(state)
+    flow.eval()
+    return flow, cfg

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from . import seeds
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -92,18 +94,20 @@ def dist_env() -> DistInfo:
     return DistInfo(rank, world, local)
 
 
-def prepare_accelerator() -> str:
-    """'cuda' when a GPU is visible, else 'cpu' (and tell DeepSpeed so before it is imported)."""
-    if torch.cuda.is_available():
-        return "cuda"
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    return "cpu"
+def prepare_accelerator(device: str = "auto") -> str:
+    """'cuda' or 'cpu' per ``train.device`` (auto: cuda when a GPU is visible); for cpu, tell
+    DeepSpeed so before it is imported."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    return device
 
 
-def init_distributed(backend: str = "auto") -> DistInfo:
+def init_distributed(backend: str = "auto", device: str = "auto") -> DistInfo:
     """Start the process group (gloo on CPU, nccl on GPU unless told otherwise)."""
     info = dist_env()
-    device = prepare_accelerator()
+    device = prepare_accelerator(device)
     import deepspeed
     import deepspeed.ops
 
@@ -111,7 +115,7 @@ def init_distributed(backend: str = "auto") -> DistInfo:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     if backend == "auto":
         backend = "nccl" if device == "cuda" else "gloo"
-    if device == "cuda":
+    if device == "cuda" and torch.cuda.is_available():
         torch.cuda.set_device(info.local_rank)
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
@@ -138,12 +142,80 @@ def cleanup() -> None:
                 getattr(groups, name).clear()
 
 
-def seed_everything(seed: int, rank: int = 0) -> None:
-    """Seed python, numpy and torch; ranks get different streams (different dequantisation noise)."""
-    s = seed * 1000 + rank
+def seed_everything(seed: int, rank: int | None = None) -> None:
+    """Seed python, numpy and torch's global RNGs from the ``model_init`` stream (the same
+    weights on every rank); with ``rank``, then from that rank's stream (:func:`seed_rank_streams`)."""
+    _seed_globals(seeds.derive(seed, "model_init"))
+    if rank is not None:
+        seed_rank_streams(seed, rank)
+
+
+def seed_rank_streams(seed: int, rank: int) -> None:
+    """Global RNGs of this rank from the ``dequant`` stream (different noise on every rank)."""
+    _seed_globals(seeds.derive(seed, "dequant", rank))
+
+
+def _seed_globals(s: int) -> None:
     random.seed(s)
     np.random.seed(s % 2 ** 32)
     torch.manual_seed(s)
+
+
+# -- collectives: every one flowscale uses, each a no-op in a single process -------------------------
+
+def _active() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def world_size() -> int:
+    return torch.distributed.get_world_size() if _active() else 1
+
+
+def barrier() -> None:
+    if _active():
+        torch.distributed.barrier()
+
+
+def all_reduce_sum_(t: torch.Tensor) -> torch.Tensor:
+    """Sum ``t`` over ranks in place (and return it)."""
+    if _active() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(t)
+    return t
+
+
+def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
+    """True on every rank when ``flag`` is True on any."""
+    if not _active() or torch.distributed.get_world_size() == 1:
+        return bool(flag)
+    return all_reduce_sum_(torch.tensor([1.0 if flag else 0.0], device=device)).item() > 0
+
+
+def sum_over_ranks(n: float, device: torch.device | str = "cpu") -> float:
+    return all_reduce_sum_(torch.tensor([float(n)], dtype=torch.float64, device=device)).item()
+
+
+def mean_over_ranks(t: torch.Tensor) -> float:
+    """Mean of a scalar tensor over ranks."""
+    t = all_reduce_sum_(t.detach().clone().float())
+    return (t / world_size()).item()
+
+
+def rank0_decides(flag: bool) -> bool:
+    """Rank 0's ``flag`` on every rank (for decisions taken from a clock, which ranks read differently)."""
+    if not _active():
+        return bool(flag)
+    t = torch.tensor([1.0 if flag else 0.0])
+    torch.distributed.broadcast(t, 0)
+    return bool(t.item())
+
+
+def all_equal(t: torch.Tensor) -> bool:
+    """True when ``t`` is bit-identical on every rank."""
+    if not _active():
+        return True
+    gathered = [torch.zeros_like(t) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(gathered, t)
+    return all(torch.equal(g, gathered[0]) for g in gathered)
 
 
 def rng_state() -> dict:

@@ -1,4 +1,5 @@
-"""DeepSpeed: the engine config generated from the config tree, initialisation, train_step, EMA.
+"""DeepSpeed mechanics: the engine config generated from the config tree, initialisation,
+``train_step`` (micro-batches, the non-finite veto, grad norm), EMA.
 
 Batch sizes come from one place: ``data.batch_size`` is the global batch;
 per-rank micro-batch = batch_size / (world_size * engine.grad_accum), checked to divide
@@ -11,14 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import types
+from typing import Callable
 
 import torch
-import torch.distributed as dist
 
 from .config import Config, ConfigError
-from .lipschitz import flow_regularizer
-from .loss import flow_bpd_dequantized
-from .data.quantize import preprocess
+from .distributed import any_rank, mean_over_ranks
 
 
 def batch_layout(cfg: Config, world_size: int) -> dict:
@@ -123,63 +122,67 @@ class EMA:
         self.shadow = {n: t.float().clone() for n, t in state.items()}
 
 
-def _any_rank(flag: bool, device) -> bool:
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t)
-    return t.item() > 0
+def _grad_norm_zero0(module: torch.nn.Module) -> torch.Tensor:
+    """ZeRO-0 keeps full (already averaged) gradients on the parameters; DeepSpeed neither
+    reports their norm nor, in fp32, checks them."""
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
 
 
-def _grads_finite(module: torch.nn.Module) -> bool:
-    for p in module.parameters():
-        if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
-            return False
-    return True
+LossFn = Callable[[torch.nn.Module, torch.Tensor, "torch.Tensor | None"], tuple[torch.Tensor, dict]]
 
 
-def train_step(engine, batch: torch.Tensor, y: torch.Tensor | None, cfg: Config, step: int, ema: EMA | None = None) -> dict:
-    """One optimisation step on this rank's uint8 batch (split into grad_accum micro-batches).
+def train_step(engine, batch, loss_fn, *legacy) -> dict:
+    # TEMPORARY (removed before this change lands): the old train_step(engine, x, y, cfg, step, ema=None).
+    if legacy:
+        from .loss import training_loss
 
-    Returns scalar metrics; ``skipped`` is 1 when the step was skipped because some rank's loss
-    (in any micro-batch) or the accumulated gradient was non-finite: all ranks skip together,
-    no weight, optimizer moment or EMA changes, and the LR schedule advances with the step count.
+        cfg = legacy[0]
+        ema = legacy[2] if len(legacy) > 2 else None
+        out = _train_step(engine, (batch, loss_fn), training_loss(cfg, engine.device, model_dtype(cfg)))
+        if ema is not None and not out["skipped"]:
+            ema.update(engine.module)
+        return {**out, "bpd": out.get("bpd", out["loss"])}
+    return _train_step(engine, batch, loss_fn)
+
+
+def _train_step(engine, batch: tuple[torch.Tensor, torch.Tensor | None], loss_fn: LossFn) -> dict:
+    """One optimiser step of DeepSpeed on this rank's batch ``(x, y)``: split into
+    engine.grad_accum micro-batches, ``loss, extra = loss_fn(engine, x_micro, y_micro)``, backward,
+    step. Only the mechanics live here; what is optimised is ``loss_fn``'s business.
+
+    Returns the loss and every ``extra`` scalar averaged over micro-batches and ranks, the grad
+    norm and the LR. ``skipped`` is 1 when some rank's loss (in any micro-batch) or the
+    accumulated gradient was non-finite: all ranks skip together, no weight or optimizer moment
+    changes, and the LR schedule advances with the step count.
     """
     engine.train()
-    accum = cfg.engine.grad_accum
+    accum = engine.gradient_accumulation_steps()
     device = engine.device
-    dtype = model_dtype(cfg)
-    micro_x = batch.chunk(accum)
-    micro_y = y.chunk(accum) if y is not None else [None] * accum
-    losses, logdets = [], []
-    bad_loss = False
+    x, y = batch
+    micro = zip(x.chunk(accum), y.chunk(accum) if y is not None else [None] * accum)
+    losses, extras = [], []
+    bad_loss = bad_grad = False
     guard = getattr(engine, "flowscale_client_optimizer", None)
-    for i, (xb, yb) in enumerate(zip(micro_x, micro_y)):
-        x = preprocess(xb.to(device), cfg.data.n_bits).to(dtype)
-        bpd, parts = flow_bpd_dequantized(engine, x, cfg.data.n_bits, None if yb is None else yb.to(device))
-        loss = bpd.float().mean()
-        bad_loss = _any_rank(bad_loss or not bool(torch.isfinite(loss)), device)
+    for i, (xb, yb) in enumerate(micro):
+        loss, extra = loss_fn(engine, xb, yb)
+        bad_loss = any_rank(bad_loss or not bool(torch.isfinite(loss)), device)
         if bad_loss and i == 0:  # nothing accumulated yet: DeepSpeed never sees this step
             if engine.lr_scheduler is not None:
                 engine.lr_scheduler.step()  # the LR is a function of the step count, skipped steps included
-            return {"bpd": float("nan"), "skipped": 1}
+            return {"loss": float("nan"), "skipped": 1}
         # Past the first micro-batch DeepSpeed's accumulation must run to its boundary; a bad
         # micro-batch still goes through backward, and the optimizer step is vetoed below.
-        # Optional L2 penalty on 1x1-conv weights (DLF's guard against singular W); 0 when off.
-        engine.backward(loss + flow_regularizer(engine.module, cfg))
+        engine.backward(loss)
         if i == accum - 1:
-            bad_grad = False
             if engine.zero_optimization_stage() == 0:
-                # ZeRO-0 keeps full (already averaged) gradients on the parameters; DeepSpeed neither
-                # reports their norm nor, in fp32, checks them.
-                grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
-                grad_norm0 = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
-                bad_grad = _any_rank(not bool(torch.isfinite(grad_norm0)), device)
+                grad_norm0 = _grad_norm_zero0(engine.module)
+                bad_grad = any_rank(not bool(torch.isfinite(grad_norm0)), device)
             if guard is not None:
                 guard.flowscale_skip = bad_loss or bad_grad
         engine.step()
         losses.append(loss.detach())
-        logdets.append(parts["logdet"].detach().float().mean() / batch[0].numel())
+        extras.append(extra)
     if guard is not None:
         guard.flowscale_skip = False
     # ZeRO-1/2/3 and bf16 check the gradient norm themselves and skip (without stepping the LR schedule).
@@ -187,17 +190,10 @@ def train_step(engine, batch: torch.Tensor, y: torch.Tensor | None, cfg: Config,
     if ds_skipped and engine.lr_scheduler is not None:
         engine.lr_scheduler.step()  # keep the LR a function of the step count, skipped steps included
     if bad_loss or bad_grad or ds_skipped:
-        return {"bpd": float("nan") if bad_loss else _mean_over_ranks(losses), "skipped": 1}
-    if ema is not None:
-        ema.update(engine.module)
+        return {"loss": float("nan") if bad_loss else mean_over_ranks(torch.stack(losses).mean()), "skipped": 1}
     grad_norm = grad_norm0.item() if engine.zero_optimization_stage() == 0 else engine.get_global_grad_norm()
-    return {"bpd": _mean_over_ranks(losses), "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-            "lr": engine.get_lr()[0], "logdet_per_dim": torch.stack(logdets).mean().item(), "skipped": 0}
-
-
-def _mean_over_ranks(losses: list[torch.Tensor]) -> float:
-    loss = torch.stack(losses).mean()
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(loss)
-        loss /= dist.get_world_size()
-    return loss.item()
+    out = {"loss": mean_over_ranks(torch.stack(losses).mean()),
+           "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"), "lr": engine.get_lr()[0]}
+    for k in extras[0]:
+        out[k] = mean_over_ranks(torch.stack([torch.as_tensor(e[k], dtype=torch.float32) for e in extras]).mean())
+    return {**out, "skipped": 0}

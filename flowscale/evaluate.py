@@ -6,9 +6,10 @@ import math
 
 import torch
 
-from .data.loader import TensorSplit
-from .data.quantize import preprocess
-from .loss import flow_bpd_dequantized
+from . import seeds
+from .data import TensorSplit
+from .distributed import all_reduce_sum_
+from .loss import objective
 
 
 @torch.no_grad()
@@ -35,17 +36,14 @@ def evaluate_bpd(flow, images, n_bits: int, batch_size: int, device="cpu", seed:
         mine = len(x) > 0 and x is not dummy[1]
         if not mine:  # no batch left for this rank, or all its samples were skipped (bad_data=skip)
             _, x, y = dummy
-        y = None if y is None else y.to(device)
-        # Noise from a CPU generator seeded per batch: the number depends on neither device nor rank count.
-        g = torch.Generator().manual_seed(seed * 1_000_003 + s)
-        bpd, _ = flow_bpd_dequantized(flow, preprocess(x, n_bits, generator=g).to(device, dtype), n_bits, y)
+        # Noise from the eval stream of the batch's first index: the number depends on neither
+        # the device nor the number of ranks.
+        bpd = objective(flow, x, n_bits, y, noise=seeds.generator(seed, "eval_noise", s), device=device, dtype=dtype).bpd
         if mine:
             total += torch.tensor([bpd.double().sum().item() * x[0].numel(), x.shape[0] * x[0].numel()],
                                   dtype=torch.float64)
     if world_size > 1:
-        import torch.distributed as dist
-
-        dist.all_reduce(total)
+        all_reduce_sum_(total)
     flow.train(was_training)
     result = (total[0] / total[1]).item()
     if not math.isfinite(result):

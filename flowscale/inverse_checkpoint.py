@@ -77,66 +77,19 @@ class _InverseRecompute(torch.autograd.Function):
             grad_logdet = torch.zeros(z.shape[0], dtype=torch.promote_types(z.dtype, torch.float32), device=z.device)
         z = z.detach()
         with torch.autocast(**ctx.autocast) if ctx.autocast is not None else contextlib.nullcontext():
-            for step in reversed(ctx.steps):
-                z, grad_z = backprop_through(step, z, grad_z, grad_logdet, ctx.cond)
+            for step in reversed(ctx.steps):  # the contract's hook: fused where the layer has one
+                z, grad_z = step.reconstruct_and_backprop(z, grad_z, grad_logdet, ctx.cond)
         grad_x = grad_z if ctx.x_requires_grad else None
         return (grad_x, None, None, None) + (None,) * (len(ctx.needs_input_grad) - 4)
-
-
-def backprop_through(layer: Flow, z: torch.Tensor, grad_z: torch.Tensor, grad_logdet: torch.Tensor, cond):
-    """Reconstruct a layer's input from its output z and backpropagate (dL/dz, dL/dlogdet)
-    through it, accumulating parameter gradients. Returns (x, dL/dx).
-
-    Sequences are walked backwards: a child with a fused ``reconstruct_and_backprop``
-    (couplings: one network evaluation serves inverse and graph) uses it, and each run of
-    other children (ActNorm, 1x1 conv, ...) is inverted without a graph, rerun forward with a
-    graph and backpropagated in one autograd call. Every inverse and rerun is a module call.
-    """
-    children = list(layer.steps) if isinstance(layer, FlowSequence) else [layer]
-    i = len(children)
-    while i > 0:
-        child = children[i - 1]
-        if isinstance(child, FlowSequence):
-            z, grad_z = backprop_through(child, z, grad_z, grad_logdet, cond)
-            i -= 1
-            continue
-        fused = getattr(child, "reconstruct_and_backprop", None)
-        if fused is not None:
-            z, grad_z = fused(z, grad_z, grad_logdet, cond)
-            i -= 1
-            continue
-        j = i - 1  # children[j:i] is a maximal run of plain layers
-        while j > 0 and not isinstance(children[j - 1], FlowSequence) and \
-                getattr(children[j - 1], "reconstruct_and_backprop", None) is None:
-            j -= 1
-        z, grad_z = _backprop_generic(children[j:i], z, grad_z, grad_logdet, cond)
-        i = j
-    return z, grad_z
-
-
-def _backprop_generic(layers, z, grad_z, grad_logdet, cond):
-    with torch.no_grad():
-        for layer in reversed(layers):
-            z, _ = layer(z, cond=cond, reverse=True)
-    x = z.detach().requires_grad_(True)
-    with torch.enable_grad():
-        z_re, ld_re = run_chain(layers, x, cond)
-    outputs, grads = [z_re], [grad_z]
-    if ld_re.requires_grad:
-        outputs.append(ld_re)
-        grads.append(grad_logdet.to(ld_re.dtype))
-    if z_re.requires_grad:
-        torch.autograd.backward(outputs, grads)
-    grad_x = x.grad if x.grad is not None else torch.zeros_like(x)
-    return x.detach(), grad_x
 
 
 class InvertibleSequence(FlowSequence):
     """A FlowSequence whose forward under autograd keeps no intermediate activations.
 
-    Same parameters and state-dict keys as the FlowSequence it replaces. ``recompute`` turns
-    the behaviour on or off; a step with ``step.store_activations = True`` (set by
-    :func:`check_and_flag`) is run with ordinary autograd instead.
+    Built around the steps of the FlowSequence it replaces: the same modules, so the same
+    parameters and state-dict keys. ``recompute`` turns the behaviour on or off; a step with
+    ``step.store_activations = True`` (set by :func:`check_and_flag`) is run with ordinary
+    autograd instead.
     """
 
     recompute: bool = True
@@ -145,7 +98,7 @@ class InvertibleSequence(FlowSequence):
         """Consecutive runs of steps: (recompute?, [steps])."""
         runs: list[tuple[bool, list[Flow]]] = []
         for step in self.steps:
-            ok = not getattr(step, "store_activations", False)
+            ok = not step.store_activations
             if runs and runs[-1][0] == ok:
                 runs[-1][1].append(step)
             else:
@@ -179,10 +132,9 @@ def inverse_checkpoint(flow: nn.Module, enabled: bool = True, levels: list[int] 
     for i, level in enumerate(flow.levels):
         if levels is not None and i not in levels:
             continue
-        seq = level.steps
-        if type(seq) is FlowSequence:
-            seq.__class__ = InvertibleSequence
-        seq.recompute = True
+        if type(level.steps) is FlowSequence:
+            level.steps = InvertibleSequence(level.steps)
+        level.steps.recompute = True
     return flow
 
 
@@ -204,7 +156,7 @@ def checkpoint_steps(flow: nn.Module) -> nn.Module:
     """Switch every level's step chain to per-step ``torch.utils.checkpoint`` (in place)."""
     for level in flow.levels:
         if type(level.steps) is FlowSequence:
-            level.steps.__class__ = CheckpointedSequence
+            level.steps = CheckpointedSequence(level.steps)
     return flow
 
 

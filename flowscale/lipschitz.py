@@ -38,9 +38,9 @@ def flow_regularizer(flow: nn.Module, cfg) -> torch.Tensor:
 
         optim.invconv_l2 * sum_W sum(W^2) / (2 n),   n = the number of 1x1-conv weight entries
 
-    ``cfg`` is the Config or its OptimConfig. Mirrors naturomics/DLF (l2_factor / n times
-    tf.nn.l2_loss of every invconv W)."""
-    factor = getattr(getattr(cfg, "optim", cfg), "invconv_l2", 0.0)
+    ``cfg`` is the factor itself, the Config or its OptimConfig. Mirrors naturomics/DLF
+    (l2_factor / n times tf.nn.l2_loss of every invconv W)."""
+    factor = float(cfg) if isinstance(cfg, (int, float)) else getattr(getattr(cfg, "optim", cfg), "invconv_l2", 0.0)
     param = next(flow.parameters())
     if not factor:
         return torch.zeros((), device=param.device)

@@ -20,10 +20,21 @@ class RunLogger:
         self.path = Path(run_dir) / "metrics.jsonl"
         self.bar = None
         self.wandb = None
-        if is_main and progress and sys.stdout.isatty():
+        self._pending = (total_steps, progress, wandb_cfg, config_dict)
+        if start_step:
+            self.begin(start_step)
+
+    def begin(self, start_step: int = 0) -> None:
+        """Open the progress bar and the W&B run, once the run directory exists and the start
+        step is known (messages before it go through :meth:`info` as plain lines)."""
+        if self._pending is None:
+            return
+        total_steps, progress, wandb_cfg, config_dict = self._pending
+        self._pending = None
+        if self.is_main and progress and sys.stdout.isatty():
             self.bar = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True, desc="train")
-        if is_main and wandb_cfg is not None and wandb_cfg.mode != "disabled":
-            self.wandb = _init_wandb(Path(run_dir), wandb_cfg, config_dict or {})
+        if self.is_main and wandb_cfg is not None and wandb_cfg.mode != "disabled":
+            self.wandb = _init_wandb(self.path.parent, wandb_cfg, config_dict or {})
 
     def info(self, msg: str) -> None:
         if not self.is_main:
@@ -37,6 +48,7 @@ class RunLogger:
         """Append ``{"step": step, **metrics}`` to metrics.jsonl and show it."""
         if not self.is_main:
             return
+        self.begin(step)
         with open(self.path, "a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
         if self.wandb is not None:

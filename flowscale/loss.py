@@ -13,10 +13,12 @@ log-likelihood in bits per sub-pixel, the number flow papers report.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
 from .data.quantize import preprocess
+from .lipschitz import flow_regularizer
 from .priors import standard_normal_logprob
 
 
@@ -36,7 +38,50 @@ def flow_bpd_dequantized(flow, x: torch.Tensor, n_bits: int, y: torch.Tensor | N
     return bits_per_dim(log_pz, logdet, x[0].numel(), n_bits), {"log_pz": log_pz, "logdet": logdet}
 
 
-def flow_bpd(flow, x_uint8: torch.Tensor, n_bits: int, y: torch.Tensor | None = None,
-             noise: bool = True, generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
-    """Reduce to n_bits, dequantise and score a uint8 batch: ([B] bpd, parts)."""
-    return flow_bpd_dequantized(flow, preprocess(x_uint8, n_bits, noise, generator), n_bits, y)
+class Objective(NamedTuple):
+    """What one evaluation of the objective produced (every per-image tensor is [B])."""
+    loss: torch.Tensor
+    """Scalar to minimise: mean bits/dim (float32) plus the Lipschitz penalty."""
+    bpd: torch.Tensor
+    log_pz: torch.Tensor
+    logdet: torch.Tensor
+
+
+def objective(flow, x_uint8: torch.Tensor, n_bits: int, y: torch.Tensor | None = None, *,
+              noise: torch.Generator | None = None, dtype: torch.dtype = torch.float32,
+              device: torch.device | str | None = None, invconv_l2: float = 0.0) -> Objective:
+    """The training objective of a uint8 batch [B, C, H, W], used by training, eval and every bench:
+
+        x    = (floor(x_uint8 / 2^(8 - n_bits)) + u) / 2^n_bits - 0.5,   u ~ U[0, 1)^D
+        bpd  = bits_per_dim(sum_l log N(eps_l; 0, I), logdet)          (eps, logdet) = flow(x, y)
+        loss = mean(bpd) + invconv_l2 * sum_W |W|^2 / (2 n)            (DLF's 1x1-conv penalty)
+
+    ``noise``: where u comes from. A CPU generator from a named stream (:mod:`flowscale.seeds`)
+    gives noise that depends on neither the device nor the number of ranks (eval, benches); None
+    draws from the device's global RNG, seeded per rank (training). ``device``/``dtype``: where
+    and in which precision the flow runs (default: the batch's device).
+    """
+    device = x_uint8.device if device is None else device
+    if noise is not None:  # a CPU stream: draw on the CPU, then move
+        x = preprocess(x_uint8.cpu(), n_bits, generator=noise).to(device, dtype)
+    else:
+        x = preprocess(x_uint8.to(device), n_bits).to(dtype)
+    bpd, parts = flow_bpd_dequantized(flow, x, n_bits, None if y is None else y.to(device))
+    loss = bpd.float().mean()
+    if invconv_l2:
+        loss = loss + flow_regularizer(flow, invconv_l2)
+    return Objective(loss, bpd, parts["log_pz"], parts["logdet"])
+
+
+def training_loss(cfg, device: torch.device | str, dtype: torch.dtype):
+    """``loss_fn(model, x_uint8, y) -> (loss, extra)`` for :func:`flowscale.engine.train_step`:
+    the :func:`objective` of ``cfg`` (training noise from each rank's global RNG; labels used
+    only by class-conditional models), reporting bits/dim and the mean log-det per dimension."""
+
+    def loss_fn(model, x, y):
+        out = objective(model, x, cfg.data.n_bits, y if cfg.model.num_classes > 0 else None, device=device,
+                        dtype=dtype, invconv_l2=cfg.optim.invconv_l2)
+        return out.loss, {"bpd": out.bpd.detach().float().mean(),
+                          "logdet_per_dim": out.logdet.detach().float().mean() / x[0].numel()}
+
+    return loss_fn

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 import torchvision
 
+from . import seeds
 from .data.quantize import postprocess
 
 
@@ -37,7 +38,7 @@ def sample_grid(flow, shapes, n_bits: int, temperatures: list[float], path: str 
     """One row block per temperature (same noise, scaled), written to ``path`` when ``write``."""
     rows = []
     for t in temperatures:
-        g = torch.Generator().manual_seed(seed)
+        g = seeds.generator(seed, "sample")  # the same draws at every temperature
         x = sample(flow, shapes, n_per_row, t, y=y, generator=g, device=device, dtype=dtype)
         rows.append(postprocess(x, n_bits).cpu())
     return save_grid(torch.cat(rows), path, nrow=n_per_row) if write else Path(path)

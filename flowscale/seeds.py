@@ -32,6 +32,7 @@ STREAMS = {
     "eval_noise": "dequantisation noise of evaluation, per batch start index",
     "health": "dequantisation noise of the reconstruction-health check",
     "bench": "batch order and noise of benchmarks",
+    "bound": "dequantisation noise of the linear-flow bound's covariance",
     "sample": "latent draws of sample grids",
 }
 

@@ -1,6 +1,7 @@
 """``main(cfg)``: the one training loop where the pieces meet.
 
-    batches -> dequantise -> flow (DeepSpeed engine) -> bits/dim -> step -> log / eval / sample / checkpoint
+    shards -> loader -> (x uint8, y) -> objective: dequantise, flow, bits/dim (+ penalty)
+           -> engine.train_step (DeepSpeed: micro-batches, veto, step) -> EMA -> log / eval / sample / checkpoint
 
 The same function runs as a single process, under ``torchrun``, under the ``deepspeed``
 launcher and under Slurm (rank and rendezvous come from the environment, see
@@ -12,7 +13,7 @@ an uninterrupted one would have.
 
 from __future__ import annotations
 
-import math
+import contextlib
 import time
 import warnings
 from pathlib import Path
@@ -20,72 +21,36 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt_io
-from .config import Config, load_config, to_dict, to_yaml
+from . import seeds
+from .build import build_training, pick_device
+from .checkpoint import load_trained  # noqa: F401  (flowscale.train.load_trained, as before)
+from .config import Config, to_dict, to_yaml
 from .data import build_train_loader, eval_split, first_images
-from .data.quantize import preprocess
-from .distributed import DistInfo, cleanup, init_distributed, rng_state, seed_everything, set_rng_state
-from .engine import EMA, batch_layout, initialize, model_dtype, train_step
+from .distributed import (DistInfo, all_equal, barrier, cleanup, init_distributed, rank0_decides, rng_state,
+                          set_rng_state, sum_over_ranks)
+from .engine import train_step
 from .evaluate import evaluate_bpd
-from .flows.actnorm import initialize_actnorm
-from .flows.models import build_flow
+from .inverse_checkpoint import check_and_flag
 from .lipschitz import logdet_stats
-from .inverse_checkpoint import check_and_flag, inverse_checkpoint
 from .lock import acquire, release
 from .logging import RunLogger
+from .loss import training_loss
+from .data.quantize import preprocess
 from .sample import sample_grid
 
 
-def pick_device(name: str) -> torch.device:
-    """``auto`` = cuda when available, else cpu; ``cuda`` without a GPU is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda but no CUDA device is visible; use --device cpu or auto")
-    return torch.device(name)
-
-
-def build_model(cfg: Config, device: torch.device | str = "cpu"):
-    """The flow for ``cfg`` on ``device`` with the memory wrapper applied from outside."""
-    flow = build_flow(cfg.model, cfg.data.channels, cfg.data.image_size).to(device)
-    return inverse_checkpoint(flow, enabled=cfg.memory.inverse_recompute, levels=cfg.memory.recompute_levels)
-
-
-def build_optimizer(cfg: Config, params) -> tuple[torch.optim.Optimizer, callable]:
-    """A torch optimizer and the LR multiplier schedule(step): linear warmup, then optional
-    cosine / linear / exponential decay to optim.min_lr_ratio at train.steps."""
-    o = cfg.optim
-    params = [p for p in params if p.requires_grad]
-    kinds = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "adamax": torch.optim.Adamax}
-    opt = kinds[o.name](params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
-    total, warm = cfg.train.steps, o.warmup_steps
-
-    def schedule(step: int) -> float:
-        if warm and step < warm:
-            return (step + 1) / warm
-        progress = min(1.0, (step - warm) / max(1, total - warm))
-        floor = o.min_lr_ratio
-        if o.decay == "cosine":
-            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-        if o.decay == "linear":
-            return floor + (1 - floor) * (1 - progress)
-        if o.decay == "exponential":
-            return floor ** progress
-        return 1.0
-
-    return opt, schedule
-
-
-def health_metrics(flow, batch: torch.Tensor, cfg: Config) -> dict:
+def health_metrics(flow, batch: torch.Tensor, cfg: Config, dtype: torch.dtype) -> dict:
     """Per-level inverse reconstruction error |x - f^-1(f(x))| / |x| (flags unstable steps so
     they store activations instead of being recomputed through their inverse), and per-level
     statistics of each step's log-det per dimension (``logdet_step/level_i/{mean,min,max}``)."""
-    # Own generator: the check must not consume the training RNG (exact resume).
-    x = preprocess(batch.cpu(), cfg.data.n_bits, generator=torch.Generator().manual_seed(cfg.train.seed))
+    # Its own stream: the check must not consume the training RNG (exact resume).
+    x = preprocess(batch.cpu(), cfg.data.n_bits, generator=seeds.generator(cfg.train.seed, "health"))
     param = next(flow.parameters())
-    errs = check_and_flag(flow, x.to(param.device, model_dtype(cfg)), cfg.memory.max_reconstruction_error)
+    x = x.to(param.device, dtype)
+    errs = check_and_flag(flow, x, cfg.memory.max_reconstruction_error)
     out = {f"recon_err/level_{i}": e for i, e in enumerate(errs["level"])}
     out["recon_unstable_steps"] = errs["flagged"]
-    out.update(logdet_stats(flow, x.to(param.device, model_dtype(cfg))))  # per-level volume change per step
+    out.update(logdet_stats(flow, x))  # per-level volume change per step
     return out
 
 
@@ -99,14 +64,18 @@ def main(cfg: Config, resume: bool = True, resume_from: str | Path | None = None
     ``train.run_dir`` is only loaded with ``trust_checkpoint=True``.
     """
     chosen = _check_resume_from(cfg, resume, resume_from, trust_checkpoint)
-    info = init_distributed(cfg.engine.backend)
+    pick_device(cfg.train.device)  # a device that is not there is refused before anything starts
+    info = init_distributed(cfg.engine.backend, cfg.train.device)
+    log = RunLogger(cfg.train.run_dir, cfg.train.steps, is_main=info.is_main, progress=cfg.train.progress,
+                    wandb_cfg=cfg.wandb, config_dict=to_dict(cfg))
     lock = None
     try:
         if info.is_main:
-            lock = _prepare_run_dir(cfg, resume, chosen)
-        _barrier()
-        return _train(cfg, info, resume, chosen)
+            lock = _prepare_run_dir(cfg, resume, chosen, log)
+        barrier()
+        return _train(cfg, info, log, resume, chosen)
     finally:
+        log.close()
         release(lock)
         cleanup()
 
@@ -127,19 +96,14 @@ def _check_resume_from(cfg: Config, resume: bool, resume_from, trust: bool) -> P
     return ckpt
 
 
-def _barrier():
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-
-
-def _prepare_run_dir(cfg: Config, resume: bool, chosen: Path | None = None):
+def _prepare_run_dir(cfg: Config, resume: bool, chosen: Path | None, log: RunLogger):
     run_dir = Path(cfg.train.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    lock = acquire(run_dir)
+    lock = acquire(run_dir, log=log.info)
     if chosen is not None:
         moved = ckpt_io.set_aside_newer(run_dir, int(chosen.name.split("_")[1]))
         if moved is not None:  # kept, out of resolve_latest's sight, so a later restart continues this branch
-            print(f"resuming from {chosen}: this run's newer checkpoints were moved to {moved}", flush=True)
+            log.info(f"resuming from {chosen}: this run's newer checkpoints were moved to {moved}")
     latest = ckpt_io.resolve_latest(run_dir)
     if latest is not None and not resume:
         release(lock)
@@ -149,30 +113,15 @@ def _prepare_run_dir(cfg: Config, resume: bool, chosen: Path | None = None):
     return lock
 
 
-def _train(cfg: Config, info: DistInfo, resume: bool, chosen: Path | None = None) -> dict:
+def _train(cfg: Config, info: DistInfo, log: RunLogger, resume: bool, chosen: Path | None = None) -> dict:
     run_dir = Path(cfg.train.run_dir)
-    device = torch.device("cuda", info.local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    layout = batch_layout(cfg, info.world_size)
-    seed_everything(cfg.train.seed, info.rank)
-    say = print if info.is_main else (lambda *a, **k: None)
-
+    device = pick_device(cfg.train.device, info.local_rank)
     loader = build_train_loader(cfg.data, rank=info.rank, world_size=info.world_size, seed=cfg.data.seed)
     test_x = eval_split(cfg.data, "test")  # streamed from its shards at every eval
-    flow = build_model(cfg, device)
-
-    # Data-dependent ActNorm init on the raw module, statistics all-reduced over ranks, BEFORE
-    # DeepSpeed wraps it (a lazy init inside forward breaks under DeepSpeed). Resume overwrites it.
-    g = torch.Generator().manual_seed(cfg.train.seed)
-    init = first_images(cfg.data, cfg.train.init_batch_size)
+    init = first_images(cfg.data, cfg.train.init_batch_size)  # ActNorm's data init; resume overwrites it
     init = init.chunk(info.world_size)[info.rank] if len(init) >= info.world_size else init
-    n_init = initialize_actnorm(flow, preprocess(init, cfg.data.n_bits, generator=g).to(device))
-    flow = flow.to(model_dtype(cfg)) if cfg.engine.precision != "fp32" else flow
-
-    optimizer, schedule = build_optimizer(cfg, flow.parameters())
-    engine = initialize(cfg, flow, optimizer, lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
-                        info.world_size)
-    module = engine.module
-    ema = EMA(module, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
+    run = build_training(cfg, info, init, device)
+    engine, module, ema, dtype, layout = run.engine, run.module, run.ema, run.dtype, run.layout
     shapes = module.latent_shapes(cfg.data.channels, cfg.data.image_size)
 
     step, bad_in_row, skipped_total = 0, 0, 0
@@ -185,19 +134,16 @@ def _train(cfg: Config, info: DistInfo, resume: bool, chosen: Path | None = None
         step, bad_in_row, skipped_total = client["step"], client["bad_in_row"], client["skipped_total"]
         loader.load_state_dict(rank_state["loader"])
         set_rng_state(rank_state["rng"])
-        if ema is not None and client.get("ema") is not None:
-            ema.load_state_dict(client["ema"])
-        say(f"resumed from {path} at step {step}", flush=True)
+        if ema is not None:
+            ema.load_state_dict(ckpt_io.load_ema(path, client))
+        log.info(f"resumed from {path} at step {step}")
     else:
-        say(f"initialised {n_init} ActNorm layers from {len(init) * info.world_size} images", flush=True)
-
-    n_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in module.parameters())
-    say(f"model: {cfg.model.preset} L={cfg.model.levels} K={cfg.model.steps} width={cfg.model.widths or cfg.model.width} "
-        f"params={n_params / 1e6:.2f}M | ranks={info.world_size} global batch={layout['global']} "
-        f"micro-batch={layout['micro']} x accum={layout['accum']} | ZeRO-{cfg.engine.zero_stage} "
-        f"{cfg.engine.precision} | device={device} run_dir={run_dir}", flush=True)
-    log = RunLogger(run_dir, cfg.train.steps, start_step=step, is_main=info.is_main, progress=cfg.train.progress,
-                    wandb_cfg=cfg.wandb, config_dict=to_dict(cfg))
+        log.info(f"initialised {run.n_actnorm} ActNorm layers from {len(init) * info.world_size} images")
+    log.info(f"model: {cfg.model.preset} L={cfg.model.levels} K={cfg.model.steps} "
+             f"width={cfg.model.widths or cfg.model.width} params={run.n_params / 1e6:.2f}M | ranks={info.world_size} "
+             f"global batch={layout['global']} micro-batch={layout['micro']} x accum={layout['accum']} | "
+             f"ZeRO-{cfg.engine.zero_stage} {cfg.engine.precision} | device={device} run_dir={run_dir}")
+    log.begin(step)
     if cfg.train.bound_images and found is None and info.is_main:
         from .bound import dataset_bound  # the floor of any linear flow, logged once beside bits/dim
 
@@ -205,8 +151,7 @@ def _train(cfg: Config, info: DistInfo, resume: bool, chosen: Path | None = None
         log.log(step, {"linear_bound_bpd": bound["bpd"], "linear_bound_bpd_population": bound["bpd_population"]})
 
     def save(step: int) -> None:
-        client = {"step": step, "bad_in_row": bad_in_row, "skipped_total": skipped_total,
-                  "ema": ema.state_dict() if ema is not None else None, "config": to_dict(cfg)}
+        client = {"step": step, "bad_in_row": bad_in_row, "skipped_total": skipped_total, "config": to_dict(cfg)}
         ckpt_io.save(engine, run_dir, step, info.rank, {"loader": loader.state_dict(), "rng": rng_state()},
                      client, to_yaml(cfg), cfg.train.keep_last, ema.state_dict() if ema is not None else None)
 
@@ -216,29 +161,30 @@ def _train(cfg: Config, info: DistInfo, resume: bool, chosen: Path | None = None
         want_samples = final or (t.sample_every and step % t.sample_every == 0)
         if not (want_eval or want_samples):
             return out
-        swap = ema.swapped_in(module) if ema is not None else _nothing()
-        with swap:
+        with ema.swapped_in(module) if ema is not None else contextlib.nullcontext():
             if want_eval:  # every rank scores its share of the test split
                 out["test_bpd"] = evaluate_bpd(module, test_x, cfg.data.n_bits, layout["micro"], device,
                                                seed=cfg.train.seed, rank=info.rank, world_size=info.world_size,
-                                               dtype=model_dtype(cfg))
+                                               dtype=dtype)
             if want_samples:  # every rank runs it (ZeRO-3 gathers parameters collectively)
                 module.eval()
                 path = run_dir / "samples" / f"step_{step:08d}.png"
                 sample_grid(module, shapes, cfg.data.n_bits, t.temperatures, path, seed=cfg.train.seed,
-                            device=device, write=info.is_main, dtype=model_dtype(cfg))
+                            device=device, write=info.is_main, dtype=dtype)
                 out["samples"] = str(path)
                 log.images(step, {"samples": str(path)})
         return out
 
+    # What is optimised: bits/dim of the dequantised batch, plus the 1x1-conv L2 penalty when set.
+    loss_fn = training_loss(cfg, device, dtype)
     metrics: dict = {}
     t0, seen, start_step, last_save = time.time(), 0, step, time.time()
     while step < cfg.train.steps:
-        batch, labels = next(loader)  # labels (int64 [B]) when the shards have them, else None
+        x, y = next(loader)  # uint8 [B, C, H, W]; labels int64 [B] when the shards have them, else None
         # Checked at the first step of every (re)start too: the unstable-step flags are runtime state.
         if cfg.memory.check_every and (step % cfg.memory.check_every == 0 or step == start_step):
-            log.log(step, health_metrics(module, batch[:cfg.memory.check_batch_size], cfg), echo=False)
-        metrics = train_step(engine, batch, labels if cfg.model.num_classes > 0 else None, cfg, step, ema)
+            log.log(step, health_metrics(module, x[:cfg.memory.check_batch_size], cfg, dtype), echo=False)
+        metrics = train_step(engine, (x, y), loss_fn)  # loss = bits/dim (+ penalty), backward, optimizer step
         step += 1
         if metrics["skipped"]:
             bad_in_row, skipped_total = bad_in_row + 1, skipped_total + 1
@@ -249,22 +195,24 @@ def _train(cfg: Config, info: DistInfo, resume: bool, chosen: Path | None = None
                     f"optim.warmup_steps, or use bounded scales (model.scale_fn). No checkpoint was written from these weights.")
             continue
         bad_in_row = 0
-        seen += len(batch) * info.world_size
+        if ema is not None:
+            ema.update(module)
+        seen += len(x) * info.world_size
         log.advance(bpd=metrics["bpd"])
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
             metrics["images_per_s"] = seen / (time.time() - t0)
             metrics["mem_gb"] = _memory_gb(device)
             metrics["epoch"] = loader.epoch
             if cfg.data.bad_data == "skip":  # bad samples skipped so far, all ranks (collective: every rank logs here)
-                metrics["data_skipped"] = _sum_over_ranks(loader.skipped, device)
+                metrics["data_skipped"] = int(sum_over_ranks(loader.skipped, device))
             t0, seen = time.time(), 0
-            log.log(step, metrics)
+            log.log(step, {k: v for k, v in metrics.items() if k != "loss" or cfg.optim.invconv_l2})
         extra = evaluate_and_sample(step, final=step == cfg.train.steps)
         if extra:
             log.log(step, extra)
             metrics.update(extra)
         due_time = cfg.train.checkpoint_minutes > 0 and time.time() - last_save > 60 * cfg.train.checkpoint_minutes
-        if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps or _agree(due_time):
+        if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps or rank0_decides(due_time):
             save(step)
             last_save = time.time()
     if info.world_size > 1:
@@ -272,7 +220,6 @@ def _train(cfg: Config, info: DistInfo, resume: bool, chosen: Path | None = None
         log.log(step, {"ranks_agree": int(agree)})
         if not agree:
             warnings.warn("model replicas differ across ranks at the end of training")
-    log.close()
     if not metrics:  # resumed a finished run: report its final state without training
         metrics = evaluate_and_sample(step, final=True)
     return {"step": step, **metrics}
@@ -292,43 +239,4 @@ def ranks_agree(engine) -> bool:
     state = ckpt_io.consolidated_state_dict(engine)
     digest = torch.tensor([sum(float(v.double().sum()) + float((v.double() ** 2).sum()) * 1e-3
                                for v in state.values() if v.is_floating_point())], dtype=torch.float64)
-    gathered = [torch.zeros_like(digest) for _ in range(torch.distributed.get_world_size())]
-    torch.distributed.all_gather(gathered, digest)
-    return all(torch.equal(g, gathered[0]) for g in gathered)
-
-
-def _sum_over_ranks(n: int, device) -> int:
-    t = torch.tensor([float(n)], device=device)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(t)
-    return int(t.item())
-
-
-def _agree(flag: bool) -> bool:
-    """True on every rank if rank 0 says so (time-based saves must be collective)."""
-    if not torch.distributed.is_initialized():
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0])
-    torch.distributed.broadcast(t, 0)
-    return bool(t.item())
-
-
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
-def load_trained(ckpt: str | Path, device: torch.device | str = "cpu", use_ema: bool = True):
-    """(flow in eval mode, Config) from a run directory (its latest) or a checkpoint directory.
-
-    Reads only the safetensors export and config.yaml, never pickles.
-    """
-    state, path, _ = ckpt_io.load_exported(ckpt, use_ema)
-    cfg = load_config(path / "config.yaml")
-    flow = build_model(cfg, device)
-    flow.load_state_dict(state)
-    flow.eval()
-    return flow, cfg
+    return all_equal(digest)

@@ -47,7 +47,7 @@ def test_model_specs():
         parse_spec("dlf:lr=1")
 
 
-def test_tiny_converge_run(tmp_path, capsys):
+def test_tiny_converge_run(tmp_path, capsys, single_process_env):
     out = tmp_path / "out"
     rc = cli_main(["bench", "converge", "model.levels=2", "model.steps=1", "model.width=8", "data.image_size=8",
                    "data.train_size=256", "data.test_size=64", "data.batch_size=16", "train.init_batch_size=32",

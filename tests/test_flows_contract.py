@@ -108,11 +108,26 @@ def test_coupling_log_det_is_not_constant_across_samples():
 
 @pytest.mark.parametrize("learned", [True, False])
 def test_split_prior_contract(learned):
-    prior = SplitPrior(cond_channels=C, channels=C).double()
-    perturb_(prior, 0.5, seed=2)
-    z2, z1 = data(seed=1), data(seed=2)
-    round_trip(prior, z2, cond=z1)
-    assert_jacobian(prior, z2, cond=z1)
+    if learned:  # Glow's split2d: eps = (z2 - mu(z1)) / sigma(z1), a flow of its own
+        prior = SplitPrior(cond_channels=C, channels=C).double()
+        perturb_(prior, 0.5, seed=2)
+        z2, z1 = data(seed=1), data(seed=2)
+        round_trip(prior, z2, cond=z1)
+        ld = assert_jacobian(prior, z2, cond=z1)
+        assert ld.abs().max() > 1e-2
+        return
+    # RealNVP's fixed N(0, I) on the factored-out half: no prior layer, eps is z2 itself, and the
+    # whole model's log-det is still exact.
+    flow = small_flow("glow", levels=2, steps=1, width=6, size=4, scale=0.2, seed=8, split_prior="fixed")
+    assert flow.levels[0].prior is None
+    x = torch.rand(2, 3, 4, 4, generator=torch.Generator().manual_seed(9)) - 0.5
+    eps, ld = flow(x)
+    x_back, ld_inv = flow(eps, reverse=True)
+    assert (x - x_back).abs().max() < 1e-9 and (ld + ld_inv).abs().max() < 1e-9
+    for i in range(2):
+        assert abs(brute_force_logdet(lambda v: flat_model(flow, v), x[i:i + 1]).item() - ld[i].item()) < 1e-8
+    learned = small_flow("glow", levels=2, steps=1, width=6, size=4, scale=0.2, seed=8, split_prior="learned")
+    assert not torch.allclose(learned(x)[1], ld), "the learned prior's log-det must differ from the fixed one"
 
 
 @pytest.mark.parametrize("num_classes", [0, 5])

@@ -6,13 +6,12 @@ and the next clean step trains normally."""
 import pytest
 import torch
 
+from flowscale.build import build_training
 from flowscale.checkpoint import consolidated_state_dict
 from flowscale.config import load_config
-from flowscale.data.quantize import preprocess
 from flowscale.distributed import cleanup, init_distributed
-from flowscale.engine import initialize, model_dtype, train_step
-from flowscale.flows.actnorm import initialize_actnorm
-from flowscale.train import build_model, build_optimizer
+from flowscale.engine import train_step
+from flowscale.loss import training_loss
 
 pytestmark = pytest.mark.usefixtures("single_process_env")
 
@@ -21,14 +20,8 @@ def make_engine(*overrides):
     cfg = load_config(None, ["model.levels=2", "model.steps=2", "model.width=8", "data.batch_size=8",
                              "optim.warmup_steps=4", "train.steps=20", *overrides])
     info = init_distributed("gloo")
-    torch.manual_seed(0)
-    flow = build_model(cfg, "cpu")
-    initialize_actnorm(flow, preprocess(batch(cfg, 1), cfg.data.n_bits, generator=torch.Generator().manual_seed(0)))
-    if cfg.engine.precision != "fp32":
-        flow = flow.to(model_dtype(cfg))
-    opt, schedule = build_optimizer(cfg, flow.parameters())
-    engine = initialize(cfg, flow, opt, lambda o: torch.optim.lr_scheduler.LambdaLR(o, schedule), info.world_size)
-    return cfg, engine
+    run = build_training(cfg, info, batch(cfg, 1), torch.device("cpu"))
+    return cfg, run.engine, training_loss(cfg, run.device, run.dtype)
 
 
 def batch(cfg, seed):
@@ -60,23 +53,23 @@ CASES += [(0, "bf16", "grad", 1), (2, "bf16", "loss", 2)]
 
 @pytest.mark.parametrize("stage,precision,fault,accum", CASES)
 def test_bad_step_is_skipped_and_training_goes_on(stage, precision, fault, accum):
-    cfg, engine = make_engine(f"engine.zero_stage={stage}", f"engine.precision={precision}",
+    cfg, engine, loss_fn = make_engine(f"engine.zero_stage={stage}", f"engine.precision={precision}",
                               f"engine.grad_accum={accum}")
     try:
-        train_step(engine, batch(cfg, 1), None, cfg, 0)  # one clean step: optimizer state exists
+        train_step(engine, (batch(cfg, 1), None), loss_fn)  # one clean step: optimizer state exists
         before, lr_before = weights(engine), engine.get_lr()[0]
         if fault == "loss":  # the last micro-batch's loss is NaN, the earlier ones were accumulated
             handle = nan_logdet_on_call(engine.module, accum)
         else:  # finite loss, NaN gradient on one parameter
             p = next(q for q in engine.module.parameters() if q.requires_grad)
             handle = p.register_hook(lambda g: g * float("nan"))
-        m = train_step(engine, batch(cfg, 2), None, cfg, 1)
+        m = train_step(engine, (batch(cfg, 2), None), loss_fn)
         handle.remove()
         assert m["skipped"] == 1
         after = weights(engine)
         assert all(torch.equal(before[k], after[k]) for k in before), "a skipped step changed the weights"
         assert engine.get_lr()[0] > lr_before, "the warmup schedule advances with the step count"
-        m = train_step(engine, batch(cfg, 3), None, cfg, 2)
+        m = train_step(engine, (batch(cfg, 3), None), loss_fn)
         assert m["skipped"] == 0 and m["bpd"] == m["bpd"]
         final = weights(engine)
         assert any(not torch.equal(after[k], final[k]) for k in after), "the next clean step must train"
@@ -86,15 +79,15 @@ def test_bad_step_is_skipped_and_training_goes_on(stage, precision, fault, accum
 
 
 def test_nan_in_first_micro_batch_never_reaches_deepspeed():
-    cfg, engine = make_engine("engine.grad_accum=2")
+    cfg, engine, loss_fn = make_engine("engine.grad_accum=2")
     try:
-        train_step(engine, batch(cfg, 1), None, cfg, 0)
+        train_step(engine, (batch(cfg, 1), None), loss_fn)
         micro_before, before = engine.micro_steps, weights(engine)
         handle = nan_logdet_on_call(engine.module, 1)
-        assert train_step(engine, batch(cfg, 2), None, cfg, 1)["skipped"] == 1
+        assert train_step(engine, (batch(cfg, 2), None), loss_fn)["skipped"] == 1
         handle.remove()
         assert engine.micro_steps == micro_before
         assert all(torch.equal(v, weights(engine)[k]) for k, v in before.items())
-        assert train_step(engine, batch(cfg, 3), None, cfg, 2)["skipped"] == 0
+        assert train_step(engine, (batch(cfg, 3), None), loss_fn)["skipped"] == 0
     finally:
         cleanup()

@@ -78,9 +78,10 @@ def test_spectral_norm_switch_in_models(preset):
     bpd, _ = flow_bpd_dequantized(flow, x, 8)
     bpd.mean().backward()
     assert all(p.grad is not None for p in flow.parameters() if p.requires_grad)
-    assert build_flow(ModelConfig(preset=preset, levels=1, steps=1), 3, 8) is not None
-    assert not any(isinstance(m, BoundedSpectralNorm)
-                   for m in build_flow(ModelConfig(preset=preset, levels=1, steps=1), 3, 8).modules())
+    # Switched off (the default), no layer is bounded, and the networks keep their ActNorms.
+    off = build_flow(ModelConfig(preset=preset, levels=2, steps=2, width=8), 3, 8)
+    assert not any(isinstance(m, BoundedSpectralNorm) for m in off.modules())
+    assert sum(p.numel() for p in off.parameters()) != sum(p.numel() for p in flow.parameters())
 
 
 def test_lu_log_diagonal_bound():

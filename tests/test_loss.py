@@ -8,7 +8,7 @@ import torch
 
 from flowscale.data.quantize import dequantize, postprocess, preprocess, reduce_bits
 from flowscale.flows.base import Flow, zeros_logdet
-from flowscale.loss import bits_per_dim, flow_bpd, flow_bpd_dequantized
+from flowscale.loss import bits_per_dim, flow_bpd_dequantized, objective
 
 
 class IdentityFlow(Flow):
@@ -84,9 +84,29 @@ def test_preprocess_rejects_float_pixels():
         preprocess(torch.zeros(1, 3, 2, 2), 8)
 
 
-def test_flow_bpd_from_pixels_uses_the_same_definition():
+def test_objective_from_pixels_uses_the_same_definition():
     x = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)
     g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
-    a, _ = flow_bpd(IdentityFlow(), x, 5, generator=g1)
-    b, _ = flow_bpd_dequantized(IdentityFlow(), preprocess(x, 5, generator=g2), 5)
-    assert torch.equal(a, b)
+    out = objective(IdentityFlow(), x, 5, noise=g1)
+    b, parts = flow_bpd_dequantized(IdentityFlow(), preprocess(x, 5, generator=g2), 5)
+    assert torch.equal(out.bpd, b) and torch.equal(out.logdet, parts["logdet"])
+    assert out.loss.item() == pytest.approx(b.mean().item(), rel=1e-7)
+    # Without a stream the noise comes from torch's global RNG, as in training.
+    torch.manual_seed(3)
+    c = objective(IdentityFlow(), x, 5).bpd
+    torch.manual_seed(3)
+    assert torch.equal(c, flow_bpd_dequantized(IdentityFlow(), preprocess(x, 5), 5)[0])
+
+
+def test_objective_adds_the_invconv_penalty():
+    from flowscale.config import ModelConfig
+    from flowscale.flows.models import build_flow
+    from flowscale.lipschitz import flow_regularizer
+
+    flow = build_flow(ModelConfig(preset="glow", levels=1, steps=1, width=4), 3, 4)
+    x = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)
+    plain = objective(flow, x, 8, noise=torch.Generator().manual_seed(0))
+    pen = objective(flow, x, 8, noise=torch.Generator().manual_seed(0), invconv_l2=0.5)
+    assert torch.equal(plain.bpd, pen.bpd)
+    expected = flow_regularizer(flow, 0.5).item()
+    assert expected > 0 and pen.loss.item() - plain.loss.item() == pytest.approx(expected, rel=1e-5)

@@ -48,6 +48,16 @@ def test_short_demo_run_lowers_bits_per_dim(tmp_path):
     assert not (run / ".lock").exists(), "the run-dir lock is released at exit"
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_train_device_is_honoured(tmp_path):
+    from flowscale.config import ConfigError
+
+    # train.device=cuda used to be ignored (training silently ran on whatever was there).
+    with pytest.raises(ConfigError, match="train.device"):
+        train_main(small_cfg(tmp_path / "run", "train.device=cuda", "train.steps=1"))
+    assert not (tmp_path / "run").exists(), "refused before anything was written"
+
+
 def test_resume_continues_exactly(tmp_path):
     common = ["train.log_every=1", *QUIET, "train.checkpoint_every=6", "optim.warmup_steps=3", "optim.ema_decay=0.9"]
     train_main(small_cfg(tmp_path / "a", "train.steps=12", *common))

@@ -50,33 +50,29 @@ def match_width(model_cfg, target: int, channels: int, size: int) -> int:
     return min(cands, key=lambda w: abs(count_params(replace(model_cfg, width=w), channels, size) - target))
 
 
-def train_one(cfg, train_x, test_x, steps: int, eval_every: int, seed: int, log=print) -> dict:
-    """Train one model with a plain torch loop; returns its curve and timings."""
+def train_one(cfg, info, train_x, test_x, steps: int, eval_every: int, seed: int, log=print) -> dict:
+    """Train one model on the training path of ``flowscale train`` (build_training, the
+    objective, train_step on a one-rank DeepSpeed engine); returns its curve and timings.
+    Every model sees the same batches (the ``bench`` stream) and the same noise."""
     import torch
 
-    from ..data.quantize import preprocess
+    from .. import seeds
+    from ..build import build_training, pick_device
+    from ..engine import train_step
     from ..evaluate import evaluate_bpd
-    from ..flows.actnorm import initialize_actnorm
-    from ..flows.models import build_flow
-    from ..lipschitz import flow_regularizer
-    from ..loss import flow_bpd_dequantized
-    from ..train import build_optimizer
+    from ..loss import training_loss
 
-    torch.manual_seed(seed)
     d = cfg.data
-    flow = build_flow(cfg.model, d.channels, d.image_size)
-    g_init = torch.Generator().manual_seed(seed)
-    initialize_actnorm(flow, preprocess(train_x[:cfg.train.init_batch_size], d.n_bits, generator=g_init))
-    opt, schedule = build_optimizer(cfg, flow.parameters())
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-    g_order = torch.Generator().manual_seed(seed)  # the same batches and noise for every model
-    g_noise = torch.Generator().manual_seed(seed + 1)
+    run = build_training(cfg, info, train_x[:cfg.train.init_batch_size], pick_device(cfg.train.device))
+    loss_fn = training_loss(cfg, run.device, run.dtype)
+    g_order = seeds.generator(seed, "bench")  # the same batches for every model
     order = torch.randperm(len(train_x), generator=g_order)
     pos = 0
     curve, window, train_s = [], [], 0.0
 
     def evaluate(step: int) -> None:
-        test = evaluate_bpd(flow, test_x, d.n_bits, batch_size=128, seed=seed)
+        test = evaluate_bpd(run.module, test_x, d.n_bits, batch_size=128, device=run.device, seed=seed,
+                            dtype=run.dtype)
         train = sum(window) / len(window) if window else float("nan")
         curve.append({"step": step, "wall_s": train_s, "test_bpd": test, "train_bpd": train})
         window.clear()
@@ -90,25 +86,17 @@ def train_one(cfg, train_x, test_x, steps: int, eval_every: int, seed: int, log=
         batch = train_x[order[pos:pos + d.batch_size]]
         pos += d.batch_size
         t0 = time.perf_counter()
-        x = preprocess(batch, d.n_bits, generator=g_noise)
-        opt.zero_grad(set_to_none=True)
-        bpd, _ = flow_bpd_dequantized(flow, x, d.n_bits)
-        loss = bpd.mean()
-        if not torch.isfinite(loss):
-            diverged = step
-            log(f"    non-finite bits/dim at step {step}: stopped")
-            break
-        (loss + flow_regularizer(flow, cfg)).backward()
-        if cfg.optim.grad_clip:
-            torch.nn.utils.clip_grad_norm_(flow.parameters(), cfg.optim.grad_clip)
-        opt.step()
-        sched.step()
+        metrics = train_step(run.engine, (batch, None), loss_fn)
         train_s += time.perf_counter() - t0
-        window.append(loss.item())
+        if metrics["skipped"]:
+            diverged = step
+            log(f"    non-finite bits/dim or gradient at step {step}: stopped")
+            break
+        window.append(metrics["bpd"])
         if step % eval_every == 0 or step == steps:
             evaluate(step)
     return {"curve": curve, "diverged_at": diverged, "s_per_step": train_s / max(1, step - (diverged is not None)),
-            "params": sum(p.numel() for p in flow.parameters())}
+            "params": run.n_params}
 
 
 def parse_spec(spec: str) -> tuple[str, list[str]]:
@@ -146,6 +134,7 @@ def run(args) -> int:
 
     from ..config import load_config
     from ..data import build_datasets
+    from ..distributed import cleanup, init_distributed
 
     if args.config and "=" in args.config:  # only overrides were given
         args.overrides, args.config = [args.config, *args.overrides], None
@@ -183,11 +172,15 @@ def run(args) -> int:
               f"population {bound['bpd_population']:.4f} bits/dim", flush=True)
 
     results = {}
-    for name, cfg in configs.items():
-        print(f"  {name}: width {cfg.model.width}, {count_params(cfg.model, d.channels, d.image_size):,} parameters",
-              flush=True)
-        results[name] = train_one(cfg, train_x, test_x, args.steps, args.eval_every, args.seed)
-        results[name]["width"] = cfg.model.width
+    info = init_distributed(base.engine.backend, base.train.device)  # one rank: the trainer's engine
+    try:
+        for name, cfg in configs.items():
+            print(f"  {name}: width {cfg.model.width}, {count_params(cfg.model, d.channels, d.image_size):,} "
+                  f"parameters", flush=True)
+            results[name] = train_one(cfg, info, train_x, test_x, args.steps, args.eval_every, args.seed)
+            results[name]["width"] = cfg.model.width
+    finally:
+        cleanup()
 
     first = args.models[0]
     target = args.target if args.target is not None else results[first]["curve"][-1]["test_bpd"]

@@ -72,26 +72,21 @@ def run_case(path: str, overrides: list[str], case: str, micro_batch: int, steps
 
     import torch
 
-    from ..distributed import cleanup, init_distributed, seed_everything
-    from ..engine import initialize, model_dtype, train_step
-    from ..flows.actnorm import initialize_actnorm
-    from ..train import build_model, build_optimizer
+    from ..build import build_training
+    from ..distributed import cleanup, init_distributed
+    from ..engine import train_step
+    from ..loss import training_loss
 
     cfg = case_config(path, overrides, case, micro_batch)
     dev = torch.device(device)
-    info = init_distributed(cfg.engine.backend)
+    info = init_distributed(cfg.engine.backend, dev.type)
     try:
-        seed_everything(cfg.train.seed)
         rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # after the imports
-        flow = build_model(cfg, dev)
         c, s, b = cfg.data.channels, cfg.data.image_size, cfg.data.batch_size
-        with torch.no_grad():  # no graph: the init's activations must not set the peak
-            initialize_actnorm(flow, torch.rand(min(micro_batch, 16), c, s, s, device=dev) - 0.5)
-        n_params = sum(p.numel() for p in flow.parameters())  # before ZeRO-3 could partition them
-        flow = flow.to(model_dtype(cfg)) if cfg.engine.precision != "fp32" else flow  # as train.py does
-        optimizer, schedule = build_optimizer(cfg, flow.parameters())
-        engine = initialize(cfg, flow, optimizer, lambda o: torch.optim.lr_scheduler.LambdaLR(o, schedule),
-                            info.world_size)
+        init = torch.randint(0, 256, (min(micro_batch, 16), c, s, s), dtype=torch.uint8)
+        run = build_training(cfg, info, init, dev)  # as flowscale train does (the init runs without a graph)
+        loss_fn = training_loss(cfg, dev, run.dtype)
+        n_params = run.n_params
         n_cls = cfg.model.num_classes
         batches = [(torch.randint(0, 256, (b, c, s, s), dtype=torch.uint8),
                     torch.randint(0, n_cls, (b,)) if n_cls > 0 else None) for _ in range(2)]
@@ -103,7 +98,7 @@ def run_case(path: str, overrides: list[str], case: str, micro_batch: int, steps
         times, skipped, metrics = [], 0, {}
         for i in range(warmup + steps):
             t0 = time.perf_counter()
-            metrics = train_step(engine, *batches[i % 2], cfg, i)
+            metrics = train_step(run.engine, batches[i % 2], loss_fn)
             sync()
             if i >= warmup:
                 times.append(time.perf_counter() - t0)

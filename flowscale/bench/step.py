@@ -28,42 +28,39 @@ CASES = ("torch", "deepspeed", "ds+inverse")
 def run_case(case: str, config: str | None, overrides: list[str], steps: int, warmup: int) -> dict:
     import torch
 
+    from ..build import build_initialized_flow, build_optimizer, build_training, pick_device
     from ..config import load_config
     from ..data import build_datasets
-    from ..data.quantize import preprocess
-    from ..distributed import cleanup, init_distributed, seed_everything
-    from ..engine import initialize, train_step
-    from ..flows.actnorm import initialize_actnorm
-    from ..loss import flow_bpd
-    from ..train import build_model, build_optimizer
+    from ..distributed import cleanup, init_distributed
+    from ..engine import train_step
+    from ..loss import training_loss
 
     extra = ["memory.inverse_recompute=true"] if case == "ds+inverse" else []
     cfg = load_config(config, list(overrides) + extra + ["wandb.mode=disabled"])
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    info = init_distributed(cfg.engine.backend) if case != "torch" else None
-    seed_everything(cfg.train.seed)
+    device = pick_device(cfg.train.device)
     train_x, _ = build_datasets(cfg.data)
-    flow = build_model(cfg, device)
-    initialize_actnorm(flow, preprocess(train_x[:cfg.train.init_batch_size], cfg.data.n_bits).to(device))
-    opt, schedule = build_optimizer(cfg, flow.parameters())
-    batches = [train_x[i * cfg.data.batch_size:(i + 1) * cfg.data.batch_size] for i in range(4)]
-
-    if case == "torch":
+    init = train_x[:cfg.train.init_batch_size]
+    batches = [(train_x[i * cfg.data.batch_size:(i + 1) * cfg.data.batch_size], None) for i in range(4)]
+    info = None
+    if case == "torch":  # the reference: the same model, objective and optimizer in a plain torch loop
+        flow, _ = build_initialized_flow(cfg, init, device)
+        opt, schedule = build_optimizer(cfg, flow.parameters())
         sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        loss_fn = training_loss(cfg, device, torch.float32)
 
         def step(i):
-            batch = batches[i % 4].to(device)
             opt.zero_grad(set_to_none=True)
-            bpd, _ = flow_bpd(flow, batch, cfg.data.n_bits)
-            bpd.mean().backward()
+            loss_fn(flow, *batches[i % 4])[0].backward()
             torch.nn.utils.clip_grad_norm_(flow.parameters(), cfg.optim.grad_clip)
             opt.step()
             sched.step()
     else:
-        engine = initialize(cfg, flow, opt, lambda o: torch.optim.lr_scheduler.LambdaLR(o, schedule), info.world_size)
+        info = init_distributed(cfg.engine.backend, cfg.train.device)
+        run = build_training(cfg, info, init, device)
+        loss_fn = training_loss(cfg, device, run.dtype)
 
         def step(i):
-            train_step(engine, batches[i % 4], None, cfg, i)
+            train_step(run.engine, batches[i % 4], loss_fn)
 
     def sync():
         if device.type == "cuda":

@@ -6,15 +6,17 @@ The data-dependent initialisation (zero mean, unit variance per channel on a fir
 an explicit step, :func:`initialize_actnorm`, run once before training and before any
 distributed wrapper is applied. It is never done lazily inside ``forward``: under DeepSpeed a
 lazy init diverges across ranks, is overwritten by fp32 master weights, or is never applied
-under ZeRO-3. Statistics are all-reduced across ranks when a process group is up, so every
-rank gets the same parameters. Whether a layer was initialised is a buffer, saved in the
+under ZeRO-3. The caller passes the all-reduce (``flowscale.distributed.all_reduce_sum_``)
+that sums the statistics over ranks, so every rank gets the same parameters; model code calls
+no collective itself. Whether a layer was initialised is a buffer, saved in the
 state dict, so reloading a checkpoint never re-initialises.
 """
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from .base import Flow
@@ -57,8 +59,9 @@ class ActNorm(Flow):
         return x, -self._logdet(z)
 
     @torch.no_grad()
-    def data_init(self, x: torch.Tensor) -> None:
-        """Set bias/logs so the output of ``x`` has zero mean and std ``scale`` per channel."""
+    def data_init(self, x: torch.Tensor, all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        """Set bias/logs so the output of ``x`` has zero mean and std ``scale`` per channel.
+        ``all_reduce`` sums a tensor over ranks in place (None: this process's ``x`` only)."""
         dims = [0] if x.dim() == 2 else [0, 2, 3]
         xf = x.double()
         stats = torch.stack([
@@ -66,8 +69,8 @@ class ActNorm(Flow):
             xf.sum(dim=dims),
             (xf * xf).sum(dim=dims),
         ])
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(stats)  # exact global mean/var, identical on every rank
+        if all_reduce is not None:
+            all_reduce(stats)  # exact global mean/var, identical on every rank
         n, s1, s2 = stats
         mean = s1 / n
         var = (s2 / n - mean * mean).clamp_min(0)
@@ -77,11 +80,13 @@ class ActNorm(Flow):
 
 
 @torch.no_grad()
-def initialize_actnorm(model: nn.Module, *inputs, **kwargs) -> int:
+def initialize_actnorm(model: nn.Module, *inputs, all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                       **kwargs) -> int:
     """Run ``model(*inputs, **kwargs)`` once, initialising every not-yet-initialised ActNorm
     from the activations that reach it (in network order). Returns how many were initialised.
 
-    Call on the raw single-device module, on every rank, before wrapping it for training.
+    Call on the raw single-device module, on every rank, before wrapping it for training, with
+    ``all_reduce`` summing the statistics over ranks.
     """
     pending = [m for m in model.modules() if isinstance(m, ActNorm) and not bool(m.initialized)]
 
@@ -89,7 +94,7 @@ def initialize_actnorm(model: nn.Module, *inputs, **kwargs) -> int:
         x = args[0]
         # An ActNorm run in reverse sees latent-side inputs; data init is defined on the data side.
         if not kwargs_.get("reverse", False) and not bool(module.initialized):
-            module.data_init(x)
+            module.data_init(x, all_reduce)
 
     handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in pending]
     try:

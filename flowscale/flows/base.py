@@ -13,11 +13,23 @@ Subclasses implement ``_forward`` and ``_inverse``; callers use ``layer(x)`` /
 
 ``cond`` is an optional conditioning tensor (for example class labels) that layers may use;
 it is passed unchanged through sequences.
+
+Backprop through the inverse (used by :mod:`flowscale.inverse_checkpoint`) is part of the
+contract too, with a default that every layer inherits::
+
+    reconstruct_and_backprop(z, dL/dz, dL/dlogdet, cond) -> (x, dL/dx)
+
+rebuilds the input x = f^{-1}(z) from the output and backpropagates through f at x,
+accumulating parameter gradients. The default inverts without a graph, reruns ``forward`` with
+one and calls autograd; a layer that can share work between the two (a coupling evaluates its
+network once for both) overrides it and sets ``fused_backprop = True``. ``store_activations``
+is the runtime flag (set by the reconstruction-health check) that makes inverse recompute keep
+this layer's activations instead of trusting its inverse.
 """
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import ClassVar, Iterable
 
 import torch
 from torch import nn
@@ -25,6 +37,12 @@ from torch import nn
 
 class Flow(nn.Module):
     """An invertible layer with a tractable log-determinant (see the module docstring)."""
+
+    fused_backprop: ClassVar[bool] = False
+    """True where :meth:`reconstruct_and_backprop` is overridden by a cheaper exact path."""
+    store_activations: bool = False
+    """Runtime flag: inverse recompute runs this layer with ordinary autograd (its inverse is
+    not accurate enough, see :func:`flowscale.inverse_checkpoint.check_and_flag`)."""
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None, reverse: bool = False):
         if reverse:
@@ -40,6 +58,12 @@ class Flow(nn.Module):
 
     def _inverse(self, z: torch.Tensor, cond: torch.Tensor | None):  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def reconstruct_and_backprop(self, z: torch.Tensor, grad_z: torch.Tensor, grad_logdet: torch.Tensor,
+                                 cond: torch.Tensor | None):
+        """From the output z = f(x), dL/dz and dL/dlogdet [B]: (x, dL/dx), accumulating the
+        parameter gradients. Default: invert without a graph, rerun forward, backprop."""
+        return backprop_generic([self], z, grad_z, grad_logdet, cond)
 
 
 def zeros_logdet(x: torch.Tensor) -> torch.Tensor:
@@ -63,8 +87,29 @@ def run_chain(steps: Iterable[Flow], x: torch.Tensor, cond: torch.Tensor | None 
     return x, logdet
 
 
+def backprop_generic(layers, z: torch.Tensor, grad_z: torch.Tensor, grad_logdet: torch.Tensor, cond):
+    """:meth:`Flow.reconstruct_and_backprop` for the chain ``layers`` at once: invert them
+    without a graph (module calls), rerun them forward with one, one autograd call."""
+    with torch.no_grad():
+        for layer in reversed(layers):
+            z, _ = layer(z, cond=cond, reverse=True)
+    x = z.detach().requires_grad_(True)
+    with torch.enable_grad():
+        z_re, ld_re = run_chain(layers, x, cond)
+    outputs, grads = [z_re], [grad_z]
+    if ld_re.requires_grad:
+        outputs.append(ld_re)
+        grads.append(grad_logdet.to(ld_re.dtype))
+    if z_re.requires_grad:
+        torch.autograd.backward(outputs, grads)
+    grad_x = x.grad if x.grad is not None else torch.zeros_like(x)
+    return x.detach(), grad_x
+
+
 class FlowSequence(Flow):
     """Composition ``f_n o ... o f_1``: log-dets add; the inverse runs the steps backwards."""
+
+    fused_backprop = True  # walks its children, fusing where they can
 
     def __init__(self, steps: Iterable[Flow]):
         super().__init__()
@@ -88,3 +133,21 @@ class FlowSequence(Flow):
             z, ld = step(z, cond=cond, reverse=True)
             logdet = logdet + ld
         return z, logdet
+
+    def reconstruct_and_backprop(self, z, grad_z, grad_logdet, cond):
+        """Children walked backwards: a child with ``fused_backprop`` (a coupling, a nested
+        sequence) runs its own; each maximal run of other children (ActNorm, 1x1 conv, ...) is
+        inverted, rerun and backpropagated in one autograd call."""
+        children = list(self.steps)
+        i = len(children)
+        while i > 0:
+            if children[i - 1].fused_backprop:
+                z, grad_z = children[i - 1].reconstruct_and_backprop(z, grad_z, grad_logdet, cond)
+                i -= 1
+                continue
+            j = i - 1  # children[j:i] is a maximal run of layers without a fused path
+            while j > 0 and not children[j - 1].fused_backprop:
+                j -= 1
+            z, grad_z = backprop_generic(children[j:i], z, grad_z, grad_logdet, cond)
+            i = j
+        return z, grad_z

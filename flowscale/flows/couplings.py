@@ -46,6 +46,8 @@ class Coupling(Flow):
         clamp: bound for "exp_clamp".
     """
 
+    fused_backprop = True  # one network evaluation serves the inverse and the local graph
+
     def __init__(self, channels: int, net: NetFactory, kind: Literal["additive", "affine"] = "affine",
                  mask: Literal["channel", "checkerboard"] = "channel", parity: int = 0,
                  scale_fn: ScaleFn = "sigmoid", clamp: float = 2.0):

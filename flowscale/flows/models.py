@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from .. import seeds
 from ..config import ModelConfig
 from ..priors import SplitPrior, TopPrior
 from .actnorm import ActNorm
@@ -74,7 +75,8 @@ def build_flow(cfg: ModelConfig, channels: int, image_size: int) -> MultiScaleFl
     c = channels
     for lvl in range(cfg.levels):
         c *= 4
-        steps = FlowSequence(_step(cfg, c, k, seed=cfg.seed * 100_003 + lvl * 1000 + k, width=cfg.level_width(lvl)) for k in range(cfg.steps))
+        steps = FlowSequence(_step(cfg, c, k, seed=seeds.derive(cfg.seed, "permutation", lvl, k), width=cfg.level_width(lvl))
+                             for k in range(cfg.steps))
         split = lvl < cfg.levels - 1
         prior = None
         if split:
