@@ -129,6 +129,10 @@ def test_time_limit_requeues_until_done(tmp_path):
     log = Path(job.paths.stdout).read_text()
     resumes = log.count("resumed from")
     assert resumes >= 1, f"{steps} steps should not fit in one 30 s slot"
+    # Requeues as submitit logs them: on a loaded machine a slot can end before its first
+    # checkpoint, and the next one then starts afresh, requeued but not "resumed from".
+    requeues = log.count(f"Requeued job {job.job_id} ")
+    assert requeues >= resumes
     countdown = pickle.loads(Path(job.paths.submitted_pickle).read_bytes())._timeout_countdown
-    assert countdown == 10 - resumes, "every requeue was a time-out, counted against --max-timeouts"
+    assert countdown == 10 - requeues, "every requeue was a time-out, counted against --max-timeouts"
     assert sorted(p.name for p in (run_dir / "submitit").glob("*_log.out")) == [f"{job.job_id}_0_log.out"]
