@@ -144,6 +144,23 @@ def test_resume_does_not_decode_delivered_samples(tmp_path):
         next(build_train_loader(cfg))
 
 
+def test_workers_never_collect_what_they_inherit(tmp_path):
+    """A gloo process group left as garbage in this process (as an in-process training run leaves
+    one) must not be collected in a forked worker: its finalizer waits for threads a fork does not
+    copy, and the worker would hang until the DataLoader timeout."""
+    import gc
+
+    import torch.distributed as dist
+
+    write_split(tmp_path / "train", [12] * 4)
+    loader = build_train_loader(data_cfg(tmp_path / "train", num_workers=2, worker_timeout_s=30))
+    gc.collect()
+    cycle = [dist.ProcessGroupGloo(dist.HashStore(), 0, 1)]
+    cycle.append(cycle)  # garbage only the cycle collector frees: young, so a worker's first collection would
+    del cycle
+    assert sorted(i for _ in range(12) for i in next(loader)[1].tolist()) == list(range(48))
+
+
 def test_order_depends_on_seed_only(tmp_path):
     write_split(tmp_path / "train", [20, 20])
     cfg = data_cfg(tmp_path / "train")

@@ -17,6 +17,7 @@ each batch's end position per worker; ``state_dict()`` is that list. Shards are 
 
 from __future__ import annotations
 
+import gc
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -162,8 +163,17 @@ class ShardLoader:
                      list(self.positions), self.batches % self.W)
         if self.num_workers == 0:
             return iter(ds)
-        return iter(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=self.num_workers,
-                                                timeout=self.cfg.worker_timeout_s, prefetch_factor=2))
+        loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=self.num_workers,
+                                             timeout=self.cfg.worker_timeout_s, prefetch_factor=2)
+        # iter() forks the workers. What they inherit must not be garbage-collected there: the finalizer of
+        # a torch.distributed process group left over from an earlier run waits for threads a fork does not
+        # copy, and the worker hangs. Frozen objects are never collected in the workers; this process
+        # unfreezes them at once.
+        gc.freeze()
+        try:
+            return iter(loader)
+        finally:
+            gc.unfreeze()
 
     def __iter__(self):
         return self
