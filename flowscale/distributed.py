@@ -127,6 +127,9 @@ def cleanup() -> None:
     cached groups, so ``main`` can run again in the same process (tests, notebooks)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+        import gc
+
+        gc.collect()  # the group's last references: not left for a forked DataLoader worker to collect
     import sys
 
     groups = sys.modules.get("deepspeed.utils.groups")
