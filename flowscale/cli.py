@@ -249,9 +249,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .preemption import EXIT_PREEMPTED, Preempted
+
     ns = build_parser().parse_args(argv)
     try:
         return ns.func(ns)
+    except Preempted as e:  # a signal asked the run to stop; it saved the step it reached
+        if is_main_process():
+            print(f"flowscale: preempted: {e}", file=sys.stderr)
+        return EXIT_PREEMPTED
     except ConfigError as e:
         print(f"flowscale: error: {e}", file=sys.stderr)
         return 2

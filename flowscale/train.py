@@ -35,6 +35,7 @@ from .lipschitz import logdet_stats
 from .lock import acquire, release
 from .logging import RunLogger
 from .loss import training_loss
+from .preemption import PreemptionGuard
 from .data.quantize import preprocess
 from .sample import sample_grid
 
@@ -150,10 +151,10 @@ def _train(cfg: Config, info: DistInfo, log: RunLogger, resume: bool, chosen: Pa
         bound = dataset_bound(cfg.data, "train", cfg.train.bound_images, seed=cfg.train.seed)
         log.log(step, {"linear_bound_bpd": bound["bpd"], "linear_bound_bpd_population": bound["bpd_population"]})
 
-    def save(step: int) -> None:
+    def save(step: int) -> Path:
         client = {"step": step, "bad_in_row": bad_in_row, "skipped_total": skipped_total, "config": to_dict(cfg)}
-        ckpt_io.save(engine, run_dir, step, info.rank, {"loader": loader.state_dict(), "rng": rng_state()},
-                     client, to_yaml(cfg), cfg.train.keep_last, ema.state_dict() if ema is not None else None)
+        return ckpt_io.save(engine, run_dir, step, info.rank, {"loader": loader.state_dict(), "rng": rng_state()},
+                            client, to_yaml(cfg), cfg.train.keep_last, ema.state_dict() if ema is not None else None)
 
     def evaluate_and_sample(step: int, final: bool) -> dict:
         t, out = cfg.train, {}
@@ -179,42 +180,47 @@ def _train(cfg: Config, info: DistInfo, log: RunLogger, resume: bool, chosen: Pa
     loss_fn = training_loss(cfg, device, dtype)
     metrics: dict = {}
     t0, seen, start_step, last_save = time.time(), 0, step, time.time()
-    while step < cfg.train.steps:
-        x, y = next(loader)  # uint8 [B, C, H, W]; labels int64 [B] when the shards have them, else None
-        # Checked at the first step of every (re)start too: the unstable-step flags are runtime state.
-        if cfg.memory.check_every and (step % cfg.memory.check_every == 0 or step == start_step):
-            log.log(step, health_metrics(module, x[:cfg.memory.check_batch_size], cfg, dtype), echo=False)
-        metrics = train_step(engine, (x, y), loss_fn)  # loss = bits/dim (+ penalty), backward, optimizer step
-        step += 1
-        if metrics["skipped"]:
-            bad_in_row, skipped_total = bad_in_row + 1, skipped_total + 1
-            log.log(step, {"skipped_steps": skipped_total})
-            if bad_in_row >= cfg.engine.max_bad_steps:
-                raise FloatingPointError(
-                    f"non-finite loss or gradient in {bad_in_row} steps in a row (last at step {step}); lower optim.lr, raise "
-                    f"optim.warmup_steps, or use bounded scales (model.scale_fn). No checkpoint was written from these weights.")
-            continue
-        bad_in_row = 0
-        if ema is not None:
-            ema.update(module)
-        seen += len(x) * info.world_size
-        log.advance(bpd=metrics["bpd"])
-        if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-            metrics["images_per_s"] = seen / (time.time() - t0)
-            metrics["mem_gb"] = _memory_gb(device)
-            metrics["epoch"] = loader.epoch
-            if cfg.data.bad_data == "skip":  # bad samples skipped so far, all ranks (collective: every rank logs here)
-                metrics["data_skipped"] = int(sum_over_ranks(loader.skipped, device))
-            t0, seen = time.time(), 0
-            log.log(step, {k: v for k, v in metrics.items() if k != "loss" or cfg.optim.invconv_l2})
-        extra = evaluate_and_sample(step, final=step == cfg.train.steps)
-        if extra:
-            log.log(step, extra)
-            metrics.update(extra)
-        due_time = cfg.train.checkpoint_minutes > 0 and time.time() - last_save > 60 * cfg.train.checkpoint_minutes
-        if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps or rank0_decides(due_time):
-            save(step)
-            last_save = time.time()
+    saved_step = step if found is not None else -1
+    with PreemptionGuard() as guard:  # SIGTERM/USR1/USR2 -> save at the next step boundary
+        while step < cfg.train.steps:
+            if guard.requested(device):  # a signal reached some rank: save this step on all, then stop
+                path = save(step) if saved_step != step else ckpt_io.checkpoint_dir(run_dir) / ckpt_io.tag_for(step)
+                guard.hand_over(step, path)  # submitit requeues; otherwise Preempted (exit code 75)
+            x, y = next(loader)  # uint8 [B, C, H, W]; labels int64 [B] when the shards have them, else None
+            # Checked at the first step of every (re)start too: the unstable-step flags are runtime state.
+            if cfg.memory.check_every and (step % cfg.memory.check_every == 0 or step == start_step):
+                log.log(step, health_metrics(module, x[:cfg.memory.check_batch_size], cfg, dtype), echo=False)
+            metrics = train_step(engine, (x, y), loss_fn)  # loss = bits/dim (+ penalty), backward, optimizer step
+            step += 1
+            if metrics["skipped"]:
+                bad_in_row, skipped_total = bad_in_row + 1, skipped_total + 1
+                log.log(step, {"skipped_steps": skipped_total})
+                if bad_in_row >= cfg.engine.max_bad_steps:
+                    raise FloatingPointError(
+                        f"non-finite loss or gradient in {bad_in_row} steps in a row (last at step {step}); lower optim.lr, raise "
+                        f"optim.warmup_steps, or use bounded scales (model.scale_fn). No checkpoint was written from these weights.")
+                continue
+            bad_in_row = 0
+            if ema is not None:
+                ema.update(module)
+            seen += len(x) * info.world_size
+            log.advance(bpd=metrics["bpd"])
+            if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+                metrics["images_per_s"] = seen / (time.time() - t0)
+                metrics["mem_gb"] = _memory_gb(device)
+                metrics["epoch"] = loader.epoch
+                if cfg.data.bad_data == "skip":  # bad samples skipped so far, all ranks (collective: every rank logs here)
+                    metrics["data_skipped"] = int(sum_over_ranks(loader.skipped, device))
+                t0, seen = time.time(), 0
+                log.log(step, {k: v for k, v in metrics.items() if k != "loss" or cfg.optim.invconv_l2})
+            extra = evaluate_and_sample(step, final=step == cfg.train.steps)
+            if extra:
+                log.log(step, extra)
+                metrics.update(extra)
+            due_time = cfg.train.checkpoint_minutes > 0 and time.time() - last_save > 60 * cfg.train.checkpoint_minutes
+            if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps or rank0_decides(due_time):
+                save(step)
+                saved_step, last_save = step, time.time()
     if info.world_size > 1:
         agree = ranks_agree(engine)
         log.log(step, {"ranks_agree": int(agree)})

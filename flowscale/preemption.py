@@ -1,0 +1,78 @@
+"""Save on preemption: a signal sets a flag, the loop saves at the next optimizer-step boundary.
+
+Slurm warns a job before it ends it: ``SIGTERM`` at the time limit, at a preemption (then
+``SIGKILL`` after KillWait / GraceTime) and on ``scancel``; ``SIGUSR2`` (or USR1) ``--signal``
+seconds ahead when asked, which submitit turns into a requeue. A signal can arrive in the
+middle of a step, or of a collective, so the handler only records it::
+
+    signal -> flag (this rank)
+    step boundary -> any_rank(flag): one all-reduce, every rank agrees on the same step
+                  -> complete checkpoint of that step (collective) -> hand over:
+                     submitit's own handler (requeue) when it had installed one, else
+                     raise Preempted (``flowscale train`` exits with code 75, "resumable")
+
+A second signal while the checkpoint is written is recorded and changes nothing: the save
+finishes (it is the work that would otherwise be lost) and COMPLETE is written last as always.
+"""
+
+from __future__ import annotations
+
+import signal
+
+from .distributed import any_rank
+
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: the run stopped early and resumes from where it was
+
+
+class Preempted(Exception):
+    """The run was asked to stop by a signal and saved a checkpoint of the step it reached."""
+
+    def __init__(self, signum: int, step: int, path):
+        self.signum, self.step, self.path = signum, step, path
+        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}; checkpoint {path} is complete. "
+                         f"Run the same command again to resume from it")
+
+
+class PreemptionGuard:
+    """Installs the handlers for the duration of a run (a context manager) and restores the
+    previous ones after it. ``requested(device)`` is collective."""
+
+    def __init__(self, signals=SIGNALS):
+        self.signals = signals
+        self.received: int | None = None
+        self.count = 0
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum, frame) -> None:
+        self.count += 1
+        if self.received is None:
+            self.received = signum
+
+    def __enter__(self) -> "PreemptionGuard":
+        for s in self.signals:
+            try:
+                self._previous[s] = signal.signal(s, self._handle)
+            except ValueError:  # not the main thread: signals cannot be caught here
+                pass
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        for s, h in self._previous.items():
+            signal.signal(s, h)
+        self._previous.clear()
+        return False
+
+    def requested(self, device="cpu") -> bool:
+        """Collective: True on every rank when any rank received a signal."""
+        return any_rank(self.received is not None, device)
+
+    def hand_over(self, step: int, path) -> None:
+        """After the save: run the handler that was there before ours for the received signal
+        (submitit's requeue on USR2), or raise :class:`Preempted`."""
+        signum = self.received if self.received is not None else signal.SIGTERM
+        previous = self._previous.get(signum)
+        self.__exit__()
+        if callable(previous) and getattr(previous, "__self__", None).__class__.__name__ == "SignalHandler":
+            previous(signum, None)  # submitit: checkpoint() + requeue on rank 0, then sys.exit
+        raise Preempted(signum, step, path)
