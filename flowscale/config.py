@@ -157,11 +157,15 @@ class DataConfig:
     """Flip training images horizontally with probability 1/2 (a function of data.seed, the
     epoch and the sample, so the same under any number of ranks and workers)."""
     bad_data: Literal["error", "skip"] = "error"
-    """A bad sample or shard (truncated tar, non-image member, wrong size or mode, missing shard):
-    error = stop with an error naming shard and sample; skip = skip it, print it and count it."""
+    """A bad sample (non-image member, wrong size or mode, bad label) or shard (missing, size unlike
+    the manifest's, truncated or corrupt tar, keys or count unlike the manifest's): error = stop
+    with an error naming shard and sample (local shards are checked before the first step);
+    skip = skip it, print it and count it, once per run however often it is met. A bad shard
+    is left out from where it breaks (the whole of it when missing or of the wrong size)."""
     max_skipped: int = 100
-    """With bad_data=skip: stop with an error once one loader worker has skipped more than this
-    many samples."""
+    """With bad_data=skip: stop with an error once more than this many distinct bad samples and
+    shards have been met over the run (a sample met again in a later epoch, or after a resume,
+    is not counted again; a bad shard counts one, its samples count in the skipped total)."""
     worker_timeout_s: float = 600.0
     """Give up (error) when a loader worker delivers no batch for this many seconds (e.g. a stalled
     network read); 0 = wait forever."""

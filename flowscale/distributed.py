@@ -203,6 +203,15 @@ def mean_over_ranks(t: torch.Tensor) -> float:
     return (t / world_size()).item()
 
 
+def all_gather_objects(obj) -> list:
+    """``obj`` (picklable) of every rank, in rank order; ``[obj]`` in a single process."""
+    if not _active() or torch.distributed.get_world_size() == 1:
+        return [obj]
+    out = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
 def rank0_decides(flag: bool) -> bool:
     """Rank 0's ``flag`` on every rank (for decisions taken from a clock, which ranks read differently)."""
     if not _active():
