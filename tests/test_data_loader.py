@@ -44,7 +44,7 @@ def test_two_ranks_two_workers_disjoint_and_covering(tmp_path):
             for img, i in zip(x, y.tolist()):  # pixels are the stored ones
                 assert torch.equal(img, torch.from_numpy(tagged_image(i)).permute(2, 0, 1))
         seen.append([i for _, y in batches for i in y.tolist()])
-        assert loader.state_dict()["positions"] == [[0, 24, 0], [0, 24, 0]]
+        assert loader.state_dict()["positions"] == [[0, 24], [0, 24]]
     assert not set(seen[0]) & set(seen[1])
     assert sorted(seen[0] + seen[1]) == list(range(96))
     # Epoch 1 covers the split again, in a different order.
@@ -65,7 +65,7 @@ def test_fewer_shards_than_ranks_x_workers_share_shards(tmp_path, counts):
     for g in range(4):
         plan = EpochPlan(split.counts, 0, cfg.seed, g, 4, cfg.shuffle_buffer)
         assert plan.length > 0
-        stream = worker_batches(split, cfg, cfg.seed, g, 4, 1, (0, 0, 0), g)
+        stream = worker_batches(split, cfg, cfg.seed, g, 4, 1, (0, 0), g)
         got.append([i for _ in range(plan.length) for i in next(stream)[1].tolist()])
     flat = [i for w in got for i in w]
     assert sorted(flat) == list(range(sum(counts)))
@@ -82,7 +82,7 @@ def test_flips_do_not_depend_on_ranks_or_workers(tmp_path):
         out = {}
         for g in range(G):
             plan = EpochPlan(split.counts, epoch, seed, g, G, cfg.shuffle_buffer)
-            stream = worker_batches(split, cfg, seed, g, G, 1, (epoch, 0, 0), g)
+            stream = worker_batches(split, cfg, seed, g, G, 1, (epoch, 0), g)
             for x, y, _ in (next(stream) for _ in range(plan.length)):
                 out[y.item()] = not torch.equal(x[0], torch.from_numpy(tagged_image(y.item())).permute(2, 0, 1))
         assert sorted(out) == list(range(30))

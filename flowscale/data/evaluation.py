@@ -3,7 +3,8 @@ ranks (rank r gets global batches r, r + world_size, ...; others' samples are sk
 unread). Each batch comes with ``start``, its first global index, so callers can seed
 per-batch noise independently of the number of ranks. :class:`TensorSplit` puts an
 in-memory tensor behind the same interface. Shards are checked as in training
-(:class:`.reader.ShardCursor`, :class:`.reader.BadDataPolicy`).
+(:class:`.reader.ShardCursor`, :class:`.reader.BadDataPolicy`); the ledger of bad data lives as
+long as the :class:`EvalSplit`, so an eval every N steps names and counts a bad sample once.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class EvalSplit:
 
     @property
     def skipped(self) -> int:
+        """Samples of the split lost to bad data (each bad sample or broken shard counted once)."""
         return self.policy.skipped
 
     def num_batches(self, batch_size: int) -> int:
@@ -42,24 +44,22 @@ class EvalSplit:
         i = 0
         xs, ys = [], []
         for s, entry in enumerate(self.split.manifest.shards):
-            cursor = ShardCursor(self.split, s)
+            # every rank walks every shard, so a broken shard stops all of them (error) or all count it (skip)
+            cursor = ShardCursor(self.split, s, self.policy)
             try:
                 for idx in range(entry.count):
                     mine = (i // batch_size) % world_size == rank
-                    # every rank walks every shard, so a shard that disagrees with the manifest stops all of them
                     got = cursor.read(idx, want=mine)
                     i += 1
                     if not mine:
                         continue
-                    if got is None:
-                        self.policy(cursor.url, "?", idx, cursor.broken)
-                    else:
+                    if got is not None:
                         try:
                             x, y = decode(got[1])
                             xs.append(x)
                             ys.append(y)
                         except ValueError as e:
-                            self.policy(cursor.url, got[0], idx, str(e))
+                            self.policy.sample(cursor.url, entry.name, got[0], idx, str(e))
                     if i % batch_size == 0 or i == len(self):
                         x, y = stack_batch(xs, ys, self.has_labels, self.image_shape)
                         xs, ys = [], []
@@ -107,6 +107,7 @@ def first_images(data_cfg, n: int, split: str = "train") -> torch.Tensor:
     """The first ``n`` images of a split in stored order (converters shuffle class-ordered
     sources, so this is a fair sample), e.g. for data-dependent initialisation."""
     ev = eval_split(data_cfg, split)
+    ev.policy.echo = False  # bad data (bad_data=skip) is skipped here too; the stream that trains on the split names it
     out, got = [], 0
     for _, x, _ in ev.batches(min(n, 256)):
         out.append(x)

@@ -1,7 +1,7 @@
 """The training stream: per-rank batches in the order of :mod:`.order`, with an exact ``state_dict()``.
 
 A worker's emission order for an epoch follows from the manifest counts and the seed alone
-(:class:`.order.EpochPlan`), so the state of a worker is just ``(epoch, t, skipped)``.
+(:class:`.order.EpochPlan`), so the state of a worker is just ``(epoch, t)``.
 Resuming at ``t`` reopens the stream at the earliest position still to be emitted, skips
 (seeks over, unread and undecoded) everything already delivered, and continues: the next
 batches are exactly those an uninterrupted run would have produced. Horizontal flips are drawn
@@ -11,14 +11,28 @@ sample's place in its shard, so they do not depend on the number of ranks or wor
 Workers run as torch DataLoader processes that build whole batches; the DataLoader hands them
 out round-robin, so batch n of a rank came from worker n mod num_workers. The loader records
 each batch's end position per worker; ``state_dict()`` is that list. Shards are read through
-:class:`.reader.ShardCursor`, which holds them to the manifest; bad samples go to
+:class:`.reader.ShardCursor`, which holds them to the manifest; bad data goes to
 :class:`.reader.BadDataPolicy`.
+
+With ``data.bad_data=skip`` the rank keeps a ledger of the distinct bad samples and broken
+shards its batches met, in its state: a bad sample is counted, printed and held against
+``data.max_skipped`` once per run, not once per epoch, and a resumed run knows what it had met.
+Workers report what they meet with each batch; the main process merges it, so the ledger
+holds exactly what the delivered batches met. What a worker knows never changes what it
+yields (the samples a bad shard gives are a function of its bytes), so resume stays exact.
+``merge_bad_keys`` adopts what other ranks met (the trainer all-gathers ``bad_keys``), making
+the count and the limit run-wide. DataLoader workers ignore SIGTERM, SIGUSR1 and SIGUSR2:
+Slurm signals every process of a task, and the main process, which saves a checkpoint on
+those signals, stops its workers itself.
 """
 
 from __future__ import annotations
 
+import atexit
 import gc
-from dataclasses import dataclass
+import multiprocessing
+import signal
+import weakref
 from typing import Iterator
 
 import numpy as np
@@ -30,21 +44,14 @@ from .reader import BadDataPolicy, SampleDecoder, ShardCursor, stack_batch
 from .splits import Split, resolve_split
 
 
-@dataclass
-class _Bad:
-    shard: str
-    key: str
-    index: int
-    reason: str
-
-
 class _PlanReader:
     """Reads a worker's positions in stream order from ``t0`` on, keeping the bytes of those
-    still to be emitted and skipping the rest unread."""
+    still to be emitted and skipping the rest unread. A position of a broken shard, from its
+    break on, holds None (the break went to ``policy`` once, when the cursor met it)."""
 
-    def __init__(self, split: Split, plan: EpochPlan, t0: int):
-        self.split, self.plan, self.t0 = split, plan, t0
-        self.pending: dict[int, tuple | _Bad] = {}
+    def __init__(self, split: Split, plan: EpochPlan, t0: int, policy: BadDataPolicy):
+        self.split, self.plan, self.t0, self.policy = split, plan, t0, policy
+        self.pending: dict[int, tuple | None] = {}
         self.ptr = int(plan.order[t0:].min()) if t0 < plan.length else plan.length
         self.unit = -1
         self.cursor: ShardCursor | None = None
@@ -54,8 +61,8 @@ class _PlanReader:
             self.cursor.close()
         self.cursor = None
 
-    def get(self, p: int) -> tuple | _Bad:
-        """(shard, index in the shard, key, members) of position ``p``, or why it is bad."""
+    def get(self, p: int) -> tuple | None:
+        """(shard, index in the shard, key, members) of position ``p``, or None (a broken shard)."""
         while self.ptr <= p:
             self._read_one()
         return self.pending.pop(p)
@@ -66,42 +73,41 @@ class _PlanReader:
         s = self.plan.units[u][0]
         if u != self.unit:
             self.close()
-            self.unit, self.cursor = u, ShardCursor(self.split, s)
+            self.unit, self.cursor = u, ShardCursor(self.split, s, self.policy)
         want = self.plan.emit_time[p] >= self.t0
         got = self.cursor.read(idx, want)
-        if want and got is None:
-            self.pending[p] = _Bad(self.split.urls[s], "?", idx, self.cursor.broken)
-        elif want:
-            self.pending[p] = (s, idx, *got)
+        if want:
+            self.pending[p] = None if got is None else (s, idx, *got)
         self.ptr += 1
 
 
-def worker_batches(split: Split, data_cfg, seed: int, g: int, G: int, batch_size: int, start: tuple[int, int, int],
-                   worker: int) -> Iterator[tuple[torch.Tensor, torch.Tensor | None, tuple]]:
+def worker_batches(split: Split, data_cfg, seed: int, g: int, G: int, batch_size: int, start: tuple[int, int],
+                   worker: int, known: dict | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor | None, tuple]]:
     """Global worker g's infinite stream of (x uint8 [B, C, H, W], y int64 [B] | None,
-    (worker, epoch, t, skipped) after the batch)."""
-    epoch, t, skipped = start
+    (worker, epoch, t, met) after the batch), from ``start`` = (epoch, t). ``met``: the bad data
+    first met while making the batch, as :attr:`.reader.BadDataPolicy.met` lists it; ``known``:
+    the ledger of what was met before (those are not reported again)."""
+    epoch, t = start
     counts = split.counts
     decode = SampleDecoder(split.manifest)
-    policy = BadDataPolicy(data_cfg.bad_data, data_cfg.max_skipped, split.where, skipped)
+    policy = BadDataPolicy(data_cfg.bad_data, data_cfg.max_skipped, split.where, known, echo=False)
     xs, ys = [], []
     flips: dict[int, np.ndarray] = {}
     while True:
         plan = EpochPlan(counts, epoch, seed, g, G, data_cfg.shuffle_buffer)
-        reader = _PlanReader(split, plan, t)
+        reader = _PlanReader(split, plan, t, policy)
         flips.clear()
         try:
             while t < plan.length:
                 item = reader.get(int(plan.order[t]))
                 t += 1
-                if isinstance(item, _Bad):
-                    policy(item.shard, item.key, item.index, item.reason)
+                if item is None:  # a broken shard's sample: counted once, with the break
                     continue
                 s, idx, key, members = item
                 try:
                     x, y = decode(members)
                 except ValueError as e:
-                    policy(split.urls[s], key, idx, str(e))
+                    policy.sample(split.urls[s], split.manifest.shards[s].name, key, idx, str(e))
                     continue
                 if data_cfg.random_flip:
                     if s not in flips:  # a function of (seed, epoch, shard, index): independent of ranks/workers
@@ -113,10 +119,27 @@ def worker_batches(split: Split, data_cfg, seed: int, g: int, G: int, batch_size
                 if len(xs) == batch_size:
                     xb, yb = stack_batch(xs, ys, split.manifest.labels, split.image_shape)
                     xs, ys = [], []
-                    yield xb, yb, (worker, epoch, t, policy.skipped)
+                    yield xb, yb, (worker, epoch, t, policy.take_met())
         finally:
             reader.close()
         epoch, t = epoch + 1, 0
+
+
+def _ignore_job_signals(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: Slurm sends SIGTERM / SIGUSR1 / SIGUSR2 to every process of a
+    task; a worker they ended would fail the main process's next fetch, and the main process (which
+    saves a checkpoint on them, flowscale.preemption) stops its workers itself. SIG_IGN is inherited
+    by pipe: children too, so a shard being streamed is not cut off (that would read as a broken shard)."""
+    for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(s, signal.SIG_IGN)
+
+
+def _close_at_exit(ref: weakref.ref) -> None:
+    # Registered after multiprocessing's own exit hook, so it runs first: that hook terminate()s daemonic
+    # workers (a SIGTERM, ignored) and then joins them, which would wait for ever.
+    loader = ref()
+    if loader is not None:
+        loader.close()
 
 
 class _Stream(torch.utils.data.IterableDataset):
@@ -124,10 +147,10 @@ class _Stream(torch.utils.data.IterableDataset):
     (which always starts with worker 0) continues the round-robin where the last one stopped."""
 
     def __init__(self, split: Split, data_cfg, seed: int, rank: int, num_workers: int, world_size: int,
-                 batch_size: int, starts: list[tuple[int, int, int]], rotation: int):
+                 batch_size: int, starts: list[tuple[int, int]], rotation: int, known: dict):
         self.split, self.cfg, self.seed = split, data_cfg, seed
         self.rank, self.W, self.world = rank, num_workers, world_size
-        self.batch_size, self.starts, self.rotation = batch_size, starts, rotation
+        self.batch_size, self.starts, self.rotation, self.known = batch_size, starts, rotation, known
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -135,7 +158,7 @@ class _Stream(torch.utils.data.IterableDataset):
         w = (i + self.rotation) % self.W
         g = self.rank * self.W + w
         return worker_batches(self.split, self.cfg, self.seed, g, self.world * self.W, self.batch_size,
-                              self.starts[w], w)
+                              self.starts[w], w, self.known)
 
 
 class ShardLoader:
@@ -154,26 +177,42 @@ class ShardLoader:
         self.num_workers = data_cfg.num_workers
         self.W = max(1, self.num_workers)
         check_sharing(split.counts, world_size, self.W, split.where)
-        self.positions: list[tuple[int, int, int]] = [(0, 0, 0)] * self.W
+        self.positions: list[tuple[int, int]] = [(0, 0)] * self.W
         self.batches = 0
         self._it = None
+        self._workers: list = []
+        self.policy = BadDataPolicy(data_cfg.bad_data, data_cfg.max_skipped, split.where)
+        self._note_bad_shards(echo=rank == 0)
+
+    def _note_bad_shards(self, echo: bool) -> None:
+        """Shards load_split left out: every rank finds the same ones, so rank 0 alone says so."""
+        for s, reason in sorted(self.split.bad_shards.items()):
+            entry = self.split.manifest.shards[s]
+            self.policy.note(entry.name, 0, entry.count, f"shard {self.split.urls[s]}: {reason} (the whole shard: "
+                             f"{entry.count} samples, left out of the run)", echo=echo)
+        self.policy.take_met()
 
     def _iterator(self):
         ds = _Stream(self.split, self.cfg, self.seed, self.rank, self.W, self.world_size, self.batch_size,
-                     list(self.positions), self.batches % self.W)
+                     list(self.positions), self.batches % self.W, dict(self.policy.bad))
         if self.num_workers == 0:
             return iter(ds)
         loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=self.num_workers,
-                                             timeout=self.cfg.worker_timeout_s, prefetch_factor=2)
+                                             timeout=self.cfg.worker_timeout_s, prefetch_factor=2,
+                                             worker_init_fn=_ignore_job_signals)
         # iter() forks the workers. What they inherit must not be garbage-collected there: the finalizer of
         # a torch.distributed process group left over from an earlier run waits for threads a fork does not
         # copy, and the worker hangs. Frozen objects are never collected in the workers; this process
         # unfreezes them at once.
+        before = set(multiprocessing.active_children())
         gc.freeze()
         try:
-            return iter(loader)
+            it = iter(loader)
         finally:
             gc.unfreeze()
+        self._workers = [w for w in multiprocessing.active_children() if w not in before]
+        atexit.register(_close_at_exit, weakref.ref(self))
+        return it
 
     def __iter__(self):
         return self
@@ -181,17 +220,34 @@ class ShardLoader:
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self._it is None:
             self._it = self._iterator()
-        x, y, (w, epoch, t, skipped) = next(self._it)
+        x, y, (w, epoch, t, met) = next(self._it)
         if w != self.batches % self.W:  # the round-robin contract the resume relies on
             raise RuntimeError(f"loader batch {self.batches} came from worker {w}, expected {self.batches % self.W}")
-        self.positions[w] = (epoch, t, skipped)
+        self.positions[w] = (epoch, t)
         self.batches += 1
+        for entry in met:  # printed here, so a sample met by two workers is named once
+            self.policy.note(*entry)
         return x, y
 
     @property
+    def bad_keys(self) -> dict[tuple[str, int], int]:
+        """The distinct bad data this rank's batches met (bad_data=skip), :class:`.reader.BadDataPolicy`'s
+        ledger: (shard name, index in the shard) -> samples lost there."""
+        return dict(self.policy.bad)
+
+    @property
     def skipped(self) -> int:
-        """Bad samples skipped so far by this rank's workers (bad_data=skip)."""
-        return sum(p[2] for p in self.positions)
+        """Samples lost to bad data so far (each bad sample or broken shard counted once per run)."""
+        return self.policy.skipped
+
+    def merge_bad_keys(self, ledgers) -> None:
+        """Adopt the ``bad_keys`` of other ranks (e.g. ``all_gather_objects(loader.bad_keys)``): after it,
+        ``skipped``, the ``data.max_skipped`` check (a DataError on every rank alike) and the saved state
+        are run-wide. What other ranks met is not printed again here."""
+        for ledger in ledgers:
+            for (name, index), lost in sorted(ledger.items()):
+                self.policy.note(name, index, lost, f"shard {name}, #{index} (met by another rank)", echo=False)
+        self.policy.take_met()
 
     @property
     def epoch(self) -> float:
@@ -204,7 +260,11 @@ class ShardLoader:
                 "random_flip": bool(self.cfg.random_flip), "counts": list(self.split.counts)}
 
     def state_dict(self) -> dict:
-        return {"batches": self.batches, "positions": [list(p) for p in self.positions], **self._fingerprint()}
+        """Batches delivered, each worker's (epoch, t), the bad-data ledger as sorted
+        [shard name, index, samples lost] rows, and the fingerprint a resume must match."""
+        bad = [[name, index, lost] for (name, index), lost in sorted(self.policy.bad.items())]
+        return {"batches": self.batches, "positions": [list(p) for p in self.positions], "bad": bad,
+                **self._fingerprint()}
 
     def load_state_dict(self, state: dict) -> None:
         mine = self._fingerprint()
@@ -216,11 +276,23 @@ class ShardLoader:
             raise ValueError(f"loader state does not fit this run: {show} (saved, now); resume with the same data "
                              f"config, world size and data.num_workers")
         self.batches = int(state["batches"])
-        self.positions = [tuple(int(v) for v in p) for p in state["positions"]]
+        self.positions = [(int(p[0]), int(p[1])) for p in state["positions"]]  # older states add a skip count
+        self.policy.bad.clear()
+        self._note_bad_shards(echo=False)  # what this start's load_split left out (said already), and what the run met
+        self.merge_bad_keys([{(str(n), int(i)): int(lost) for n, i, lost in state.get("bad", [])}])
         self._it = None
 
     def close(self) -> None:
-        self._it = None
+        """Stop the workers: the DataLoader's own shutdown, then SIGKILL for a worker that outlives it
+        (its last resort, terminate(), is a SIGTERM, which the workers ignore; e.g. one stuck in a read)."""
+        it, self._it = self._it, None
+        if hasattr(it, "_shutdown_workers"):  # what the DataLoader iterator's __del__ calls
+            it._shutdown_workers()
+        for w in self._workers:
+            if w.is_alive():
+                w.kill()
+                w.join()
+        self._workers = []
 
 
 def build_train_loader(data_cfg, rank: int = 0, world_size: int = 1, seed: int | None = None) -> ShardLoader:

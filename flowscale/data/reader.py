@@ -1,18 +1,22 @@
 """Reading samples of a split, checked: one shard cursor, the sample decoder, the bad-data
 policy and batch stacking, shared by the training stream and evaluation.
 
-A :class:`ShardCursor` walks one shard forward and holds it to its manifest entry:
+A :class:`ShardCursor` walks one shard forward and holds it to its manifest entry. A shard
+that fails is *broken from sample k on*, k being where the failure shows:
 
-    first key differs from the manifest's         DataError (the shard is not the one listed)
-    more samples than the manifest's count        DataError
-    fewer samples than the manifest's count       broken: "shard ends after k samples ..."
-    cannot open, truncated or corrupt tar         broken: the reason, with the sample count
+    left out by load_split (missing, wrong size)      k = 0
+    cannot open, not a tar, zero bytes                k = 0
+    first key differs from the manifest's             k = 0 (the shard is not the one listed)
+    truncated or corrupt tar, fewer samples           k = the first sample that cannot be read
+    more samples than the manifest's count            k = count - 1
 
-A manifest that disagrees with its shard is always an error. A broken shard is bad data:
-every sample that is asked for after the break, like a sample that does not decode (not an
-image, wrong size or mode, missing or out-of-range label), goes to the :class:`BadDataPolicy`:
-a :class:`DataError` naming the shard and sample (``data.bad_data=error``) or a counted skip
-printed to stderr (``data.bad_data=skip``, at most ``data.max_skipped`` per worker).
+k depends only on the shard's bytes, never on which worker or rank reads it or on what it
+already knows, so the samples a broken shard yields (those before k) are the same in every
+epoch and after a resume. A broken shard, like a sample that does not decode (not an image,
+wrong size or mode, missing or out-of-range label), goes to the :class:`BadDataPolicy`: a
+:class:`DataError` naming the shard and sample (``data.bad_data=error``), or with
+``data.bad_data=skip`` an entry in a ledger of distinct bad data, printed and counted once
+per run however often it is met again.
 """
 
 from __future__ import annotations
@@ -28,52 +32,126 @@ from .splits import Split
 from .tar import SampleReader, open_shard
 
 
+class BadDataPolicy:
+    """What bad data does, per ``data.bad_data``: ``error`` raises a :class:`DataError` naming
+    the shard (and sample); ``skip`` keeps a ledger of the distinct bad data met::
+
+        bad[(shard name, index in the shard)] = samples lost there
+            1               a sample that does not decode
+            count - k       a shard broken from sample #k on (k = 0: all of it)
+
+    Meeting an entry again (the same sample next epoch, or in another worker) changes nothing:
+    ``data.max_skipped`` bounds ``len(bad)``, the distinct bad samples and shards, and
+    ``skipped`` (their sum) is the samples lost. ``met`` lists the entries new to this ledger as
+    (shard name, index, samples lost, message), for a process that keeps a wider one (the
+    loader's main process merges its workers'). ``echo`` prints each new entry to stderr.
+    """
+
+    def __init__(self, mode: str, max_skipped: int, where: str, bad: dict | None = None, echo: bool = True):
+        self.mode, self.max_skipped, self.where, self.echo = mode, max_skipped, where, echo
+        self.bad: dict[tuple[str, int], int] = dict(bad or {})
+        self.met: list[tuple[str, int, int, str]] = []
+
+    @property
+    def skipped(self) -> int:
+        """Samples lost to bad data (each bad sample or broken shard counted once)."""
+        return sum(self.bad.values())
+
+    def sample(self, url: str, name: str, key: str, index: int, reason: str) -> None:
+        """Sample ``index`` (key ``key``) of shard ``name`` at ``url`` does not decode."""
+        self._bad(name, index, 1, f"shard {url}, sample {key!r} (#{index} in the shard): {reason}")
+
+    def shard(self, url: str, name: str, index: int, count: int, reason: str) -> None:
+        """Shard ``name`` (``count`` samples) at ``url`` is broken from sample ``index`` on."""
+        rest = "the whole shard" if index == 0 else f"its samples from #{index} on"
+        self._bad(name, index, count - index, f"shard {url}: {reason} ({rest}: {count - index} samples)")
+
+    def _bad(self, name: str, index: int, lost: int, what: str) -> None:
+        if self.mode == "error":
+            raise DataError(f"{what}. Set data.bad_data=skip to skip bad data (counted), or run "
+                            f"`flowscale prep verify {self.where}`")
+        self.note(name, index, lost, what)
+
+    def note(self, name: str, index: int, lost: int, what: str, echo: bool | None = None) -> bool:
+        """Add an entry to the ledger (True when it is new); more than max_skipped is a DataError."""
+        if (name, index) in self.bad:
+            return False
+        self.bad[(name, index)] = lost
+        self.met.append((name, index, lost, what))
+        if self.echo if echo is None else echo:
+            print(f"flowscale data: skipped {what} [bad_data=skip: {len(self.bad)} distinct bad samples or shards, "
+                  f"{self.skipped} samples skipped]", file=sys.stderr, flush=True)
+        if len(self.bad) > self.max_skipped:
+            raise DataError(f"more than data.max_skipped={self.max_skipped} distinct bad samples or shards "
+                            f"(last: {what}); check the shards with `flowscale prep verify {self.where}`")
+        return True
+
+    def take_met(self) -> list[tuple[str, int, int, str]]:
+        """The entries met since the last call."""
+        met, self.met = self.met, []
+        return met
+
+
 class ShardCursor:
     """Shard ``s`` of ``split``, read forward: ``read(idx, want)`` returns sample ``idx`` as
     (key, {ext: bytes}) (the bytes only when ``want``; samples in between are skipped unread),
-    or None when the shard is broken before it, with the reason in ``broken``."""
+    or None when the shard is broken at or before it. The break (``broken``: why, ``broken_at``:
+    from which sample) goes to ``policy`` once, when it shows, whether or not ``want``."""
 
-    def __init__(self, split: Split, s: int):
-        self.url, self.entry, self.where = split.urls[s], split.manifest.shards[s], split.where
+    def __init__(self, split: Split, s: int, policy: BadDataPolicy):
+        self.url, self.entry, self.where, self.policy = split.urls[s], split.manifest.shards[s], split.where, policy
         self.broken: str | None = None
+        self.broken_at: int | None = None
         self.f, self.reader = None, None
+        if s in split.bad_shards:
+            self._break(0, split.bad_shards[s])
+            return
         try:
             self.f, seekable = open_shard(self.url)
         except OSError as e:
-            self.broken = f"cannot open shard ({type(e).__name__}: {e})"
+            self._break(0, f"cannot open shard ({type(e).__name__}: {e})")
             return
         try:
             self.reader = SampleReader(self.f, seekable)
-        except (EOFError, ValueError) as e:
-            self.broken = f"truncated or corrupt tar after 0 samples ({e})"
+        except (EOFError, ValueError, OSError) as e:
+            self._break(0, f"truncated or corrupt tar after 0 samples ({e})")
+
+    def _break(self, k: int, reason: str) -> None:
+        self.broken, self.broken_at = reason, min(k, self.entry.count - 1)
+        self.close()
+        self.policy.shard(self.url, self.entry.name, self.broken_at, self.entry.count, reason)
 
     def read(self, idx: int, want: bool) -> tuple[str, dict[str, bytes]] | None:
         if self.broken is not None:
             return None
-        count = self.entry.count
+        count, first = self.entry.count, self.entry.first_key
+        got, broken = None, None
         try:
-            while self.reader.index <= idx:
-                got = self.reader.next(want=want and self.reader.index == idx)
+            while self.reader.index <= idx and broken is None:
+                k = self.reader.index
+                got = self.reader.next(want=want and k == idx)
                 if got is None:
-                    self.broken = f"shard ends after {self.reader.index} samples; the manifest says {count}"
-                    return None
-                if self.reader.index == 1 and self.entry.first_key and got[0] != self.entry.first_key:
-                    raise DataError(f"shard {self.url} starts with sample {got[0]!r} but manifest {self.where} "
-                                    f"says {self.entry.first_key!r}: the shard and the manifest do not match")
-                if self.reader.index == count and self.reader.next(want=False) is not None:
-                    raise DataError(f"shard {self.url} holds more samples than the {count} in manifest "
-                                    f"{self.where}: the shard and the manifest do not match")
-        except DataError:
-            raise
-        except (EOFError, ValueError) as e:
-            self.broken = f"truncated or corrupt tar after {self.reader.index} samples ({e})"
+                    broken = k, f"shard ends after {k} samples; the manifest says {count}"
+                elif k == 0 and first and got[0] != first:
+                    broken = 0, (f"starts with sample {got[0]!r} but manifest {self.where} says {first!r}: the shard "
+                                 f"and the manifest do not match")
+                elif k == count - 1 and self.reader.next(want=False) is not None:
+                    broken = k, (f"holds more samples than the {count} in manifest {self.where}: the shard and the "
+                                 f"manifest do not match")
+        except (EOFError, ValueError, OSError) as e:  # OSError: a pipe: or remote stream that failed
+            broken = self.reader.index, f"truncated or corrupt tar after {self.reader.index} samples ({e})"
+        if broken is not None:
+            self._break(*broken)
             return None
         return got
 
     def close(self) -> None:
-        if self.f is not None:
-            self.f.close()
-        self.f, self.reader = None, None
+        f, self.f, self.reader = self.f, None, None
+        if f is not None:
+            try:
+                f.close()
+            except OSError:  # a pipe's exit status: what was read has been checked already
+                pass
 
 
 class SampleDecoder:
@@ -96,26 +174,6 @@ class SampleDecoder:
             if self.m.num_classes and not 0 <= y < self.m.num_classes:
                 raise ValueError(f"label {y} outside [0, {self.m.num_classes})")
         return x, y
-
-
-class BadDataPolicy:
-    """Raise or count-and-report a bad sample, per ``data.bad_data``."""
-
-    def __init__(self, mode: str, max_skipped: int, where: str, skipped: int = 0):
-        self.mode, self.max_skipped, self.where, self.skipped = mode, max_skipped, where, skipped
-
-    def __call__(self, shard: str, key: str, index: int, reason: str) -> None:
-        what = f"shard {shard}, sample {key!r} (#{index} in the shard): {reason}"
-        if self.mode == "error":
-            raise DataError(f"{what}. Set data.bad_data=skip to skip bad samples (counted), or run "
-                            f"`flowscale prep verify {self.where}`")
-        self.skipped += 1
-        if self.skipped <= 10 or self.skipped % 100 == 0:  # every skip is counted; the log shows the first and every 100th
-            print(f"flowscale data: skipped {what} [bad_data=skip, {self.skipped} skipped by this worker]",
-                  file=sys.stderr, flush=True)
-        if self.skipped > self.max_skipped:
-            raise DataError(f"more than data.max_skipped={self.max_skipped} bad samples in one worker (last: {what}); "
-                            f"check the shards with `flowscale prep verify {self.where}`")
 
 
 def stack_batch(xs: list[np.ndarray], ys: list[int | None], has_labels: bool,

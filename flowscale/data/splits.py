@@ -2,17 +2,19 @@
 
 ``load_split`` reads the manifest (a manifest.json, its split directory, or a URL) and
 resolves its shards next to it or from an explicit list whose file names must match the
-manifest's. Local shards are checked at once: a missing one is an error (or, with
-``data.bad_data=skip``, left for the reader to count as skipped); a size different from the
-manifest's is always an error. ``resolve_split`` picks the train or test split of a data
-config (building the demo shards on first use) and refuses a manifest whose resolution or
-channels differ from the config's.
+manifest's. Local shards are checked at once, so every rank decides alike and before the
+first step: a missing shard, or one whose size differs from the manifest's (truncated, a member
+added or dropped, zero bytes, not a tar), is a :class:`DataError` naming it, or with
+``data.bad_data=skip`` is left out of the run (``Split.bad_shards``: it keeps its place in the
+order and yields nothing; the readers count its samples as skipped, once). ``resolve_split``
+picks the train or test split of a data config (building the demo shards on first use) and
+refuses a manifest whose resolution or channels differ from the config's.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .manifest import DataError, Manifest
@@ -26,6 +28,8 @@ class Split:
     urls: list[str]
     where: str
     """The manifest's location, for messages."""
+    bad_shards: dict[int, str] = field(default_factory=dict)
+    """Shards found unusable when the split was loaded (bad_data=skip): index -> why."""
 
     @property
     def counts(self) -> list[int]:
@@ -48,8 +52,8 @@ def load_split(manifest: str, shards: str | None = None, bad_data: str = "error"
     resolve its shards: next to the manifest, or from ``shards`` (a brace pattern / list of
     paths or URLs separated by '::' whose file names match the manifest's).
 
-    Local shards are checked now: a missing one is an error (a counted skip with
-    bad_data=skip); a size different from the manifest's is always an error.
+    Local shards are checked now: a missing one, or one whose size differs from the manifest's,
+    is a DataError naming it, or with bad_data=skip an entry of ``bad_shards``.
     """
     where = _manifest_url(str(manifest))
     if is_local(where) and not Path(where).is_file():
@@ -75,20 +79,23 @@ def load_split(manifest: str, shards: str | None = None, bad_data: str = "error"
     else:
         base = str(Path(where).parent) if is_local(where) else where.rsplit("/", 1)[0]
         urls = [str(Path(base) / n) if is_local(where) else f"{base}/{n}" for n in names]
-    for url, s in zip(urls, m.shards):
+    bad: dict[int, str] = {}
+    for k, (url, s) in enumerate(zip(urls, m.shards)):
         if not is_local(url):
-            continue
+            continue  # a URL is checked as it is read (reader.ShardCursor)
         path = url[7:] if url.startswith("file:") else url
         if not os.path.exists(path):
-            if bad_data == "error":
-                raise DataError(f"shard {path} (listed in manifest {where}, {s.count} samples) is missing; "
-                                f"re-run the conversion (it resumes) or set data.bad_data=skip to skip it (counted)")
+            bad[k] = f"missing (listed in manifest {where} with {s.count} samples)"
+            fix = "re-run the conversion (it resumes)"
+        elif (size := os.path.getsize(path)) != s.bytes:
+            bad[k] = f"{size} bytes but manifest {where} says {s.bytes}: the shard and the manifest do not match"
+            fix = f"re-run the conversion or `flowscale prep verify {where}`"
+        else:
             continue
-        size = os.path.getsize(path)
-        if size != s.bytes:
-            raise DataError(f"shard {path} is {size} bytes but manifest {where} says {s.bytes}: the shard and the "
-                            f"manifest do not match; re-run the conversion or `flowscale prep verify {where}`")
-    return Split(m, urls, where)
+        if bad_data == "error":
+            raise DataError(f"shard {path} is {bad[k]}; {fix}, or set data.bad_data=skip to leave it out of the run "
+                            f"(its samples counted as skipped)")
+    return Split(m, urls, where, bad)
 
 
 def resolve_split(data_cfg, split: str) -> Split:
