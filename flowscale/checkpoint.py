@@ -19,6 +19,7 @@ is the only definition of "latest"; :func:`list_complete` also drives keep-last-
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -110,28 +111,82 @@ def consolidated_state_dict(engine) -> dict:
     return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (full disk, quota, I/O error); the partial directory
+    was removed and earlier checkpoints are untouched."""
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def _no_space(e: BaseException) -> bool:
+    # torch.save reports a full disk as a RuntimeError from its zip writer ("unexpected pos ...").
+    return getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "unexpected pos" in str(e) \
+        or "No space left" in str(e)
+
+
+def space_warning(run_dir: str | Path) -> str | None:
+    """A warning when the run directory's disk has less free space than the newest checkpoint
+    takes (with 10% to spare), else None: said before the save that would fail."""
+    latest = resolve_latest(run_dir)
+    if latest is None:
+        return None
+    need, free = _dir_bytes(latest), shutil.disk_usage(checkpoint_dir(run_dir)).free
+    if free >= 1.1 * need:
+        return None
+    return (f"only {_fmt_bytes(free)} free on the disk of {checkpoint_dir(run_dir)}, the last checkpoint took "
+            f"{_fmt_bytes(need)}: the next save may fail; free space or lower train.keep_last")
+
+
 def save(engine, run_dir: str | Path, step: int, rank: int, rank_state: dict, client_state: dict,
          config_yaml: str, keep_last: int, ema_state: dict | None = None) -> Path:
-    """Collective: every rank calls it. Returns the checkpoint directory."""
+    """Collective: every rank calls it. Returns the checkpoint directory.
+
+    A write that fails on any rank (full disk, I/O error) fails on every rank with
+    :class:`CheckpointWriteError`: the partial directory is removed, COMPLETE was never written,
+    earlier checkpoints stay as they were."""
     from safetensors.torch import save_file
 
     root = checkpoint_dir(run_dir)
     tag = tag_for(step)
     path = root / tag
+    previous = resolve_latest(run_dir)
+    needed = _dir_bytes(previous) if previous is not None else None
     if rank == 0 and (path / "COMPLETE").exists():
         (path / "COMPLETE").unlink()  # re-saving a step: it is incomplete until rewritten
     barrier()
-    engine.save_checkpoint(str(root), tag=tag, save_latest=False)
-    path.mkdir(parents=True, exist_ok=True)
-    _atomic_torch_save(rank_state, path / f"rank_{rank:05d}.pt")
-    full = consolidated_state_dict(engine)
-    if rank == 0:
-        _atomic_torch_save(client_state, path / "client.pt")
-        save_file({k: v.contiguous().float() if v.is_floating_point() else v.contiguous() for k, v in full.items()},
-                  str(path / "model.safetensors"))
-        if ema_state is not None:
-            save_file({k: v.contiguous() for k, v in ema_state.items()}, str(path / "ema.safetensors"))
-        (path / "config.yaml").write_text(config_yaml)
+    failure: BaseException | None = None
+    try:
+        engine.save_checkpoint(str(root), tag=tag, save_latest=False)
+        path.mkdir(parents=True, exist_ok=True)
+        _atomic_torch_save(rank_state, path / f"rank_{rank:05d}.pt")
+    except (OSError, RuntimeError) as e:
+        failure = e
+    full = consolidated_state_dict(engine)  # collective under ZeRO-3: every rank takes part, failed or not
+    if rank == 0 and failure is None:
+        try:
+            _atomic_torch_save(client_state, path / "client.pt")
+            save_file({k: v.contiguous().float() if v.is_floating_point() else v.contiguous() for k, v in full.items()},
+                      str(path / "model.safetensors"))
+            if ema_state is not None:
+                save_file({k: v.contiguous() for k, v in ema_state.items()}, str(path / "ema.safetensors"))
+            (path / "config.yaml").write_text(config_yaml)
+        except (OSError, RuntimeError) as e:
+            failure = e
+    if any_rank(failure is not None):
+        if rank == 0:
+            shutil.rmtree(path, ignore_errors=True)
+        barrier()
+        raise _write_error(path, failure, needed, previous)
     barrier()
     if rank == 0:
         _atomic_write_bytes(path / "COMPLETE", json.dumps({"step": step, "world_size": world_size(),
@@ -140,6 +195,18 @@ def save(engine, run_dir: str | Path, step: int, rank: int, rank_state: dict, cl
             shutil.rmtree(old, ignore_errors=True)
     barrier()
     return path
+
+
+def _write_error(path: Path, failure: BaseException | None, needed: int | None, previous: Path | None):
+    free = shutil.disk_usage(path.parent).free if path.parent.exists() else 0
+    what = "no space left on the device" if failure is not None and _no_space(failure) else \
+        (f"{type(failure).__name__}: {failure}" if failure is not None else "a write failed on another rank")
+    size = f"the previous checkpoint took {_fmt_bytes(needed)}, " if needed is not None else ""
+    resume = f"it resumes from {previous.name}" if previous is not None else "no earlier checkpoint exists"
+    return CheckpointWriteError(
+        f"writing checkpoint {path} failed ({what}); {size}{_fmt_bytes(free)} are free on that disk. Free space "
+        f"(or lower train.keep_last) and rerun the same command: {resume}. The partial {path.name} was removed; "
+        f"earlier checkpoints are untouched.")
 
 
 def load(engine, ckpt: Path, rank: int) -> tuple[dict, dict]:

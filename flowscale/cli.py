@@ -249,6 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .checkpoint import CheckpointWriteError
     from .preemption import EXIT_PREEMPTED, Preempted
 
     ns = build_parser().parse_args(argv)
@@ -261,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"flowscale: error: {e}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, FileExistsError, FloatingPointError, PermissionError) as e:
+    except (FileNotFoundError, FileExistsError, FloatingPointError, PermissionError, CheckpointWriteError) as e:
         print(f"flowscale: error: {e}", file=sys.stderr)
         return 1
 
