@@ -222,3 +222,42 @@ def test_webdataset_reads_the_shards(tmp_path):
     urls = [str(p) for p in sorted((tmp_path / "train").glob("*.tar"))]
     keys = [s["__key__"] for s in wds.WebDataset(urls, shardshuffle=False)]
     assert keys == [f"s{i:06d}" for i in range(10)]
+
+
+def _ignored_signals(pid: int) -> int:
+    """The SigIgn mask of a live process (bit n-1 set: signal n is ignored)."""
+    with open(f"/proc/{pid}/status") as f:
+        return int(next(line for line in f if line.startswith("SigIgn:")).split()[1], 16)
+
+
+def test_workers_live_through_the_job_signals(tmp_path):
+    """Slurm signals every process of a task (SIGTERM at the time limit or a preemption, SIGUSR1/2
+    ahead of it) and the main process saves a checkpoint then, so its workers must live on: real
+    signals sent to the real worker processes, and the loader goes on with exactly the batches of an
+    unsignalled one. Every worker must make new batches after the signals (24 batches of 4 = two
+    epochs; a DataLoader holds at most 2 x 2 ahead), so a worker they had ended fails the test."""
+    import multiprocessing
+    import os
+    import signal
+
+    write_split(tmp_path / "train", [12] * 4)
+    cfg = data_cfg(tmp_path / "train", num_workers=2, worker_timeout_s=60)
+    ref = build_train_loader(cfg)
+    expected = [next(ref) for _ in range(24)]
+    ref.close()
+    loader = build_train_loader(cfg)
+    before = set(multiprocessing.active_children())
+    got = [next(loader) for _ in range(2)]
+    workers = [w for w in multiprocessing.active_children() if w not in before]
+    assert len(workers) == 2
+    job_signals = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+    for w in workers:
+        assert all(_ignored_signals(w.pid) >> (s - 1) & 1 for s in job_signals)
+        for s in job_signals:
+            os.kill(w.pid, s)
+    got += [next(loader) for _ in range(22)]
+    assert all(w.is_alive() for w in workers)
+    for (xa, ya), (xb, yb) in zip(expected, got):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    loader.close()  # the loader stops its workers itself
+    assert not any(w.is_alive() for w in workers)
