@@ -148,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flowscale", description="Train and use deep multi-scale normalizing flows "
                                 "(NICE, RealNVP, Glow). Run 'flowscale COMMAND --help' for details.")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--debug", action="store_true",
+                   help="show the Python traceback of an expected error (also FLOWSCALE_DEBUG=1)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     t = sub.add_parser("train", help="train a flow (no arguments: the demo model on the bundled demo photos)",
@@ -248,23 +250,56 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    from .checkpoint import CheckpointWriteError
-    from .preemption import EXIT_PREEMPTED, Preempted
+# Exit codes of `flowscale` (README, "When things go wrong"). Each expected failure prints one
+# line, "flowscale: error: ..." with what to do, on the main rank only; --debug or
+# FLOWSCALE_DEBUG=1 shows the traceback instead. Unexpected exceptions keep their traceback.
+EXIT_CODES = {
+    "ConfigError": 2,            # a config field: its name and what is allowed
+    "DataError": 3,              # a shard or sample: the file, the sample and what to do
+    "CheckpointWriteError": 4,   # a checkpoint could not be written (full disk, I/O)
+    "RunDirLocked": 5,           # another live run holds train.run_dir
+    "Preempted": 75,             # stopped by a signal after saving the step reached: rerun to resume
+}
+EXIT_OTHER = 1                   # missing file, existing run with --no-resume, untrusted checkpoint, NaN loss
 
+
+def _one_line(e: BaseException) -> str:
+    """The user-facing sentence of an expected error. An exception re-raised from a DataLoader
+    worker carries the worker's traceback in its message: keep its last line, the sentence."""
+    text = str(e)
+    if "Original Traceback" in text:
+        last = [ln for ln in text.strip().splitlines() if ln.strip()][-1]
+        text = last.split(": ", 1)[1] if ": " in last and last.split(": ", 1)[0].endswith("Error") else last
+    return text
+
+
+def _expected(e: BaseException) -> int | None:
+    from .checkpoint import CheckpointWriteError
+    from .data import DataError
+    from .lock import RunDirLocked
+    from .preemption import Preempted
+
+    for cls in (ConfigError, DataError, CheckpointWriteError, RunDirLocked, Preempted):
+        if isinstance(e, cls):
+            return EXIT_CODES[cls.__name__]
+    if isinstance(e, (FileNotFoundError, FileExistsError, FloatingPointError, PermissionError)):
+        return EXIT_OTHER
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
+    debug = ns.debug or os.environ.get("FLOWSCALE_DEBUG", "") not in ("", "0")
     try:
         return ns.func(ns)
-    except Preempted as e:  # a signal asked the run to stop; it saved the step it reached
+    except Exception as e:  # noqa: BLE001 - sorted into expected (one line) and unexpected (traceback)
+        code = _expected(e)
+        if code is None or debug:
+            raise
         if is_main_process():
-            print(f"flowscale: preempted: {e}", file=sys.stderr)
-        return EXIT_PREEMPTED
-    except ConfigError as e:
-        print(f"flowscale: error: {e}", file=sys.stderr)
-        return 2
-    except (FileNotFoundError, FileExistsError, FloatingPointError, PermissionError, CheckpointWriteError) as e:
-        print(f"flowscale: error: {e}", file=sys.stderr)
-        return 1
+            kind = "preempted" if code == EXIT_CODES["Preempted"] else "error"
+            print(f"flowscale: {kind}: {_one_line(e)}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

@@ -63,7 +63,7 @@ def test_full_disk_at_a_save_is_one_line_and_loses_nothing(small_disk, tmp_path,
     filler = _fill(small_disk, ckpt_bytes // 3)  # room for a third of the next checkpoint
     capsys.readouterr()
 
-    assert cli_main(argv + ["train.steps=4"]) == 1
+    assert cli_main(argv + ["train.steps=4"]) == 4  # CheckpointWriteError
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("flowscale: error: writing checkpoint"), err
     assert "no space left" in err[0] and "step_00000004" in err[0] and "step_00000002" in err[0], err[0]
