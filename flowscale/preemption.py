@@ -40,14 +40,16 @@ class PreemptionGuard:
 
     def __init__(self, signals=SIGNALS):
         self.signals = signals
-        self.received: int | None = None
-        self.count = 0
+        self.signums: list[int] = []
+        """Every signal received, in order (a second one during the save is only recorded)."""
         self._previous: dict[int, object] = {}
 
+    @property
+    def received(self) -> int | None:
+        return self.signums[0] if self.signums else None
+
     def _handle(self, signum, frame) -> None:
-        self.count += 1
-        if self.received is None:
-            self.received = signum
+        self.signums.append(signum)
 
     def __enter__(self) -> "PreemptionGuard":
         for s in self.signals:
@@ -68,11 +70,15 @@ class PreemptionGuard:
         return any_rank(self.received is not None, device)
 
     def hand_over(self, step: int, path) -> None:
-        """After the save: run the handler that was there before ours for the received signal
-        (submitit's requeue on USR2), or raise :class:`Preempted`."""
-        signum = self.received if self.received is not None else signal.SIGTERM
-        previous = self._previous.get(signum)
+        """After the save: restore the handlers that were there before ours, then requeue
+        through submitit's handler if one of the received signals had it (its USR2 handler:
+        preemption sends SIGTERM, which submitit ignores, then USR2), else raise
+        :class:`Preempted`. A USR2 that arrives later reaches submitit's handler directly."""
+        previous = dict(self._previous)
         self.__exit__()
-        if callable(previous) and getattr(previous, "__self__", None).__class__.__name__ == "SignalHandler":
-            previous(signum, None)  # submitit: checkpoint() + requeue on rank 0, then sys.exit
-        raise Preempted(signum, step, path)
+        for signum in self.signums:
+            handler = previous.get(signum)
+            if getattr(handler, "__name__", "") == "checkpoint_and_try_requeue":  # submitit's SignalHandler
+                handler(signum, None)  # rank 0: checkpoint() + requeue, then sys.exit; other ranks return
+                raise SystemExit(EXIT_PREEMPTED)
+        raise Preempted(self.received if self.received is not None else signal.SIGTERM, step, path)
