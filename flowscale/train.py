@@ -26,8 +26,8 @@ from .build import build_training, pick_device
 from .checkpoint import load_trained  # noqa: F401  (flowscale.train.load_trained, as before)
 from .config import Config, to_dict, to_yaml
 from .data import build_train_loader, eval_split, first_images
-from .distributed import (DistInfo, all_equal, barrier, cleanup, init_distributed, rank0_decides, rng_state,
-                          set_rng_state, sum_over_ranks)
+from .distributed import (DistInfo, all_equal, all_gather_objects, barrier, cleanup, init_distributed, rank0_decides,
+                          rng_state, set_rng_state)
 from .engine import train_step
 from .evaluate import evaluate_bpd
 from .inverse_checkpoint import check_and_flag
@@ -212,8 +212,9 @@ def _train(cfg: Config, info: DistInfo, log: RunLogger, resume: bool, chosen: Pa
                 metrics["images_per_s"] = seen / (time.time() - t0)
                 metrics["mem_gb"] = _memory_gb(device)
                 metrics["epoch"] = loader.epoch
-                if cfg.data.bad_data == "skip":  # bad samples skipped so far, all ranks (collective: every rank logs here)
-                    metrics["data_skipped"] = int(sum_over_ranks(loader.skipped, device))
+                if cfg.data.bad_data == "skip":  # distinct bad samples/shards met by any rank (collective: all log here)
+                    loader.merge_bad_keys(all_gather_objects(loader.bad_keys))  # run-wide count, limit and ledger
+                    metrics["data_skipped"] = loader.skipped
                 t0, seen = time.time(), 0
                 log.log(step, {k: v for k, v in metrics.items() if k != "loss" or cfg.optim.invconv_l2})
             extra = evaluate_and_sample(step, final=step == cfg.train.steps)
