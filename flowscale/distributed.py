@@ -193,10 +193,6 @@ def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
     return all_reduce_sum_(torch.tensor([1.0 if flag else 0.0], device=device)).item() > 0
 
 
-def sum_over_ranks(n: float, device: torch.device | str = "cpu") -> float:
-    return all_reduce_sum_(torch.tensor([float(n)], dtype=torch.float64, device=device)).item()
-
-
 def mean_over_ranks(t: torch.Tensor) -> float:
     """Mean of a scalar tensor over ranks."""
     t = all_reduce_sum_(t.detach().clone().float())
