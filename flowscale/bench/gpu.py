@@ -42,11 +42,11 @@ from importlib.metadata import version
 from pathlib import Path
 
 CASES = ("fp32-plain", "fp32-inverse", "bf16-plain", "bf16-inverse")
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
-
-
 def default_configs() -> list[str]:
-    return [str(p) for p in sorted(CONFIG_DIR.glob("*.yaml")) if p.name != "demo.yaml"]
+    """Every bundled config but the demo (they ship inside the package)."""
+    from ..config import list_configs
+
+    return [str(p) for name, p in list_configs().items() if name != "demo"]
 
 
 def case_config(path: str, overrides: list[str], case: str, micro_batch: int | None = None):
