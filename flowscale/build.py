@@ -26,15 +26,14 @@ from .flows.models import build_flow
 from .inverse_checkpoint import inverse_checkpoint
 
 
-def pick_device(name: str, local_rank: int = 0) -> torch.device:
+def pick_device(name: str, local_rank: int = 0, field: str = "config field 'train.device'") -> torch.device:
     """``train.device``: ``auto`` = this rank's GPU when one is visible, else cpu; ``cuda``
     without a GPU is an error."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
         if not torch.cuda.is_available():
-            raise ConfigError("config field 'train.device': cuda, but no CUDA device is visible; "
-                              "use train.device=cpu or auto")
+            raise ConfigError(f"{field}: cuda, but no CUDA device is visible; use cpu or auto")
         return torch.device("cuda", local_rank)
     return torch.device(name)
 

@@ -68,7 +68,8 @@ def cmd_train(ns) -> int:
 def cmd_eval(ns) -> int:
     from .data import eval_split
     from .evaluate import evaluate_bpd
-    from .train import load_trained, pick_device
+    from .build import pick_device
+    from .checkpoint import load_trained
 
     from .distributed import cleanup, dist_env, init_distributed
 
@@ -76,7 +77,7 @@ def cmd_eval(ns) -> int:
     multi = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1"))) > 1
     info = init_distributed() if multi else dist_env()
     try:
-        device = pick_device(ns.device)
+        device = pick_device(ns.device, field="--device")
         if multi and device.type == "cuda":
             device = __import__("torch").device("cuda", info.local_rank)
         flow, cfg = load_trained(ns.checkpoint, device)
@@ -94,9 +95,10 @@ def cmd_eval(ns) -> int:
 
 def cmd_sample(ns) -> int:
     from .sample import sample_grid
-    from .train import load_trained, pick_device
+    from .build import pick_device
+    from .checkpoint import load_trained
 
-    device = pick_device(ns.device)
+    device = pick_device(ns.device, field="--device")
     flow, cfg = load_trained(ns.checkpoint, device)
     shapes = flow.latent_shapes(cfg.data.channels, cfg.data.image_size)
     out = ns.out or str(Path(ns.checkpoint if Path(ns.checkpoint).is_dir() else Path(ns.checkpoint).parent.parent)

@@ -132,21 +132,7 @@ def _grad_norm_zero0(module: torch.nn.Module) -> torch.Tensor:
 LossFn = Callable[[torch.nn.Module, torch.Tensor, "torch.Tensor | None"], tuple[torch.Tensor, dict]]
 
 
-def train_step(engine, batch, loss_fn, *legacy) -> dict:
-    # TEMPORARY (removed before this change lands): the old train_step(engine, x, y, cfg, step, ema=None).
-    if legacy:
-        from .loss import training_loss
-
-        cfg = legacy[0]
-        ema = legacy[2] if len(legacy) > 2 else None
-        out = _train_step(engine, (batch, loss_fn), training_loss(cfg, engine.device, model_dtype(cfg)))
-        if ema is not None and not out["skipped"]:
-            ema.update(engine.module)
-        return {**out, "bpd": out.get("bpd", out["loss"])}
-    return _train_step(engine, batch, loss_fn)
-
-
-def _train_step(engine, batch: tuple[torch.Tensor, torch.Tensor | None], loss_fn: LossFn) -> dict:
+def train_step(engine, batch: tuple[torch.Tensor, torch.Tensor | None], loss_fn: LossFn) -> dict:
     """One optimiser step of DeepSpeed on this rank's batch ``(x, y)``: split into
     engine.grad_accum micro-batches, ``loss, extra = loss_fn(engine, x_micro, y_micro)``, backward,
     step. Only the mechanics live here; what is optimised is ``loss_fn``'s business.

@@ -23,7 +23,6 @@ import torch
 from . import checkpoint as ckpt_io
 from . import seeds
 from .build import build_training, pick_device
-from .checkpoint import load_trained  # noqa: F401  (flowscale.train.load_trained, as before)
 from .config import Config, to_dict, to_yaml
 from .data import build_train_loader, eval_split, first_images
 from .distributed import (DistInfo, all_equal, all_gather_objects, barrier, cleanup, init_distributed, rank0_decides,

@@ -176,7 +176,7 @@ def test_train_help_lists_fields(capsys):
 def test_lr_schedule_closed_forms(decay):
     import math
 
-    from flowscale.train import build_optimizer
+    from flowscale.build import build_optimizer
 
     cfg = load_config(None, [f"optim.decay={decay}", "optim.warmup_steps=10", "train.steps=110",
                              "optim.min_lr_ratio=0.01"])

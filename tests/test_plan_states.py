@@ -96,8 +96,9 @@ def _measure(case) -> dict:
     from flowscale.config import load_config
     from flowscale.distributed import init_distributed, seed_everything
     from flowscale.engine import EMA, initialize, model_dtype, train_step
+    from flowscale.build import build_model, build_optimizer
     from flowscale.flows.actnorm import initialize_actnorm
-    from flowscale.train import build_model, build_optimizer
+    from flowscale.loss import training_loss
 
     prec, z, opt, ema_on, n = case
     cfg = load_config(ROOT / "configs/demo.yaml", OVERRIDES + [
@@ -119,6 +120,7 @@ def _measure(case) -> dict:
     engine = initialize(cfg, flow, optimizer, lambda o: torch.optim.lr_scheduler.LambdaLR(o, schedule),
                         info.world_size)
     ema = EMA(engine.module, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
+    loss_fn = training_loss(cfg, torch.device("cpu"), model_dtype(cfg))
     batch = torch.randint(0, 256, (MICRO, c, s, s), dtype=torch.uint8)
     skip[batch.untyped_storage()._cdata] = batch.untyped_storage()
 
@@ -142,7 +144,10 @@ def _measure(case) -> dict:
     skipped = 0
     for i in range(2):  # the second step: optimizer moments exist (they are made lazily in the first)
         measuring[0] = i == 1
-        skipped += train_step(engine, batch, None, cfg, i, ema)["skipped"]
+        m = train_step(engine, (batch, None), loss_fn)
+        if ema is not None and not m["skipped"]:
+            ema.update(engine.module)  # as the training loop does after a step
+        skipped += m["skipped"]
     out["skipped"] = skipped
     out["after_step"], out["after_step_largest"], _ = _census(skip)
     # ZeRO-3 keeps parameters of <= stage3_param_persistence_threshold elements whole on every rank.
