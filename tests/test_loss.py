@@ -109,4 +109,5 @@ def test_objective_adds_the_invconv_penalty():
     pen = objective(flow, x, 8, noise=torch.Generator().manual_seed(0), invconv_l2=0.5)
     assert torch.equal(plain.bpd, pen.bpd)
     expected = flow_regularizer(flow, 0.5).item()
-    assert expected > 0 and pen.loss.item() - plain.loss.item() == pytest.approx(expected, rel=1e-5)
+    # float32 loss near 8 bits/dim: the difference is exact to its ulp (~1e-6), not relative to the penalty
+    assert expected > 0.01 and pen.loss.item() - plain.loss.item() == pytest.approx(expected, abs=2e-6)
