@@ -5,10 +5,11 @@ on one rank and on two.
 Each case runs in a fresh process (forked, per rank, from one runner that imported torch and
 DeepSpeed once: a second per case instead of ~8 s of imports) that builds the model and the
 engine exactly as ``flowscale train`` does and takes two ``train_step`` calls on a random uint8
-batch. The bytes held are the sum over every distinct live tensor storage that ``gc`` can reach
+batch. The bytes held are the sum over every distinct live tensor storage that Python holds
 (parameters, their ``.grad``, DeepSpeed's flat buffers, optimizer state, EMA), less what the
-process held before the model was built. Three moments of the second step are compared with the
-lifetimes model_state_bytes documents:
+process held before the model was built; not a collective's temporaries that gloo's worker
+thread has yet to let go of (see ``_held_by_python``). Three moments of the second step are
+compared with the lifetimes model_state_bytes documents:
 
 * during backward (when the first parameter's gradient arrives, near its end): the reduce
   bucket of ZeRO-1/2/3 is alive, exactly ``reduce_bucket_size`` elements in the training dtype;
@@ -64,14 +65,17 @@ def case_id(case) -> str:
 
 # -- the measuring side (runs in the forked processes) ------------------------------------------
 
-def _census(skip: dict) -> tuple[int, int, dict]:
-    """(bytes, largest storage's bytes, storages) of the distinct live tensor storages gc can
-    reach, other than those in ``skip``."""
+def _census(skip: dict, held_only: bool = True) -> tuple[int, int, dict]:
+    """(bytes, largest storage's bytes, storages) of the distinct live tensor storages, other than
+    those in ``skip``, that Python holds (see :func:`_held_by_python`); every one gc can reach
+    without ``held_only``."""
     import gc
 
     import torch
 
     gc.collect()
+    objs = gc.get_objects()
+    held = _held_by_python(objs) if held_only else None
     found = {}
 
     def add(t):
@@ -81,23 +85,50 @@ def _census(skip: dict) -> tuple[int, int, dict]:
         if s._cdata not in skip and s._cdata not in found:
             found[s._cdata] = s
 
-    for o in gc.get_objects():
+    for o in objs:
         if isinstance(o, torch.Tensor):
-            add(o)
+            if held is None or id(o) in held:
+                add(o)
             if o.is_leaf and o.requires_grad and o.grad is not None:  # a grad never touched from Python has no wrapper
                 add(o.grad)
+    del objs, o
     sizes = [s.nbytes() for s in found.values()]
     return sum(sizes), max(sizes, default=0), found
+
+
+def _held_by_python(objs: list) -> set[int]:
+    """ids of the tensors in ``objs`` (gc's objects) that a Python object or frame refers to.
+
+    The others are alive only because C++ keeps them, for as long as timing decides: gloo runs
+    every collective on a worker thread, which lets go of a finished collective's tensors when
+    it next runs, or later. DeepSpeed hands it temporaries that Python has dropped when the call
+    returns: ZeRO-1/2 all-reduce the gradients through one flattened copy (wP bytes; on one
+    rank, a view of the reduce bucket, which keeps all w 5e8 bytes of it). gc still lists their
+    tensor objects, so a census counted them whenever the worker had not got to it yet: one
+    such copy (2P bytes) failed bf16-zero1-adam-2rank's end of backward under load in CI. Model
+    states are all held by Python objects (a parameter's ``.grad`` is reached through the
+    parameter). A tensor only autograd holds would not be counted either; backward's census is
+    used for its largest storage alone, the reduce bucket."""
+    import gc
+    import sys
+
+    import torch
+
+    held = {id(r) for r in gc.get_referents(*objs)}  # referred to by an object ...
+    for frame in sys._current_frames().values():  # ... or by a frame (locals are no gc referents)
+        while frame is not None:
+            held.update(id(v) for v in frame.f_locals.values() if isinstance(v, torch.Tensor))
+            frame = frame.f_back
+    return held
 
 
 def _measure(case) -> dict:
     import torch
 
+    from flowscale.build import build_training
     from flowscale.config import load_config
-    from flowscale.distributed import init_distributed, seed_everything
-    from flowscale.engine import EMA, initialize, model_dtype, train_step
-    from flowscale.build import build_model, build_optimizer
-    from flowscale.flows.actnorm import initialize_actnorm
+    from flowscale.distributed import init_distributed
+    from flowscale.engine import train_step
     from flowscale.loss import training_loss
 
     prec, z, opt, ema_on, n = case
@@ -105,26 +136,18 @@ def _measure(case) -> dict:
         f"engine.precision={prec}", f"engine.zero_stage={z}", f"optim.name={opt}",
         f"optim.ema_decay={0.999 if ema_on else 0}", f"data.batch_size={MICRO * n}"])
     info = init_distributed("gloo")
-    seed_everything(cfg.train.seed, info.rank)
-    _, _, base = _census({})  # kept referenced: a freed storage's address must not be reused and skipped
+    c, s = cfg.data.channels, cfg.data.image_size
+    batch = torch.randint(0, 256, (MICRO, c, s, s), dtype=torch.uint8)
+    init = torch.randint(0, 256, (8, c, s, s), dtype=torch.uint8)  # this rank's images for ActNorm's init
+    _, _, base = _census({}, held_only=False)  # kept referenced: a freed storage's address must not be reused and skipped
     skip = dict(base)
 
     # As flowscale.train._train does it.
-    flow = build_model(cfg, "cpu")
-    c, s = cfg.data.channels, cfg.data.image_size
-    with torch.no_grad():
-        initialize_actnorm(flow, torch.rand(8, c, s, s) - 0.5)
-    n_params = sum(p.numel() for p in flow.parameters())
-    flow = flow.to(model_dtype(cfg)) if prec != "fp32" else flow
-    optimizer, schedule = build_optimizer(cfg, flow.parameters())
-    engine = initialize(cfg, flow, optimizer, lambda o: torch.optim.lr_scheduler.LambdaLR(o, schedule),
-                        info.world_size)
-    ema = EMA(engine.module, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
-    loss_fn = training_loss(cfg, torch.device("cpu"), model_dtype(cfg))
-    batch = torch.randint(0, 256, (MICRO, c, s, s), dtype=torch.uint8)
-    skip[batch.untyped_storage()._cdata] = batch.untyped_storage()
+    run = build_training(cfg, info, init, torch.device("cpu"))
+    engine, ema = run.engine, run.ema
+    loss_fn = training_loss(cfg, run.device, run.dtype)
 
-    out = {"rank": info.rank, "params": n_params, "optimizer_class": type(engine.optimizer).__name__}
+    out = {"rank": info.rank, "params": run.n_params, "optimizer_class": type(engine.optimizer).__name__}
     measuring = [False]
 
     def in_backward(_p):  # the first parameter's gradient comes (about) last in backward
@@ -144,10 +167,10 @@ def _measure(case) -> dict:
     skipped = 0
     for i in range(2):  # the second step: optimizer moments exist (they are made lazily in the first)
         measuring[0] = i == 1
-        m = train_step(engine, (batch, None), loss_fn)
-        if ema is not None and not m["skipped"]:
-            ema.update(engine.module)  # as the training loop does after a step
-        skipped += m["skipped"]
+        metrics = train_step(engine, (batch, None), loss_fn)
+        skipped += metrics["skipped"]
+        if ema is not None and not metrics["skipped"]:
+            ema.update(run.module)
     out["skipped"] = skipped
     out["after_step"], out["after_step_largest"], _ = _census(skip)
     # ZeRO-3 keeps parameters of <= stage3_param_persistence_threshold elements whole on every rank.
