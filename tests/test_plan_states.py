@@ -280,7 +280,7 @@ def expected(case, r: dict) -> dict:
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_model_state_bytes_match_a_real_deepspeed_engine(measured, case):
-    from flowscale.plan import DS_REDUCE_BUCKET
+    from flowscale.engine import ZERO_BUCKETS
 
     results = measured[case_id(case)]
     assert not isinstance(results, str), results
@@ -298,7 +298,7 @@ def test_model_state_bytes_match_a_real_deepspeed_engine(measured, case):
         # The reduce bucket (the largest storage by far): alive in backward at ZeRO-1/2/3 and
         # after the step only at ZeRO-3; none at ZeRO-0.
         if z:
-            assert r["backward_largest"] == s["gradient buckets"] == w * DS_REDUCE_BUCKET, where
+            assert r["backward_largest"] == s["gradient buckets"] == w * ZERO_BUCKETS["reduce_bucket_size"], where
             assert (r["after_step_largest"] == s["gradient buckets"]) == (z == 3), where
         else:
             assert "gradient buckets" not in s and r["backward_largest"] < w * r["params"] / 4, where
