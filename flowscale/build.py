@@ -70,7 +70,7 @@ def build_optimizer(cfg: Config, params) -> tuple[torch.optim.Optimizer, callabl
 
 
 def build_initialized_flow(cfg: Config, init_images: torch.Tensor, device: torch.device | str = "cpu",
-                           rank: int = 0, init_labels: torch.Tensor | None = None):
+                           rank: int = 0):
     """The model of ``cfg``, weights from the ``model_init`` stream, ActNorm initialised from
     this rank's ``init_images`` (uint8; statistics all-reduced over ranks), cast to the training
     dtype. Returns (flow, number of ActNorm layers initialised). Afterwards the global RNGs are
@@ -78,9 +78,8 @@ def build_initialized_flow(cfg: Config, init_images: torch.Tensor, device: torch
     seed_everything(cfg.train.seed)
     flow = build_model(cfg, device)
     x = preprocess(init_images, cfg.data.n_bits, generator=seeds.generator(cfg.train.seed, "actnorm_init", rank))
-    cond = None
-    if cfg.model.num_classes > 0:  # class embeddings start at zero: the labels do not change the init
-        cond = (init_labels if init_labels is not None else torch.zeros(len(init_images), dtype=torch.int64)).to(device)
+    # Class embeddings start at zero, so any labels give the same init: zeros.
+    cond = torch.zeros(len(init_images), dtype=torch.int64, device=device) if cfg.model.num_classes > 0 else None
     n_init = initialize_actnorm(flow, x.to(device), cond=cond, all_reduce=all_reduce_sum_)
     if cfg.engine.precision != "fp32":
         flow = flow.to(model_dtype(cfg))
@@ -105,13 +104,12 @@ class Training:
     """ActNorm layers initialised from data."""
 
 
-def build_training(cfg: Config, info: DistInfo, init_images: torch.Tensor, device: torch.device,
-                   init_labels: torch.Tensor | None = None) -> Training:
+def build_training(cfg: Config, info: DistInfo, init_images: torch.Tensor, device: torch.device) -> Training:
     """Model, ActNorm init, dtype, optimizer, LR schedule, DeepSpeed engine and EMA for this rank
     (collective: every rank calls it). ``init_images``: this rank's share of the uint8 images
     for the data-dependent init."""
     layout = batch_layout(cfg, info.world_size)
-    flow, n_init = build_initialized_flow(cfg, init_images, device, info.rank, init_labels)
+    flow, n_init = build_initialized_flow(cfg, init_images, device, info.rank)
     n_params = sum(p.numel() for p in flow.parameters())
     optimizer, schedule = build_optimizer(cfg, flow.parameters())
     engine = initialize(cfg, flow, optimizer, lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),

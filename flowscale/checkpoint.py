@@ -134,33 +134,24 @@ def _no_space(e: BaseException) -> bool:
         or "No space left" in str(e)
 
 
-def space_warning(run_dir: str | Path) -> str | None:
-    """A warning when the run directory's disk has less free space than the newest checkpoint
-    takes (with 10% to spare), else None: said before the save that would fail."""
-    latest = resolve_latest(run_dir)
-    if latest is None:
-        return None
-    need, free = _dir_bytes(latest), shutil.disk_usage(checkpoint_dir(run_dir)).free
-    if free >= 1.1 * need:
-        return None
-    return (f"only {_fmt_bytes(free)} free on the disk of {checkpoint_dir(run_dir)}, the last checkpoint took "
-            f"{_fmt_bytes(need)}: the next save may fail; free space or lower train.keep_last")
-
-
 def save(engine, run_dir: str | Path, step: int, rank: int, rank_state: dict, client_state: dict,
-         config_yaml: str, keep_last: int, ema_state: dict | None = None) -> Path:
+         config_yaml: str, keep_last: int, ema_state: dict | None = None, warn=None) -> Path:
     """Collective: every rank calls it. Returns the checkpoint directory.
 
     A write that fails on any rank (full disk, I/O error) fails on every rank with
     :class:`CheckpointWriteError`: the partial directory is removed, COMPLETE was never written,
-    earlier checkpoints stay as they were."""
+    earlier checkpoints stay as they were. Before writing, rank 0 calls ``warn(message)`` when
+    the disk has less free space than the previous checkpoint took (with 10% to spare)."""
     from safetensors.torch import save_file
 
     root = checkpoint_dir(run_dir)
     tag = tag_for(step)
     path = root / tag
     previous = resolve_latest(run_dir)
-    needed = _dir_bytes(previous) if previous is not None else None
+    needed = _dir_bytes(previous) if previous is not None and rank == 0 else None  # the messages are rank 0's
+    if needed is not None and warn is not None and shutil.disk_usage(root).free < 1.1 * needed:
+        warn(f"only {_fmt_bytes(shutil.disk_usage(root).free)} free on the disk of {root}, the last checkpoint "
+             f"took {_fmt_bytes(needed)}: the next save may fail; free space or lower train.keep_last")
     if rank == 0 and (path / "COMPLETE").exists():
         (path / "COMPLETE").unlink()  # re-saving a step: it is incomplete until rewritten
     barrier()

@@ -61,8 +61,12 @@ def _first_slurm_host(nodelist: str) -> str:
 def env_rank() -> int:
     """This process's rank as the launcher set it (RANK, else SLURM_PROCID, else 0), without
     starting anything: for code that runs before or after the process group."""
-    env = os.environ
-    return int(env.get("RANK", env.get("SLURM_PROCID", 0)) if "RANK" in env or "SLURM_NTASKS" in env else 0)
+    env = os.environ  # the precedence of dist_env
+    if "RANK" in env:
+        return int(env["RANK"])
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        return int(env["SLURM_PROCID"])
+    return 0
 
 
 def is_main_process() -> bool:
@@ -193,10 +197,10 @@ def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
     return all_reduce_sum_(torch.tensor([1.0 if flag else 0.0], device=device)).item() > 0
 
 
-def mean_over_ranks(t: torch.Tensor) -> float:
-    """Mean of a scalar tensor over ranks."""
+def mean_over_ranks(t: torch.Tensor) -> list[float]:
+    """Element-wise mean over ranks of a 1-d tensor (one all-reduce), as floats."""
     t = all_reduce_sum_(t.detach().clone().float())
-    return (t / world_size()).item()
+    return (t / world_size()).tolist()
 
 
 def all_gather_objects(obj) -> list:

@@ -176,10 +176,13 @@ def train_step(engine, batch: tuple[torch.Tensor, torch.Tensor | None], loss_fn:
     if ds_skipped and engine.lr_scheduler is not None:
         engine.lr_scheduler.step()  # keep the LR a function of the step count, skipped steps included
     if bad_loss or bad_grad or ds_skipped:
-        return {"loss": float("nan") if bad_loss else mean_over_ranks(torch.stack(losses).mean()), "skipped": 1}
+        return {"loss": float("nan") if bad_loss else mean_over_ranks(torch.stack(losses).mean().reshape(1))[0],
+                "skipped": 1}
     grad_norm = grad_norm0.item() if engine.zero_optimization_stage() == 0 else engine.get_global_grad_norm()
-    out = {"loss": mean_over_ranks(torch.stack(losses).mean()),
-           "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"), "lr": engine.get_lr()[0]}
-    for k in extras[0]:
-        out[k] = mean_over_ranks(torch.stack([torch.as_tensor(e[k], dtype=torch.float32) for e in extras]).mean())
-    return {**out, "skipped": 0}
+    # The loss and every extra scalar, averaged over micro-batches, then over ranks in one all-reduce.
+    names = ["loss", *extras[0]]
+    local = torch.stack([torch.stack(losses).float().mean()] +
+                        [torch.stack([torch.as_tensor(e[k]).float() for e in extras]).mean() for k in extras[0]])
+    means = mean_over_ranks(local)
+    return {**dict(zip(names, means)), "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "lr": engine.get_lr()[0], "skipped": 0}

@@ -151,12 +151,10 @@ def _train(cfg: Config, info: DistInfo, log: RunLogger, resume: bool, chosen: Pa
         log.log(step, {"linear_bound_bpd": bound["bpd"], "linear_bound_bpd_population": bound["bpd_population"]})
 
     def save(step: int) -> Path:
-        warning = ckpt_io.space_warning(run_dir) if info.is_main else None
-        if warning:
-            log.info(f"warning: {warning}")
         client = {"step": step, "bad_in_row": bad_in_row, "skipped_total": skipped_total, "config": to_dict(cfg)}
         return ckpt_io.save(engine, run_dir, step, info.rank, {"loader": loader.state_dict(), "rng": rng_state()},
-                            client, to_yaml(cfg), cfg.train.keep_last, ema.state_dict() if ema is not None else None)
+                            client, to_yaml(cfg), cfg.train.keep_last, ema.state_dict() if ema is not None else None,
+                            warn=lambda m: log.info(f"warning: {m}"))
 
     def evaluate_and_sample(step: int, final: bool) -> dict:
         t, out = cfg.train, {}
