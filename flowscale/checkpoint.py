@@ -14,7 +14,13 @@ The W&B run id lives beside the checkpoints, in ``<run_dir>/wandb_id.txt`` (see 
 
 A directory without COMPLETE is a save that crashed midway and is never resumed from, so a
 crash can not leave a "latest" that points at a partial checkpoint. :func:`resolve_latest`
-is the only definition of "latest"; :func:`list_complete` also drives keep-last-k.
+is the only definition of "latest"; :func:`list_complete` also drives keep-last-k. Pruning
+renames a checkpoint out of ``step_*`` before deleting it, so a half-deleted one never looks
+complete; :func:`remove_partial` clears what a killed save or prune left behind.
+
+Crash points for crash-consistency tests: ``FLOWSCALE_KILL_AT=<point>@<step>[:<rank>]``
+(comma-separated) makes the process SIGKILL itself inside :func:`save` at ``<point>``, one of
+:data:`CRASH_POINTS`. Nothing else reads it; unset, it costs one environment lookup per save.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import time
 from pathlib import Path
 
@@ -32,6 +39,22 @@ import torch
 from .distributed import any_rank, barrier, world_size
 
 _NAME = re.compile(r"^step_(\d{8})$")
+_DELETING = ".deleting-"  # prefix of a checkpoint being pruned: no longer a step_* directory
+
+CRASH_POINTS = ("engine_state", "export", "complete", "prune")
+"""Where :func:`save` can be made to die: after DeepSpeed's files, after the safetensors export
+(before COMPLETE), after COMPLETE (before pruning), midway through pruning."""
+
+
+def _crash_point(point: str, step: int, rank: int) -> None:
+    spec = os.environ.get("FLOWSCALE_KILL_AT")
+    if not spec:
+        return
+    for item in spec.split(","):
+        name, _, rest = item.strip().partition("@")
+        at, _, only_rank = rest.partition(":")
+        if name == point and int(at) == step and (not only_rank or int(only_rank) == rank):
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
@@ -68,6 +91,19 @@ def resolve(path: str | Path) -> Path:
         raise FileNotFoundError(f"no complete checkpoint under {p}; give a run directory that has trained, "
                                 f"or a checkpoint directory <run_dir>/checkpoints/step_XXXXXXXX")
     return latest
+
+
+def remove_partial(run_dir: str | Path) -> list[str]:
+    """Delete what an interrupted save or prune left (``step_*`` directories without COMPLETE,
+    ``.deleting-*`` ones); returns their names. Only the process holding the run lock calls it."""
+    d = checkpoint_dir(run_dir)
+    if not d.is_dir():
+        return []
+    gone = [p for p in sorted(d.iterdir()) if p.is_dir() and (
+        p.name.startswith(_DELETING) or (_NAME.match(p.name) and not (p / "COMPLETE").is_file()))]
+    for p in gone:
+        shutil.rmtree(p, ignore_errors=True)
+    return [p.name for p in gone]
 
 
 def set_aside_newer(run_dir: str | Path, step: int) -> Path | None:
@@ -160,6 +196,7 @@ def save(engine, run_dir: str | Path, step: int, rank: int, rank_state: dict, cl
         engine.save_checkpoint(str(root), tag=tag, save_latest=False)
         path.mkdir(parents=True, exist_ok=True)
         _atomic_torch_save(rank_state, path / f"rank_{rank:05d}.pt")
+        _crash_point("engine_state", step, rank)
     except (OSError, RuntimeError) as e:
         failure = e
     full = consolidated_state_dict(engine)  # collective under ZeRO-3: every rank takes part, failed or not
@@ -171,6 +208,7 @@ def save(engine, run_dir: str | Path, step: int, rank: int, rank_state: dict, cl
             if ema_state is not None:
                 save_file({k: v.contiguous() for k, v in ema_state.items()}, str(path / "ema.safetensors"))
             (path / "config.yaml").write_text(config_yaml)
+            _crash_point("export", step, rank)
         except (OSError, RuntimeError) as e:
             failure = e
     if any_rank(failure is not None):
@@ -182,8 +220,12 @@ def save(engine, run_dir: str | Path, step: int, rank: int, rank_state: dict, cl
     if rank == 0:
         _atomic_write_bytes(path / "COMPLETE", json.dumps({"step": step, "world_size": world_size(),
                                                            "time": time.time()}).encode())
+        _crash_point("complete", step, rank)
         for old in list_complete(run_dir)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+            doomed = old.with_name(_DELETING + old.name)
+            old.rename(doomed)  # atomic: from here on it is not a checkpoint, whatever rmtree reaches
+            _crash_point("prune", step, rank)
+            shutil.rmtree(doomed, ignore_errors=True)
     barrier()
     return path
 

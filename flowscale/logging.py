@@ -7,6 +7,7 @@ Only the main rank logs; elsewhere every method is a no-op. The W&B run id is ke
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -56,6 +57,30 @@ class RunLogger:
         if echo:
             text = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
             self.info(f"step {step}: {text}")
+
+    @property
+    def superseded_path(self) -> Path:
+        return self.path.with_name("metrics.superseded.jsonl")
+
+    def rewind(self, step: int) -> int:
+        """Keep the records of steps <= ``step`` in metrics.jsonl and append the later ones (and a
+        line torn by a crash) to metrics.superseded.jsonl; returns how many were moved. Called
+        when training continues from ``step`` (-1: from scratch), before this run logs anything."""
+        if not self.is_main or not self.path.is_file():
+            return 0
+        keep, moved = [], []
+        for line in self.path.read_text().splitlines():
+            try:
+                (keep if json.loads(line).get("step", 0) <= step else moved).append(line)
+            except json.JSONDecodeError:
+                moved.append(line)
+        if moved:
+            with open(self.superseded_path, "a") as f:
+                f.write("".join(m + "\n" for m in moved))
+            tmp = self.path.with_name(".metrics.jsonl.tmp")
+            tmp.write_text("".join(k + "\n" for k in keep))
+            os.replace(tmp, self.path)
+        return len(moved)
 
     def advance(self, n: int = 1, **postfix) -> None:
         if self.bar is not None:

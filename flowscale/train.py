@@ -104,6 +104,10 @@ def _prepare_run_dir(cfg: Config, resume: bool, chosen: Path | None, log: RunLog
         moved = ckpt_io.set_aside_newer(run_dir, int(chosen.name.split("_")[1]))
         if moved is not None:  # kept, out of resolve_latest's sight, so a later restart continues this branch
             log.info(f"resuming from {chosen}: this run's newer checkpoints were moved to {moved}")
+    gone = ckpt_io.remove_partial(run_dir)
+    if gone:  # a save or prune that a crash interrupted: never resumable, only taking space
+        log.info(f"removed {len(gone)} unfinished checkpoint director{'y' if len(gone) == 1 else 'ies'} "
+                 f"left by an interrupted run: {', '.join(gone)}")
     latest = ckpt_io.resolve_latest(run_dir)
     if latest is not None and not resume:
         release(lock)
@@ -139,6 +143,11 @@ def _train(cfg: Config, info: DistInfo, log: RunLogger, resume: bool, chosen: Pa
         log.info(f"resumed from {path} at step {step}")
     else:
         log.info(f"initialised {run.n_actnorm} ActNorm layers from {len(init) * info.world_size} images")
+    # Records past the step training continues from (a crash after the last checkpoint, or an
+    # older checkpoint chosen) are moved aside: every step appears once in metrics.jsonl.
+    moved = log.rewind(step if found is not None else -1)
+    if moved:
+        log.info(f"{moved} metrics records after step {step} (not in the checkpoint) moved to {log.superseded_path.name}")
     log.info(f"model: {cfg.model.preset} L={cfg.model.levels} K={cfg.model.steps} "
              f"width={cfg.model.widths or cfg.model.width} params={run.n_params / 1e6:.2f}M | ranks={info.world_size} "
              f"global batch={layout['global']} micro-batch={layout['micro']} x accum={layout['accum']} | "
