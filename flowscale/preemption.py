@@ -48,6 +48,10 @@ class PreemptionGuard:
     def received(self) -> int | None:
         return self.signums[0] if self.signums else None
 
+    def names(self) -> str:
+        """The signals received so far, e.g. ``"SIGTERM, SIGUSR2"``."""
+        return ", ".join(signal.Signals(s).name for s in self.signums) or "no signal"
+
     def _handle(self, signum, frame) -> None:
         self.signums.append(signum)
 

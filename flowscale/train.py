@@ -194,6 +194,7 @@ def _train(cfg: Config, info: DistInfo, log: RunLogger, resume: bool, chosen: Pa
         while step < cfg.train.steps:
             if guard.requested(device):  # a signal reached some rank: save this step on all, then stop
                 path = save(step) if saved_step != step else ckpt_io.checkpoint_dir(run_dir) / ckpt_io.tag_for(step)
+                log.info(f"preempted: saved step {step} in {path} after {guard.names()}; handing over")
                 guard.hand_over(step, path)  # submitit requeues; otherwise Preempted (exit code 75)
             x, y = next(loader)  # uint8 [B, C, H, W]; labels int64 [B] when the shards have them, else None
             # Checked at the first step of every (re)start too: the unstable-step flags are runtime state.

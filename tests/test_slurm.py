@@ -2,6 +2,7 @@
 by launch/slurm_local/start.sh (.ci/run does that). Skipped with the reason when no cluster answers."""
 
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -85,7 +86,12 @@ def test_preemption_requeues_and_resumes_exactly(tmp_path):
     results = job.results()
     assert all(r["step"] == 240 for r in results)
     logs = Path(job.paths.stdout).read_text()
-    assert "resumed from" in logs, "the requeued job must resume from a checkpoint"
+    saved = re.findall(r"preempted: saved step (\d+) in ", logs)
+    resumed = re.findall(r"resumed from \S+ at step (\d+)", logs)
+    assert len(saved) == 1 and resumed == saved, f"the requeued job resumes at the step it reached: {saved} {resumed}"
+    assert int(saved[0]) >= int(done_before[-1].split("_")[1]), "saved on the signal, at the step reached"
+    steps = sorted(r["step"] for r in read_metrics(pre_dir) if "bpd" in r)
+    assert steps == list(range(1, 241)) and not (pre_dir / "metrics.superseded.jsonl").exists(), "no step lost"
     ref.results()
     a, b = weights(ref_dir), weights(pre_dir)
     assert all(torch.equal(a[k], b[k]) for k in a)
