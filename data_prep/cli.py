@@ -42,6 +42,12 @@ def add_parsers(sub) -> None:
                    help="downscale with a box filter to 512/256/128/64... (default: keep the source size)")
     p.add_argument("--train-count", type=int, default=None,
                    help="images (in index order) in train; the rest is test (default: 27000 of 30000)")
+    p.add_argument("--attributes", default=None, metavar="list_attr_celeba.txt",
+                   help="store CelebA's 40 binary attributes per image (as <key>.attr, names in the manifest) from "
+                        "this list_attr_celeba.txt-format file; rows named by CelebA file need --image-list "
+                        "(Glow's tfrecords carry their 'attr' field, stored without this option)")
+    p.add_argument("--image-list", default=None, metavar="image_list.txt",
+                   help="CelebA-HQ's image_list.txt: maps each CelebA-HQ index to its CelebA file (orig_file)")
     p.set_defaults(func=_run, source="celebahq")
 
     p = sub.add_parser("imagenet-oord", help="downsampled ImageNet 32/64, van den Oord PNG folders (variant oord2016)")
@@ -66,6 +72,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--resolution", type=int, default=None,
                    help="center-crop and box-resize to this size (default: all images must be one square size)")
     p.add_argument("--no-shuffle", action="store_true", help="keep path order (default: shuffle with --seed)")
+    p.add_argument("--attributes", default=None, metavar="CSV",
+                   help="per-image binary attributes: a CSV with header 'file,<name>,...' (file = path relative to "
+                        "SRC, file name or stem; values 1/0, 1/-1, true/false, yes/no), stored as <key>.attr")
     p.set_defaults(func=_run, source="folder")
 
     p = sub.add_parser("verify", help="re-read shards: counts, decodability, sizes, checksums against the manifest")
@@ -87,6 +96,15 @@ def _clean_errors(fn):
     return wrapped
 
 
+def _path(p: str | None) -> Path | None:
+    """An optional input file given on the command line, which must exist."""
+    if p is None:
+        return None
+    if not Path(p).is_file():
+        raise FileNotFoundError(f"{p} does not exist")
+    return Path(p)
+
+
 @_clean_errors
 def _run(ns) -> int:
     from . import sources
@@ -96,7 +114,7 @@ def _run(ns) -> int:
     if not src.exists():
         raise FileNotFoundError(f"{src} does not exist")
     if ns.source == "celebahq":
-        plans = sources.plan_celebahq(src, ns.resolution, ns.train_count)
+        plans = sources.plan_celebahq(src, ns.resolution, ns.train_count, _path(ns.attributes), _path(ns.image_list))
     elif ns.source == "imagenet-oord":
         plans = sources.plan_imagenet_oord(src, ns.seed)
     elif ns.source == "imagenet-batches":
@@ -104,13 +122,14 @@ def _run(ns) -> int:
     elif ns.source == "ilsvrc":
         plans = sources.plan_ilsvrc(src, ns.resolution, ns.seed, Path(ns.val_labels) if ns.val_labels else None)
     else:
-        plans = sources.plan_folder(src, ns.split, ns.resolution, ns.seed, not ns.no_shuffle)
+        plans = sources.plan_folder(src, ns.split, ns.resolution, ns.seed, not ns.no_shuffle, _path(ns.attributes))
     if ns.source.startswith("imagenet"):
         print(f"data_prep: note: {sources.VARIANT_NOTE}", file=sys.stderr)
     for split, plan in plans.items():
         path = convert_split(plan, ns.out, ns.prefix, split, ns.encoding, parse_size(ns.shard_size),
                              ns.samples_per_shard, ns.workers, ns.bad_input, progress=not ns.no_progress)
-        print(f"{split}: {len(plan.items)} inputs -> {path} (variant {plan.variant}, {plan.resolution}px)")
+        print(f"{split}: {len(plan.items)} inputs -> {path} (variant {plan.variant}, {plan.resolution}px"
+              + (f", {len(plan.attributes)} attributes" if plan.attributes else "") + ")")
     return 0
 
 

@@ -1,6 +1,7 @@
 """Dataset forms -> per-split lists of items, and the function that turns one item into pixels.
 
-An item is a small picklable tuple ``(key, kind, where, label)``; :func:`load_item` runs in the
+An item is a small picklable tuple ``(key, kind, where, label)``, or ``(key, kind, where, label,
+attributes)`` with a '0'/'1' attribute string (:mod:`.attributes`); :func:`load_item` runs in the
 converter's worker processes and returns uint8 [H, W, 3] pixels at the target resolution.
 Each ``plan_*`` function returns ``{split: SplitPlan}``: the items in their shard order plus
 what the manifest records about the split (variant, split rule, labels, source form).
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .attributes import CELEBA_ATTRIBUTES, bits_from_ints, celebahq_attributes, lookup_file, read_csv_attributes
 from .images import IMAGE_SUFFIXES, center_square, load_file, resize_box
 from .tfrecord import parse_example, read_record, record_offsets
 
@@ -39,6 +41,8 @@ class SplitPlan:
     labels: bool = False
     classes: list[str] = field(default_factory=list)
     source: dict = field(default_factory=dict)
+    attributes: list[str] = field(default_factory=list)
+    """Names of the per-sample binary attributes (stored as <key>.attr); empty = none."""
 
 
 def sanitize(s: str) -> str:
@@ -72,8 +76,10 @@ def _batch_file(path: str) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(d["data"]), np.asarray(d["labels"])
 
 
-def load_item(item: tuple, resolution: int, resize: str) -> tuple[np.ndarray, list[str]]:
-    key, kind, where, label = item
+def load_item(item: tuple, resolution: int, resize: str) -> tuple[np.ndarray, list[str], str | None]:
+    """(uint8 [H, W, 3] pixels, conversion notes, '0'/'1' attributes or None) of one item."""
+    key, kind, where, label = item[:4]
+    attributes = item[4] if len(item) > 4 else None
     notes: list[str] = []
     if kind == "file":
         x, notes = load_file(where)
@@ -85,6 +91,8 @@ def load_item(item: tuple, resolution: int, resize: str) -> tuple[np.ndarray, li
         if not shape or not data:
             raise ValueError(f"{path} record at {offset}: no 'shape'/'data' features (not a Glow image tfrecord)")
         x = np.frombuffer(data[0], dtype=np.uint8).reshape([int(v) for v in shape])
+        if ex.get("attr"):
+            attributes = bits_from_ints(ex["attr"], f"{path} record at {offset}, feature 'attr'")
         if x.ndim != 3 or x.shape[2] != 3:
             raise ValueError(f"{path} record at {offset}: shape {x.shape} is not [H, W, 3]")
     elif kind == "batch":
@@ -100,15 +108,23 @@ def load_item(item: tuple, resolution: int, resize: str) -> tuple[np.ndarray, li
         raise ValueError(f"{key}: image is {x.shape[1]}x{x.shape[0]}, not square")
     if resize == "none" and x.shape[0] != resolution:
         raise ValueError(f"{key}: image is {x.shape[0]}px but the split is {resolution}px")
-    return np.ascontiguousarray(resize_box(x, resolution)), notes
+    return np.ascontiguousarray(resize_box(x, resolution)), notes, attributes
 
 
 # -- CelebA-HQ -------------------------------------------------------------------------------
 
-def plan_celebahq(src: Path, resolution: int | None, train_count: int | None) -> dict[str, SplitPlan]:
+def plan_celebahq(src: Path, resolution: int | None, train_count: int | None, attr_file: Path | None = None,
+                  image_list: Path | None = None) -> dict[str, SplitPlan]:
+    """Splits of a CelebA-HQ folder or Glow's tfrecords; attributes from ``attr_file``
+    (list_attr_celeba.txt format, mapped through ``image_list``) or the tfrecords' ``attr``."""
     tfr = sorted(p for p in src.rglob("*.tfrecords"))
     if tfr:
+        if attr_file is not None or image_list is not None:
+            raise ValueError(f"{src} holds Glow tfrecords, which carry their own 'attr' feature; --attributes and "
+                             f"--image-list are for the image-folder form")
         return _plan_celebahq_tfr(tfr, src, resolution)
+    if image_list is not None and attr_file is None:
+        raise ValueError("--image-list maps CelebA-HQ images to rows of --attributes; give --attributes too")
     files = _image_files(src)
     if not files:
         raise FileNotFoundError(f"{src}: no png/jpg/npy images or .tfrecords found")
@@ -131,14 +147,17 @@ def plan_celebahq(src: Path, resolution: int | None, train_count: int | None) ->
     if not 0 < train_count < n:
         raise ValueError(f"--train-count {train_count} must be in 1..{n - 1}")
     res = resolution or load_file(str(indexed[order[0]]))[0].shape[0]
+    names, attrs = celebahq_attributes(attr_file, image_list, order) if attr_file is not None else ([], {})
     plans = {}
     for split, idx in (("train", order[:train_count]), ("test", order[train_count:])):
-        items = [(f"celebahq{i:05d}", "file", str(indexed[i]), None) for i in idx]
+        items = [(f"celebahq{i:05d}", "file", str(indexed[i]), None) + ((attrs[i],) if names else ()) for i in idx]
         rule = (f"first {train_count} images in index order = train, the remaining {n - train_count} = test "
                 f"(the flow papers' 27000/3000 split)" if n == CELEBAHQ_TOTAL else
                 f"first {train_count} of {n} images in index order = train, rest = test")
-        plans[split] = SplitPlan(items, "celebahq", "celebahq", res, "box", rule,
-                                 source={"form": "image folder (png/jpg/npy)", "path": str(src), "order": "index"})
+        source = {"form": "image folder (png/jpg/npy)", "path": str(src), "order": "index"}
+        if names:
+            source["attributes"] = f"{attr_file}" + (f" through {image_list}" if image_list else " by index")
+        plans[split] = SplitPlan(items, "celebahq", "celebahq", res, "box", rule, source=source, attributes=names)
     return plans
 
 
@@ -163,13 +182,15 @@ def _plan_celebahq_tfr(files: list[Path], src: Path, resolution: int | None) -> 
     ex = parse_example(read_record(*first[2]))
     native = int(ex["shape"][0])
     res = resolution or native
+    n_attr = len(ex.get("attr") or [])  # read per record by load_item; every record must have as many
+    names = list(CELEBA_ATTRIBUTES) if n_attr == len(CELEBA_ATTRIBUTES) else [f"attr{k}" for k in range(n_attr)]
     out = {}
     for split, items in plans.items():
         if items:
             out[split] = SplitPlan(items, "celebahq", "celebahq", res, "box",
                                    "Glow tfrecords: train/ = train, validation/ = test",
                                    source={"form": "glow tfrecords", "path": str(src), "lod": lod,
-                                           "native_resolution": native})
+                                           "native_resolution": native}, attributes=names)
     return out
 
 
@@ -280,13 +301,15 @@ def plan_ilsvrc(src: Path, resolution: int, seed: int, val_labels: Path | None) 
 
 # -- any folder ------------------------------------------------------------------------------
 
-def plan_folder(src: Path, split: str, resolution: int | None, seed: int, shuffle: bool) -> dict[str, SplitPlan]:
+def plan_folder(src: Path, split: str, resolution: int | None, seed: int, shuffle: bool,
+                attributes_csv: Path | None = None) -> dict[str, SplitPlan]:
     files = _image_files(src)
     if not files:
         raise FileNotFoundError(f"{src}: no image files")
     subdirs = sorted({p.relative_to(src).parts[0] for p in files if len(p.relative_to(src).parts) > 1})
     labeled = bool(subdirs) and all(len(p.relative_to(src).parts) > 1 for p in files)
     cls = {c: i for i, c in enumerate(subdirs)} if labeled else {}
+    names, table = read_csv_attributes(attributes_csv) if attributes_csv is not None else ([], {})
     items, seen = [], set()
     for p in files:
         rel = str(p.relative_to(src).with_suffix(""))
@@ -296,7 +319,8 @@ def plan_folder(src: Path, split: str, resolution: int | None, seed: int, shuffl
         if key in seen:
             raise ValueError(f"{p}: two files map to sample key {key!r}; rename one")
         seen.add(key)
-        items.append((key, "file", str(p), cls[p.relative_to(src).parts[0]] if labeled else None))
+        items.append((key, "file", str(p), cls[p.relative_to(src).parts[0]] if labeled else None)
+                     + ((lookup_file(table, p.relative_to(src), attributes_csv),) if names else ()))
     if resolution is None:
         resolution = min(load_file(str(files[0]))[0].shape[:2])
         resize = "none"
@@ -304,7 +328,8 @@ def plan_folder(src: Path, split: str, resolution: int | None, seed: int, shuffl
         resize = "center-crop+box"
     if shuffle:
         items = shuffled(items, seed)
+    source = {"form": "image folder", "path": str(src), "order": f"shuffled, seed {seed}" if shuffle else "path"}
+    if names:
+        source["attributes"] = str(attributes_csv)
     return {split: SplitPlan(items, "folder", sanitize(src.name), resolution, resize, f"all of {src}",
-                             labels=labeled, classes=subdirs if labeled else [],
-                             source={"form": "image folder", "path": str(src),
-                                     "order": f"shuffled, seed {seed}" if shuffle else "path"})}
+                             labels=labeled, classes=subdirs if labeled else [], source=source, attributes=names)}

@@ -6,6 +6,8 @@ convention: the name up to the first dot)::
     <key>.png   RGB (or L for channels=1), 8-bit, height = width = resolution
     <key>.npy   the same pixels as a raw uint8 [H, W, C] array (fast to decode at small sizes)
     <key>.cls   optional class label, ASCII decimal, 0-based
+    <key>.attr  optional binary attributes, ASCII '0'/'1', one character per name in the manifest's
+                ``attributes`` (CelebA's 40: '1' = the image has it); read only by the latent tools
 
 Decoding never converts: a grayscale, CMYK, 16-bit or wrongly sized image in a shard is a
 ValueError saying what is wrong (data_prep converts explicitly, before writing).
@@ -40,12 +42,17 @@ def encode_image(x_hwc: np.ndarray, encoding: str) -> bytes:
     return buf.getvalue()
 
 
-def encode_sample(key: str, x_hwc: np.ndarray, encoding: str, label: int | None) -> list[tuple[str, bytes]]:
-    """Tar members of one sample, in their fixed order."""
+def encode_sample(key: str, x_hwc: np.ndarray, encoding: str, label: int | None,
+                  attributes: str | None = None) -> list[tuple[str, bytes]]:
+    """Tar members of one sample, in their fixed order. ``attributes``: a '0'/'1' string (see above)."""
     check_key(key)
     members = [(f"{key}.{encoding}", encode_image(x_hwc, encoding))]
     if label is not None:
         members.append((f"{key}.cls", str(int(label)).encode()))
+    if attributes is not None:
+        if not attributes or set(attributes) - {"0", "1"}:
+            raise ValueError(f"{key}: attributes must be a non-empty string of '0'/'1', got {attributes!r}")
+        members.append((f"{key}.attr", attributes.encode("ascii")))
     return members
 
 
@@ -122,3 +129,11 @@ def decode_label(data: bytes) -> int:
         return int(data.decode("ascii").strip())
     except (UnicodeDecodeError, ValueError):
         raise ValueError(f"label member is not an ASCII integer: {data[:20]!r}") from None
+
+
+def decode_attributes(data: bytes, n: int) -> np.ndarray:
+    """A ``.attr`` member -> bool [n], or ValueError saying what is wrong."""
+    text = data.decode("ascii", "replace").strip()
+    if len(text) != n or set(text) - {"0", "1"}:
+        raise ValueError(f"attribute member {data[:50]!r} is not {n} characters of '0'/'1' (one per manifest attribute)")
+    return np.frombuffer(text.encode("ascii"), dtype=np.uint8) == ord("1")

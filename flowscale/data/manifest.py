@@ -79,6 +79,9 @@ class Manifest:
     """How the split was made from the source (e.g. 'index < 27000')."""
     source: dict[str, Any] = field(default_factory=dict)
     """Conversion details: source form, resize filter, order, mode conversions."""
+    attributes: list[str] = field(default_factory=list)
+    """Names of the binary per-sample attributes stored as ``<key>.attr`` (:mod:`.codec`), in order;
+    empty when the split has none. Training ignores them; the latent tools read them."""
     shards: list[ShardEntry] = field(default_factory=list)
     format: str = FORMAT
 
