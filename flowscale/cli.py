@@ -244,6 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .plan import add_parser as add_plan_parser
 
     add_plan_parser(sub)
+    from .latent_cli import add_parsers as add_latent_parsers
+
+    add_latent_parsers(sub)  # encode, interpolate, manipulate
     b = sub.add_parser("bench", help="benchmarks that print a table (memory, ...)",
                        description="Benchmarks. Each prints a table; ratios are measured side by side in one run.")
     from .bench import add_parsers
