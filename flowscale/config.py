@@ -258,11 +258,17 @@ class EngineConfig:
     max_bad_steps: int = 5
     """A step with a non-finite loss is skipped (and counted); this many in a row stops training
     with an error naming the step. No checkpoint is written from bad weights."""
+    threads: int = 0
+    """Intra-op CPU threads per process (torch.set_num_threads). 0 = automatic: OMP_NUM_THREADS
+    when the launcher set it (torchrun sets 1), else the CPUs of this process's affinity mask
+    (at most SLURM_CPUS_PER_TASK; divided among the node's tasks when they share one mask) less
+    one per data.num_workers, at least 1. The choice is printed once at start."""
 
     def __post_init__(self):
         _check(self.zero_stage in (0, 1, 2, 3), "engine.zero_stage", f"must be 0, 1, 2 or 3, got {self.zero_stage}")
         _check(self.grad_accum >= 1, "engine.grad_accum", f"must be >= 1, got {self.grad_accum}")
         _check(self.max_bad_steps >= 1, "engine.max_bad_steps", f"must be >= 1, got {self.max_bad_steps}")
+        _check(self.threads >= 0, "engine.threads", f"must be >= 0 (0 = automatic), got {self.threads}")
 
 
 @dataclass

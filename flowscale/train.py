@@ -25,8 +25,8 @@ from . import seeds
 from .build import build_training, pick_device
 from .config import Config, to_dict, to_yaml
 from .data import build_train_loader, eval_split, first_images
-from .distributed import (DistInfo, all_equal, all_gather_objects, barrier, cleanup, init_distributed, rank0_decides,
-                          rng_state, set_rng_state)
+from .distributed import (DistInfo, all_equal, all_gather_objects, barrier, cleanup, cpu_threads, init_distributed,
+                          rank0_decides, rng_state, set_rng_state)
 from .engine import train_step
 from .evaluate import evaluate_bpd
 from .inverse_checkpoint import check_and_flag
@@ -68,8 +68,11 @@ def main(cfg: Config, resume: bool = True, resume_from: str | Path | None = None
     info = init_distributed(cfg.engine.backend, cfg.train.device)
     log = RunLogger(cfg.train.run_dir, cfg.train.steps, is_main=info.is_main, progress=cfg.train.progress,
                     wandb_cfg=cfg.wandb, config_dict=to_dict(cfg))
-    lock = None
+    lock, threads_before = None, torch.get_num_threads()
     try:
+        threads, why = cpu_threads(cfg.engine.threads, cfg.data.num_workers)
+        torch.set_num_threads(threads)  # several tasks on one node must not each take every core
+        log.info(f"threads per process: {threads} ({why})")
         if info.is_main:
             lock = _prepare_run_dir(cfg, resume, chosen, log)
         barrier()
@@ -78,6 +81,7 @@ def main(cfg: Config, resume: bool = True, resume_from: str | Path | None = None
         log.close()
         release(lock)
         cleanup()
+        torch.set_num_threads(threads_before)
 
 
 def _check_resume_from(cfg: Config, resume: bool, resume_from, trust: bool) -> Path | None:

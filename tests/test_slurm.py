@@ -61,6 +61,8 @@ def test_two_tasks_train_and_agree(tmp_path):
     assert all(r["step"] == 6 for r in results)
     assert {r["step"]: r["ranks_agree"] for r in read_metrics(run_dir) if "ranks_agree" in r} == {6: 1}
     assert (run_dir / "submitit").is_dir()
+    # Slurm's --cpus-per-task 1 (submitit's default), not every core of the node per task
+    assert "threads per process: 1 (" in Path(job.paths.stdout).read_text()
 
 
 def test_crash_is_reported_not_hung(tmp_path):
