@@ -244,6 +244,8 @@ def direction_for(flow, cfg, ckpt: Path, run_dir: Path, attribute: str, data: st
     from .data.attributes import attribute_batches, require_attribute
     from .data.splits import resolve_split
 
+    if data and Path(data).exists():
+        data = str(Path(data).resolve())  # one cache key however the path is written
     split = load_split(data) if data else resolve_split(cfg.data, "train")
     require_attribute(split, attribute)
     if split.image_shape != (cfg.data.channels, cfg.data.image_size, cfg.data.image_size):
@@ -257,7 +259,11 @@ def direction_for(flow, cfg, ckpt: Path, run_dir: Path, attribute: str, data: st
         levels = len(flow.latent_shapes(cfg.data.channels, cfg.data.image_size))
         return [tensors[f"{attribute}/{level}"] for level in range(levels)], dict(cached, cached=True)
     batches = attribute_batches(split, attribute, batch_size, max_images)
-    direction, n_with, n_without = latent.attribute_direction(flow, batches, cfg.data.n_bits, per_level, y, chunk)
+    try:
+        direction, n_with, n_without = latent.attribute_direction(flow, batches, cfg.data.n_bits, per_level, y, chunk)
+    except ValueError as e:  # all images with, or all without, the attribute
+        raise DataError(f"{split.where}, attribute {attribute!r}: {e} (use more images: --max-images, or another "
+                        f"split: --data)") from None
     info = dict(key, n_with=n_with, n_without=n_without)
     save_direction(run_dir, attribute, direction, info)
     return direction, dict(info, cached=False)
