@@ -37,19 +37,26 @@ def _check(cond: bool, name: str, msg: str) -> None:
 
 @dataclass
 class ModelConfig:
-    preset: Literal["nice", "realnvp", "glow", "dlf"] = "glow"
+    preset: Literal["nice", "realnvp", "glow", "dlf", "jet", "tarflow"] = "glow"
     """Architecture family. Fills every layer choice below that is left unset (null):
     nice = additive coupling, reverse permutation, no ActNorm; realnvp = affine coupling with
     tanh-bounded scales, checkerboard then channel masks, fixed N(0,I) priors; glow = ActNorm,
     invertible 1x1 conv, affine coupling with sigmoid(h+2) scales, learned priors; dlf =
     Dynamic Linear Flow: invertible 1x1 conv then a dynamic linear transform (dlt_* fields),
-    no ActNorm, learned priors."""
+    no ActNorm, learned priors. The transformer flows run on patch_size x patch_size patch
+    tokens, one level, N(0,I) prior: jet = Jet, K affine couplings with 2*sigmoid scales whose
+    networks are ViTs, a fixed random channel permutation before each channel coupling and every
+    jet_spatial_every-th coupling split spatially (checkerboard / stripes); tarflow = TarFlow, K
+    causal-transformer autoregressive blocks alternating the token order (vit_* fields set
+    their transformers; coupling, mask, permutation, scale_fn, actnorm are unused)."""
     levels: int = 3
-    """L, the number of scales (each: squeeze, K steps, split). image_size must be divisible by 2^L."""
+    """L, the number of scales (each: squeeze, K steps, split). image_size must be divisible by 2^L.
+    jet and tarflow are one-level flows: levels is set to 1 for them."""
     steps: int = 4
-    """K, flow steps per level."""
+    """K, flow steps per level (jet: couplings; tarflow: autoregressive blocks)."""
     width: int = 64
-    """Hidden channels of each coupling network (every level, unless widths is set)."""
+    """Hidden channels of each coupling network (every level, unless widths is set); for a ViT
+    network and for tarflow, the transformer width (token embedding size)."""
     widths: Optional[list[int]] = None
     """Hidden channels per level, finest level first (one entry per level), overriding width;
     e.g. [64, 128, 256, 512, 512, 512, 512, 512] keeps the 512x512 level of a 1024px model
@@ -62,11 +69,33 @@ class ModelConfig:
     checkerboard for the first half of each level's steps then channel (RealNVP). null = preset's."""
     permutation: Optional[Literal["none", "reverse", "shuffle", "invconv", "invconv_lu"]] = None
     """Channel mixing before each coupling; "none" alternates the mask parity instead. null = preset's."""
-    scale_fn: Optional[Literal["sigmoid", "tanh", "exp_clamp"]] = None
+    scale_fn: Optional[Literal["sigmoid", "tanh", "exp_clamp", "sigmoid2"]] = None
     """Bounded scale of affine couplings: sigmoid(h+2) (Glow), alpha*tanh(h)+beta (RealNVP-style,
-    learned alpha, beta), or exp of a soft-clamped log-scale. null = preset's."""
+    learned alpha, beta), exp of a soft-clamped log-scale, or 2*sigmoid(h) (Jet). null = preset's."""
     clamp: float = 2.0
-    """Bound on |log scale| for scale_fn=exp_clamp."""
+    """Bound on |log scale| for scale_fn=exp_clamp, and of tarflow's soft-clipped log-scales
+    (a = clamp * (2/pi) * atan(raw / clamp))."""
+    net: Optional[Literal["conv", "vit"]] = None
+    """Coupling network: conv = Glow's conv3x3-conv1x1-conv3x3 of width channels; vit = a ViT
+    (patch embedding of vit_patch, vit_depth pre-norm blocks of width channels and vit_heads
+    heads, zero-initialised output). null = preset's (jet: vit; others: conv). tarflow's blocks
+    are transformers whatever this says (conv is refused)."""
+    vit_depth: int = 2
+    """Transformer blocks in each ViT coupling network (net=vit, jet) or in each tarflow block."""
+    vit_heads: int = 4
+    """Attention heads of those transformers; width must be divisible by it."""
+    vit_patch: int = 1
+    """Patch embedding of a ViT coupling network: it reads vit_patch x vit_patch squares of the
+    coupling input as tokens. 1 for jet, whose input is already patch tokens; with glow-style
+    presets, each level's spatial size must be divisible by it."""
+    patch_size: int = 4
+    """jet, tarflow: the image is cut into patch_size x patch_size patches, the tokens of the
+    flow (a space-to-depth by patch_size: C*patch_size^2 features each). image_size must be
+    divisible by it (jet's spatial couplings also need an even number of patches per side)."""
+    jet_spatial_every: int = 5
+    """jet: every n-th coupling splits the tokens spatially (cycling checkerboard, vertical
+    stripes, horizontal stripes, each with both parities); the others split the channels after
+    a fixed random permutation. 0 = channel couplings only."""
     actnorm: Optional[bool] = None
     """ActNorm at the start of every step. null = preset's (nice: false; realnvp, glow: true)."""
     split_prior: Optional[Literal["learned", "fixed"]] = None
@@ -110,7 +139,25 @@ class ModelConfig:
         """Hidden width of the coupling networks at ``level`` (0 = finest)."""
         return self.widths[level] if self.widths is not None else self.width
 
+    @property
+    def is_patch_flow(self) -> bool:
+        """jet and tarflow: one level over patch tokens."""
+        return self.preset in ("jet", "tarflow")
+
     def __post_init__(self):
+        if self.is_patch_flow:
+            self.levels = 1  # one level over patches (the docstring of levels says so)
+        uses_vit = self.preset == "tarflow" or (self.net or ("vit" if self.preset == "jet" else "conv")) == "vit"
+        _check(not (self.preset == "tarflow" and self.net == "conv"), "model.net",
+               "tarflow's blocks are causal transformers; use net=vit or null")
+        if uses_vit:
+            _check(self.width % self.vit_heads == 0, "model.vit_heads",
+                   f"model.width={self.width} must be divisible by vit_heads={self.vit_heads}")
+            _check(self.width % 4 == 0, "model.width",
+                   f"a transformer width must be divisible by 4 (2-D sin-cos positions), got {self.width}")
+        for name in ("vit_depth", "vit_heads", "vit_patch", "patch_size"):
+            _check(getattr(self, name) >= 1, f"model.{name}", f"must be >= 1, got {getattr(self, name)}")
+        _check(self.jet_spatial_every >= 0, "model.jet_spatial_every", f"must be >= 0 (0 = none), got {self.jet_spatial_every}")
         _check(self.levels >= 1, "model.levels", f"must be >= 1, got {self.levels}")
         _check(self.steps >= 1, "model.steps", f"must be >= 1, got {self.steps}")
         _check(self.width >= 1, "model.width", f"must be >= 1, got {self.width}")
@@ -380,8 +427,22 @@ class Config:
             _check(0 <= lvl < self.model.levels, "memory.recompute_levels",
                    f"level {lvl} does not exist; model.levels={self.model.levels} (levels are 0..{self.model.levels - 1})")
         size, levels = self.data.image_size, self.model.levels
-        _check(size % (2 ** levels) == 0, "model.levels",
-               f"data.image_size={size} must be divisible by 2^levels={2 ** levels}; lower model.levels or change the size")
+        m = self.model
+        if m.is_patch_flow:
+            _check(size % m.patch_size == 0, "model.patch_size",
+                   f"data.image_size={size} must be divisible by patch_size={m.patch_size}")
+            spatial = m.preset == "jet" and m.jet_spatial_every > 0 and m.steps >= m.jet_spatial_every
+            _check(not spatial or (size // m.patch_size) % 2 == 0, "model.patch_size",
+                   f"jet's spatial couplings need an even number of patches per side, got "
+                   f"{size}/{m.patch_size} = {size // m.patch_size}; change patch_size or set jet_spatial_every=0")
+        else:
+            _check(size % (2 ** levels) == 0, "model.levels",
+                   f"data.image_size={size} must be divisible by 2^levels={2 ** levels}; lower model.levels or change the size")
+        # TarFlow's inverse is sequential (one transformer pass per token): rebuilding
+        # activations through it in every backward would cost N forward passes per block.
+        _check(not (m.preset == "tarflow" and self.memory.inverse_recompute), "memory.inverse_recompute",
+               "not supported with model.preset=tarflow (its inverse is sequential over the tokens, so recomputing "
+               "through it costs one transformer pass per token); use plain autograd (false)")
 
 
 # -- loading ---------------------------------------------------------------------------------

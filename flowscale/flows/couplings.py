@@ -11,6 +11,7 @@ bounded function of ``raw`` chosen by name (``scale_fn``):
     "sigmoid":    log_s = log sigmoid(raw + 2)                    Glow; s in (0, 1)
     "tanh":       log_s = alpha_c * tanh(raw) + beta_c            learned per-channel alpha (init 1), beta (init 0)
     "exp_clamp":  log_s = clamp * (2/pi) * atan(raw / clamp)      soft clamp, |log_s| < clamp
+    "sigmoid2":   log_s = log(2 sigmoid(raw))                     Jet; s in (0, 2), s = 1 at raw = 0
 
 Bounded scales keep the inverse well conditioned, which the inverse-recompute backprop needs.
 Masks: "channel" splits channels in halves; "checkerboard" splits pixels by (h + w) parity.
@@ -29,7 +30,7 @@ from torch import nn
 from .base import Flow, sum_except_batch, zeros_logdet
 
 NetFactory = Callable[[int, int], nn.Module]
-ScaleFn = Literal["sigmoid", "tanh", "exp_clamp"]
+ScaleFn = Literal["sigmoid", "tanh", "exp_clamp", "sigmoid2"]
 
 
 class Coupling(Flow):
@@ -98,6 +99,8 @@ class Coupling(Flow):
             return self.scale(raw)
         if self.scale_fn == "exp_clamp":
             return self.clamp * (2 / math.pi) * torch.atan(raw / self.clamp)
+        if self.scale_fn == "sigmoid2":
+            return F.logsigmoid(raw) + math.log(2.0)
         raise ValueError(f"unknown scale_fn {self.scale_fn!r}")
 
     def _params(self, x_a):

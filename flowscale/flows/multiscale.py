@@ -20,26 +20,35 @@ from .base import Flow, FlowSequence, zeros_logdet
 
 
 class Squeeze(Flow):
-    """Space-to-depth by 2: [B, C, H, W] -> [B, 4C, H/2, W/2]; a permutation (logdet 0)."""
+    """Space-to-depth by ``factor`` f: [B, C, H, W] -> [B, f^2 C, H/f, W/f]; a permutation (logdet 0).
+    f = 2 between the levels of a multi-scale flow; f = p cuts an image into p x p patch tokens
+    (Jet, TarFlow)."""
+
+    def __init__(self, factor: int = 2):
+        super().__init__()
+        self.factor = factor
 
     def _forward(self, x, cond):
-        if x.shape[2] % 2 or x.shape[3] % 2:
-            raise ValueError(f"cannot squeeze spatial size {tuple(x.shape[2:])}: height and width must be even")
-        return F.pixel_unshuffle(x, 2), zeros_logdet(x)
+        f = self.factor
+        if x.shape[2] % f or x.shape[3] % f:
+            need = "even" if f == 2 else f"divisible by {f}"
+            raise ValueError(f"cannot squeeze spatial size {tuple(x.shape[2:])} by {f}: height and width must be {need}")
+        return F.pixel_unshuffle(x, f), zeros_logdet(x)
 
     def _inverse(self, z, cond):
-        return F.pixel_shuffle(z, 2), zeros_logdet(z)
+        return F.pixel_shuffle(z, self.factor), zeros_logdet(z)
 
 
 class Level(nn.Module):
     """One scale: squeeze, then ``steps``, then (except at the top) a split with ``prior``.
 
     ``prior`` is None for a fixed N(0, I) prior on the factored-out half (RealNVP).
+    ``factor``: the squeeze's space-to-depth factor (2; the patch size of a one-level patch flow).
     """
 
-    def __init__(self, steps: FlowSequence, prior: Flow | None, split: bool):
+    def __init__(self, steps: FlowSequence, prior: Flow | None, split: bool, factor: int = 2):
         super().__init__()
-        self.squeeze = Squeeze()
+        self.squeeze = Squeeze(factor)
         self.steps = steps
         self.prior = prior
         self.split = split
@@ -98,7 +107,8 @@ class MultiScaleFlow(Flow):
         shapes = []
         c, s = channels, size
         for level in self.levels:
-            c, s = c * 4, s // 2
+            f = level.squeeze.factor
+            c, s = c * f * f, s // f
             shapes.append((c, s, s))
             if level.split:
                 c = c - c // 2  # the half kept by h.chunk(2)

@@ -1,0 +1,222 @@
+"""Transformer flows (issue 17): the ViT coupling network, Jet's spatial couplings, TarFlow blocks
+and the jet / tarflow presets on the one invertible contract -- round trip, log-det equal to
+the float64 brute-force Jacobian's, weights perturbed off the identity -- plus TarFlow's
+causal structure and KV-cached inverse, inverse-recompute gradients for jet, the config
+rules, and short demo trainings (one under DeepSpeed ZeRO-2) that lower bits/dim."""
+
+import copy
+
+import pytest
+import torch
+
+from flowscale.config import ConfigError, ModelConfig, load_config
+from flowscale.flows.couplings import Coupling
+from flowscale.flows.jet import SpatialCoupling
+from flowscale.flows.models import build_flow
+from flowscale.flows.tarflow import TarFlowBlock
+from flowscale.flows.vit import ViTNet, vit_net
+from flowscale.inverse_checkpoint import InvertibleSequence, inverse_checkpoint
+
+from helpers import perturb_
+from test_flows_contract import data, flat_model, round_trip
+from test_inverse_checkpoint import loss_and_grads, worst_relative_difference
+
+B, C, H, W = 1, 2, 4, 4  # 32 dimensions: brute-force Jacobians stay cheap on a loaded CPU
+
+
+@pytest.fixture(autouse=True)
+def float64_one_thread():
+    """float64 layers (brute-force Jacobians), and one intra-op thread: these models are tiny,
+    and on a loaded 2-core machine two OpenMP threads make each small op ~100x slower."""
+    old, threads = torch.get_default_dtype(), torch.get_num_threads()
+    torch.set_default_dtype(torch.float64)
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    yield
+    torch.set_default_dtype(old)
+    torch.set_num_threads(threads)
+
+
+def jacobian(fn, x):
+    """The float64 Jacobian [D_out, D_in] of ``fn`` at the single sample x [1, ...], by brute
+    force in one batched pass: x repeated D_in times, backward with the identity as output
+    gradient (each sample depends on its own input only), so row i is d out_i / dx."""
+    n = x.numel()
+    xs = x.detach().repeat(n, *([1] * (x.dim() - 1))).requires_grad_(True)
+    out = fn(xs).reshape(n, -1)
+    assert out.shape == (n, n)
+    out.backward(torch.eye(n, dtype=out.dtype))
+    return xs.grad.reshape(n, n)
+
+
+def brute_force_logdet(fn, x):
+    """[B] log|det df/dx| per sample from the full float64 Jacobian."""
+    return torch.stack([torch.linalg.slogdet(jacobian(fn, x[i:i + 1]))[1] for i in range(x.shape[0])])
+
+
+def assert_jacobian(layer, x):
+    _, ld = layer(x)
+    bf = brute_force_logdet(lambda v: layer(v)[0], x)
+    assert (bf - ld).abs().max().item() < 1e-8, f"brute force {bf.tolist()} vs layer {ld.tolist()}"
+    return ld
+
+
+def tiny_vit(patch=1):
+    return vit_net(width=8, depth=1, heads=2, patch=patch)
+
+
+LAYERS = {
+    "vit_coupling_channel": lambda: Coupling(C, tiny_vit(), mask="channel", scale_fn="sigmoid2"),
+    "vit_coupling_checkerboard": lambda: Coupling(C, tiny_vit(), mask="checkerboard", parity=1, scale_fn="exp_clamp"),
+    "vit_coupling_patch2": lambda: Coupling(C, tiny_vit(patch=2), mask="channel", scale_fn="sigmoid2"),
+    "tarflow_block": lambda: TarFlowBlock(C, H * W, width=8, depth=2, heads=2),
+    "tarflow_block_reversed": lambda: TarFlowBlock(C, H * W, width=8, depth=1, heads=2, reverse=True),
+}
+for pattern, parity in (("checkerboard", 0), ("checkerboard", 1), ("vstripes", 1), ("hstripes", 0)):
+    LAYERS[f"jet_spatial_{pattern}_p{parity}"] = (lambda pattern=pattern, parity=parity:
+                                                 SpatialCoupling(C, tiny_vit(), pattern, parity))
+
+
+@pytest.mark.parametrize("name", sorted(LAYERS))
+def test_layer_contract(name):
+    layer = perturb_(LAYERS[name]().double(), 0.5, seed=1)
+    x = data((B, C, H, W))
+    round_trip(layer, x)
+    ld = assert_jacobian(layer, x)
+    assert ld.abs().min() > 1e-2, "perturbed layer should change volume; the test would not detect a wrong log-det"
+
+
+@pytest.mark.parametrize("name", sorted(LAYERS))
+def test_layer_starts_as_identity(name):
+    layer = LAYERS[name]().double()  # zero-initialised output layers: the identity
+    x = data((2, C, H, W))
+    z, ld = layer(x)
+    assert torch.equal(z, x) and torch.equal(ld, torch.zeros(2))
+
+
+def test_vit_net_shapes_and_patch_check():
+    net = ViTNet(3, 10, width=8, depth=1, heads=2, patch=2)
+    assert net(torch.randn(2, 3, 6, 4)).shape == (2, 10, 6, 4)
+    with pytest.raises(ValueError, match="patch size 2"):
+        net(torch.randn(1, 3, 5, 4))
+
+
+def test_spatial_halves_are_the_patterns():
+    x = torch.arange(16.0).reshape(1, 1, 4, 4)
+    kept = {p: SpatialCoupling(1, tiny_vit(), p, 0)._split(x)[0].flatten().tolist()
+            for p in ("checkerboard", "vstripes", "hstripes")}
+    assert kept["checkerboard"] == [0, 2, 5, 7, 8, 10, 13, 15]
+    assert kept["vstripes"] == [0, 2, 4, 6, 8, 10, 12, 14]
+    assert kept["hstripes"] == [0, 1, 2, 3, 8, 9, 10, 11]
+
+
+# -- TarFlow: causal structure and the cached inverse -----------------------------------------
+
+def token_jacobian(block, x):
+    """The Jacobian of one sample as [N, D, N, D] in the block's token order."""
+    jac = jacobian(lambda v: block._to_tokens(block(v)[0]), x)  # rows (token, d), columns (d, h, w)
+    n, d = block.tokens, block.channels
+    jac = jac.reshape(n, d, d, n).permute(0, 1, 3, 2)  # -> [N_out, D_out, N_in, D_in], inputs row-major
+    return jac.flip(2) if block.reverse else jac  # inputs in the block's order too
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_tarflow_jacobian_is_triangular_in_token_order(reverse):
+    block = perturb_(TarFlowBlock(C, H * W, width=8, depth=2, heads=2, reverse=reverse).double(), 0.5, seed=2)
+    x = data((1, C, H, W), seed=3)
+    jac = token_jacobian(block, x)
+    n = block.tokens
+    above = torch.stack([jac[i, :, j] for i in range(n) for j in range(i + 1, n)])
+    below = torch.stack([jac[i, :, j] for i in range(n) for j in range(i)])
+    assert above.abs().max() == 0, "a token's output depends on a later token: the attention is not causal"
+    assert below.abs().max() > 1e-2, "outputs must depend on earlier tokens (else the check is vacuous)"
+    diag = torch.stack([jac[i, :, i] for i in range(n)])  # [N, D, D]: diagonal (z_i depends on x_i alone)
+    assert (diag - torch.diag_embed(torch.diagonal(diag, dim1=1, dim2=2))).abs().max() == 0
+    _, ld = block(x)
+    assert abs(torch.diagonal(diag, dim1=1, dim2=2).abs().log().sum().item() - ld.item()) < 1e-10
+    if reverse:  # the last token in row-major order comes first: it is left unchanged
+        assert torch.equal(block(x)[0][..., -1, -1], x[..., -1, -1])
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_tarflow_cached_inverse_equals_uncached(reverse):
+    block = perturb_(TarFlowBlock(4, 16, width=8, depth=2, heads=2, reverse=reverse).double(), 0.5, seed=4)
+    z = data((3, 4, 4, 4), seed=5)
+    x_cached, ld_cached = block(z, reverse=True)
+    block.kv_cache = False
+    x_plain, ld_plain = block(z, reverse=True)
+    assert (x_cached - x_plain).abs().max() < 1e-12 and (ld_cached - ld_plain).abs().max() < 1e-12
+    assert (x_cached - z).abs().max() > 1e-2, "the inverse must not be the identity here"
+    z_back, ld_fwd = block(x_plain)
+    assert (z_back - z).abs().max() < 1e-10 and (ld_fwd + ld_plain).abs().max() < 1e-10
+
+
+# -- the presets --------------------------------------------------------------------------------
+
+PRESETS = {  # tiny models; with patch 2 a 4x4 RGB image is a 2x2 grid of 12-feature tokens
+    "jet": dict(preset="jet", steps=4, width=8, vit_depth=1, vit_heads=2, patch_size=2, jet_spatial_every=2),
+    "tarflow": dict(preset="tarflow", steps=2, width=8, vit_depth=1, vit_heads=2, patch_size=2),
+    "glow_vit": dict(preset="glow", levels=2, steps=1, width=8, vit_depth=1, vit_heads=2, net="vit"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_whole_model_contract(name):
+    flow = perturb_(build_flow(ModelConfig(**PRESETS[name]), 3, 4).double(), 0.5, seed=5)
+    x = torch.rand(2, 3, 4, 4, generator=torch.Generator().manual_seed(6)) - 0.5
+    eps, ld = flow(x)
+    assert [tuple(e.shape[1:]) for e in eps] == flow.latent_shapes(3, 4)
+    x_back, ld_inv = flow(eps, reverse=True)
+    assert (x - x_back).abs().max() < 1e-9 and (ld + ld_inv).abs().max() < 1e-9
+    assert (brute_force_logdet(lambda v: flat_model(flow, v), x) - ld).abs().max() < 1e-8
+    assert ld.abs().min() > 1e-1
+
+
+def test_jet_preset_layout():
+    flow = build_flow(ModelConfig(**{**PRESETS["jet"], "steps": 6}), 3, 8)
+    assert len(flow.levels) == 1 and flow.levels[0].squeeze.factor == 2 and flow.top_prior is None
+    kinds = [type(step[-1]).__name__ + (f"/{step[-1].mask}{step[-1].parity}" if isinstance(step[-1], SpatialCoupling)
+                                        else "") for step in flow.levels[0].steps]
+    assert kinds == ["Coupling", "SpatialCoupling/checkerboard0", "Coupling", "SpatialCoupling/checkerboard1",
+                     "Coupling", "SpatialCoupling/vstripes0"]
+    assert all(step[-1].scale_fn == "sigmoid2" for step in flow.levels[0].steps)
+    assert isinstance(flow.levels[0].steps[0][-1].net, ViTNet)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
+def test_jet_inverse_recompute_gradients_equal_plain_autograd(dtype, tol):
+    plain = build_flow(ModelConfig(**{**PRESETS["jet"], "steps": 6, "width": 16}), 3, 8).to(dtype)
+    perturb_(plain, 0.3, seed=1)
+    wrapped = inverse_checkpoint(copy.deepcopy(plain))
+    assert isinstance(wrapped.levels[0].steps, InvertibleSequence)
+    x = torch.rand(4, 3, 8, 8, dtype=dtype, generator=torch.Generator().manual_seed(2)) - 0.5
+    with torch.no_grad():  # far from the identity: every coupling moves its input
+        h, _ = plain.levels[0].squeeze(x)
+        for step in plain.levels[0].steps:
+            out, _ = step(h)
+            assert ((out - h).norm() / h.norm()).item() > 0.01
+            h = out
+    la, gxa, ga = loss_and_grads(plain, x)
+    lb, gxb, gb = loss_and_grads(wrapped, x)
+    assert abs(la - lb) <= 1e-6 * abs(la)
+    assert ((gxa - gxb).norm() / gxa.norm()).item() < tol
+    assert len(ga) == len(list(plain.parameters())), "every parameter must get a gradient"
+    assert worst_relative_difference(ga, gb) < tol
+
+
+# -- config rules ----------------------------------------------------------------------------------
+
+def test_config_rules():
+    with pytest.raises(ConfigError, match="memory.inverse_recompute"):
+        load_config(None, ["model.preset=tarflow", "memory.inverse_recompute=true"])
+    with pytest.raises(ConfigError, match="model.net"):
+        load_config(None, ["model.preset=tarflow", "model.net=conv"])
+    with pytest.raises(ConfigError, match="model.patch_size"):
+        load_config(None, ["model.preset=jet", "model.patch_size=5"])
+    with pytest.raises(ConfigError, match="model.patch_size"):  # 32/16 = 2 is even, 32/32 = 1 is not
+        load_config(None, ["model.preset=jet", "model.patch_size=32", "model.steps=5"])
+    with pytest.raises(ConfigError, match="model.vit_heads"):
+        load_config(None, ["model.preset=jet", "model.width=12", "model.vit_heads=5"])
+    cfg = load_config(None, ["model.preset=jet", "memory.inverse_recompute=true"])
+    assert cfg.model.levels == 1  # one level over patches, whatever the default says
+    assert load_config(None, ["model.preset=tarflow"]).model.levels == 1
