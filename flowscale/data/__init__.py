@@ -10,6 +10,7 @@
     evaluation.py  eval_split / iter_eval_batches: a split read once across ranks; TensorSplit
     demo.py        the demo photos as crops, built into cached shards on first use
     quantize.py    n-bit reduction and dequantisation
+    attributes.py  per-sample binary attributes (<key>.attr) streamed for the latent tools
 """
 
 from .demo import build_datasets, demo_images, demo_shards
