@@ -246,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_plan_parser(sub)
     from .latent_cli import add_parsers as add_latent_parsers
 
-    add_latent_parsers(sub)  # encode, interpolate, manipulate
+    add_latent_parsers(sub)  # encode, interpolate, manipulate, sweep
     b = sub.add_parser("bench", help="benchmarks that print a table (memory, ...)",
                        description="Benchmarks. Each prints a table; ratios are measured side by side in one run.")
     from .bench import add_parsers

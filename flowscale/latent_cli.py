@@ -1,4 +1,4 @@
-"""``flowscale encode | interpolate | manipulate``: the latent tools (:mod:`flowscale.latent`) on a
+"""``flowscale encode | interpolate | manipulate | sweep``: the latent tools (:mod:`flowscale.latent`) on a
 trained run, with images read from files, labelled PNG grids, attribute directions cached in the run.
 
 Image files of another size than the model's are center-cropped to a square and resized (said
@@ -290,17 +290,37 @@ def cmd_manipulate(ns) -> int:
     return 0
 
 
+def cmd_sweep(ns) -> int:
+    flow, cfg, _, run_dir = _load(ns)
+    y = _label(ns, cfg)
+    shapes = flow.latent_shapes(cfg.data.channels, cfg.data.image_size)
+    if ns.level is not None and not -len(shapes) <= ns.level < len(shapes):
+        raise ConfigError(f"--level: the model has {len(shapes)} levels (0 = finest .. {len(shapes) - 1} = top, "
+                          f"or -1 = top), got {ns.level}")
+    images = latent.temperature_sweep(flow, shapes, cfg.data.n_bits, ns.temperatures, ns.n, ns.level, ns.base,
+                                      y, ns.seed, ns.chunk)
+    which = "every level" if ns.level is None else f"level {ns.level % len(shapes)} only, the others at T={ns.base:g}"
+    out = save_labelled_grid(images, len(ns.temperatures), ns.out or _default_out(run_dir, "sweep.png"),
+                             [str(k) for k in range(ns.n)], [f"T={t:g}" for t in ns.temperatures], ns.zoom)
+    print(f"wrote {out} (rows: temperatures {' '.join(f'{t:g}' for t in ns.temperatures)} on {which}; "
+          f"the same draws in every row)")
+    if ns.wandb:
+        _log_wandb(run_dir, cfg, {"latent/sweep": out})
+    return 0
+
+
 # -- parsers -----------------------------------------------------------------------------------
 
-def _common(p: argparse.ArgumentParser, run_help: str) -> None:
+def _common(p: argparse.ArgumentParser, run_help: str, images: bool = True) -> None:
     p.add_argument("run", metavar="RUN", help=run_help)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run (default: auto)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="precision of the flow (default: fp32)")
     p.add_argument("--chunk", type=int, default=16,
                    help="images per forward/inverse pass; lower it for large images (default: 16)")
     p.add_argument("--label", type=int, default=None, help="class label, for class-conditional models")
-    p.add_argument("--no-resize", action="store_true",
-                   help="refuse images of another size instead of center-cropping and resizing them")
+    if images:
+        p.add_argument("--no-resize", action="store_true",
+                       help="refuse images of another size instead of center-cropping and resizing them")
 
 
 def _grid_args(p: argparse.ArgumentParser, default: str) -> None:
@@ -311,7 +331,7 @@ def _grid_args(p: argparse.ArgumentParser, default: str) -> None:
 
 
 def add_parsers(sub) -> None:
-    """Register encode, interpolate and manipulate on the ``flowscale`` subparsers."""
+    """Register encode, interpolate, manipulate and sweep on the ``flowscale`` subparsers."""
     run_help = "a run directory (its newest checkpoint; EMA weights when kept) or a checkpoint directory"
     fmt = argparse.RawDescriptionHelpFormatter
 
@@ -366,3 +386,20 @@ def add_parsers(sub) -> None:
     p.add_argument("--batch-size", type=int, default=64, help="images read per batch for the direction (default: 64)")
     _grid_args(p, "manipulate_ATTRIBUTE.png")
     p.set_defaults(func=cmd_manipulate)
+
+    p = sub.add_parser("sweep", help="samples from the same draws at several temperatures, on all levels or one",
+                       formatter_class=fmt,
+                       description="Draw eps once and decode it scaled by each temperature: one row per temperature. "
+                                   "With --level L\nonly level L is scaled (0 = finest, -1 = top) and the others stay "
+                                   "at --base: what each scale of\nthe model controls.\n\nexamples:\n"
+                                   "  flowscale sweep runs/demo --temperatures 0 0.5 0.7 1\n"
+                                   "  flowscale sweep runs/demo --level 0 --temperatures 0 0.5 1 --base 0.7")
+    _common(p, run_help, images=False)
+    p.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 0.5, 0.7, 0.8, 1.0],
+                   help="one row per temperature (default: 0 0.5 0.7 0.8 1)")
+    p.add_argument("--level", type=int, default=None, help="scale only this level (default: every level)")
+    p.add_argument("--base", type=float, default=1.0, help="temperature of the other levels with --level (default: 1)")
+    p.add_argument("--n", type=int, default=8, help="samples per row (default: 8)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the draws (default: 0)")
+    _grid_args(p, "sweep.png")
+    p.set_defaults(func=cmd_sweep)

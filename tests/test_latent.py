@@ -31,7 +31,7 @@ def crops():
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
-    """A tiny demo model trained for 30 steps in this process (EMA kept), shared by the module."""
+    """A tiny demo model trained for 24 steps in this process (EMA kept), shared by the module."""
     from conftest import free_port
     from flowscale.train import main as train_main
 
@@ -41,9 +41,9 @@ def demo_run(tmp_path_factory):
             mp.delenv(k, raising=False)
         mp.setenv("MASTER_ADDR", "127.0.0.1")
         mp.setenv("MASTER_PORT", str(free_port()))
-        cfg = load_config(None, ["model.levels=2", "model.steps=2", "model.width=16", "data.train_size=256",
-                                 "data.test_size=32", "data.batch_size=16", "train.init_batch_size=64",
-                                 "train.steps=30", "train.log_every=10", "optim.warmup_steps=5", "optim.ema_decay=0.9",
+        cfg = load_config(None, ["model.levels=2", "model.steps=2", "model.width=8", "data.train_size=128",
+                                 "data.test_size=16", "data.batch_size=16", "train.init_batch_size=32",
+                                 "train.steps=24", "train.log_every=8", "optim.warmup_steps=5", "optim.ema_decay=0.9",
                                  "train.eval_every=0", "train.sample_every=0", "train.progress=false",
                                  "wandb.mode=disabled", f"train.run_dir={root / 'run'}",
                                  f"data.cache_dir={root / 'cache'}"])
@@ -59,6 +59,20 @@ def write_pngs(folder, images_uint8, prefix="img"):
         Image.fromarray(x.permute(1, 2, 0).numpy()).save(p)
         paths.append(str(p))
     return paths
+
+
+def read_png(path) -> torch.Tensor:
+    with Image.open(path) as im:
+        return torch.from_numpy(np.asarray(im.convert("RGB")).copy())
+
+
+def cell(grid_px: torch.Tensor, rows: int, cols: int, r: int, c: int, size: int = 32) -> torch.Tensor:
+    """Image (r, c) [3, size, size] of a labelled grid saved with zoom 1 (cells of size + 2 px,
+    counted from the bottom-right corner, so the labels' width does not matter)."""
+    h, w = grid_px.shape[:2]
+    y0 = h - (size + 2) * (rows - r)
+    x0 = w - (size + 2) * (cols - c)
+    return grid_px[y0:y0 + size, x0:x0 + size].permute(2, 0, 1)
 
 
 # -- library ---------------------------------------------------------------------------------------
@@ -178,13 +192,26 @@ def test_cli_encode_interpolate(demo_run, tmp_path, capsys):
     assert cli_main(["interpolate", str(demo_run), *files[:3], "--steps", "4", "--mode", "spherical",
                      "--zoom", "1", "--out", str(grid)]) == 0
     assert "endpoints differ from the inputs by at most 0 level(s)" in capsys.readouterr().out
-    with Image.open(grid) as im:
-        w, h = im.size
-        grid_px = torch.from_numpy(np.asarray(im.convert("RGB")).copy())
-    assert w > 4 * 34 and h > 2 * 34  # 2 rows x 4 steps of 32 px, plus labels
-    # The first and last columns of the labelled grid hold the input images (bottom-right cell = image 2).
-    tile = grid_px[h - 2 - 32:h - 2, w - 2 - 32:w - 2].permute(2, 0, 1)
-    assert torch.equal(tile, images[2])
+    px = read_png(grid)
+    assert px.shape[0] > 2 * 34 and px.shape[1] > 4 * 34  # 2 rows x 4 steps of 32 px, plus labels
+    # The first and last columns of the labelled grid are the input images.
+    for r in range(2):
+        assert torch.equal(cell(px, 2, 4, r, 0), images[r]) and torch.equal(cell(px, 2, 4, r, 3), images[r + 1])
+
+
+def test_cli_sweep(demo_run, tmp_path, capsys):
+    from flowscale.checkpoint import load_trained
+
+    grid = tmp_path / "sweep.png"
+    assert cli_main(["sweep", str(demo_run), "--temperatures", "0", "1", "--level", "-1", "--n", "3", "--zoom", "1",
+                     "--seed", "4", "--out", str(grid)]) == 0
+    assert "level 1 only, the others at T=1" in capsys.readouterr().out
+    flow, cfg = load_trained(demo_run)
+    want = latent.temperature_sweep(flow, flow.latent_shapes(3, 32), 8, [0.0, 1.0], 3, level=-1, seed=4)
+    px = read_png(grid)
+    for k in range(6):
+        assert torch.equal(cell(px, 2, 3, *divmod(k, 3)), want[k])
+    assert cli_main(["sweep", str(demo_run), "--level", "2"]) == 2
 
 
 def test_cli_manipulate_with_attribute_shards(demo_run, tmp_path, capsys, monkeypatch):
@@ -208,10 +235,10 @@ def test_cli_manipulate_with_attribute_shards(demo_run, tmp_path, capsys, monkey
     assert info["bright"]["n_with"] == 64 and info["bright"]["n_without"] == 64
     assert set(tensors) == {"bright/0", "bright/1"}
     # The grid's cells get brighter from left to right.
-    with Image.open(grid) as im:
-        px = torch.from_numpy(np.asarray(im.convert("RGB")).copy()).float()
-    cells = [px[-2 - 32:-2, -2 - 32 - k * 34:-2 - k * 34].mean().item() for k in range(len(SCALES))][::-1]
-    assert all(b > a for a, b in zip(cells, cells[1:])), cells
+    px = read_png(grid)
+    for r in range(2):
+        mean = [cell(px, 2, len(SCALES), r, c).float().mean().item() for c in range(len(SCALES))]
+        assert all(b > a + 2 for a, b in zip(mean, mean[1:])), mean
     # Cached the second time; W&B logging offline into the run.
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb"))
