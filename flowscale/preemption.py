@@ -13,6 +13,9 @@ middle of a step, or of a collective, so the handler only records it::
 
 A second signal while the checkpoint is written is recorded and changes nothing: the save
 finishes (it is the work that would otherwise be lost) and COMPLETE is written last as always.
+After :class:`Preempted` is raised, signals whose previous action was the default (terminate)
+stay recorded-only until the process exits: a late signal must not turn a saved, resumable
+exit (75) into a kill. Python handlers (submitit's) are given back.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ class PreemptionGuard:
         self.signums: list[int] = []
         """Every signal received, in order (a second one during the save is only recorded)."""
         self._previous: dict[int, object] = {}
+        self._preempted = False
 
     @property
     def received(self) -> int | None:
@@ -64,6 +68,8 @@ class PreemptionGuard:
         return self
 
     def __exit__(self, *exc) -> bool:
+        if self._preempted:  # on the way out with code 75: later signals are only recorded
+            return False
         for s, h in self._previous.items():
             signal.signal(s, h)
         self._previous.clear()
@@ -74,15 +80,22 @@ class PreemptionGuard:
         return any_rank(self.received is not None, device)
 
     def hand_over(self, step: int, path) -> None:
-        """After the save: restore the handlers that were there before ours, then requeue
-        through submitit's handler if one of the received signals had it (its USR2 handler:
-        preemption sends SIGTERM, which submitit ignores, then USR2), else raise
-        :class:`Preempted`. A USR2 that arrives later reaches submitit's handler directly."""
+        """After the save: requeue through submitit's handler (the previous ones restored first)
+        if one of the received signals had it (its USR2 handler: preemption sends SIGTERM, which
+        submitit ignores, then USR2), else raise :class:`Preempted`, leaving ours where the
+        previous action was the default. A USR2 that arrives after a SIGTERM-only save reaches
+        submitit's handler directly."""
         previous = dict(self._previous)
-        self.__exit__()
         for signum in self.signums:
             handler = previous.get(signum)
             if getattr(handler, "__name__", "") == "checkpoint_and_try_requeue":  # submitit's SignalHandler
+                self.__exit__()
                 handler(signum, None)  # rank 0: checkpoint() + requeue, then sys.exit; other ranks return
                 raise SystemExit(EXIT_PREEMPTED)
+        # Give Python handlers (submitit's) back, so a USR2 after a SIGTERM-only save still
+        # requeues; keep recording where the default action would kill the exiting process.
+        for s, h in previous.items():
+            if callable(h):
+                signal.signal(s, h)
+        self._preempted = True
         raise Preempted(self.received if self.received is not None else signal.SIGTERM, step, path)
