@@ -85,7 +85,8 @@ def read_image_list(path: Path) -> dict[int, str]:
     return out
 
 
-def celebahq_attributes(attr_file: Path, image_list: Path | None, indices: list[int]) -> tuple[list[str], dict[int, str]]:
+def celebahq_attributes(attr_file: Path, image_list: Path | None,
+                        indices: list[int]) -> tuple[list[str], dict[int, str]]:
     """(names, {CelebA-HQ index: '0'/'1' string}) for ``indices``; an index without a row is an error."""
     names, rows = read_list_attr(attr_file)
     if image_list is not None:
@@ -104,8 +105,8 @@ def celebahq_attributes(attr_file: Path, image_list: Path | None, indices: list[
     out = {}
     for i in indices:
         if lookup[i] not in rows:
-            how = f"(mapped through {image_list})" if image_list else "(rows named by CelebA-HQ index; pass --image-list " \
-                                                                        "image_list.txt for list_attr_celeba.txt)"
+            how = (f"(mapped through {image_list})" if image_list else
+                   "(rows named by CelebA-HQ index; pass --image-list image_list.txt for list_attr_celeba.txt)")
             raise ValueError(f"{attr_file}: no row for {lookup[i]!r}, CelebA-HQ image {i} {how}")
         out[i] = rows[lookup[i]]
     return names, out

@@ -127,7 +127,8 @@ def _load(ns):
 def _label(ns, cfg) -> int | None:
     k = cfg.model.num_classes
     if k > 0 and ns.label is None:
-        raise ConfigError(f"--label: this model is class-conditional (model.num_classes={k}); give a class in 0..{k - 1}")
+        raise ConfigError(f"--label: this model is class-conditional (model.num_classes={k}); "
+                          f"give a class in 0..{k - 1}")
     if k == 0 and ns.label is not None:
         raise ConfigError("--label: this model is not class-conditional (model.num_classes=0); leave it out")
     if ns.label is not None and not 0 <= ns.label < k:
@@ -220,7 +221,7 @@ def load_directions(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def save_direction(run_dir: Path, attribute: str, direction: list[torch.Tensor], info: dict) -> Path:
-    """Add or replace ``attribute`` in ``<run_dir>/directions.safetensors`` (written to a temporary file, then renamed)."""
+    """Add or replace ``attribute`` in ``<run_dir>/directions.safetensors`` (a temporary file, renamed)."""
     import os
 
     from safetensors.torch import save_file
@@ -343,7 +344,8 @@ def add_parsers(sub) -> None:
                                    "  flowscale encode runs/demo a.png b.png --out latents.pt")
     _common(p, run_help)
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, ...)")
-    p.add_argument("--out", default="latents.pt", help="output file (default: latents.pt): {'latents': [eps_l [N, C, H, W]], "
+    p.add_argument("--out", default="latents.pt",
+                   help="output file (default: latents.pt): {'latents': [eps_l [N, C, H, W]], "
                    "'files', 'label', 'n_bits', 'image_size', 'checkpoint', 'reconstruction_error_levels'}")
     p.set_defaults(func=cmd_encode)
 
@@ -352,7 +354,8 @@ def add_parsers(sub) -> None:
                        description="Encode images and decode evenly spaced points between consecutive ones: one row "
                                    "per pair,\none column per step; the first and last columns are the inputs.\n\n"
                                    "examples:\n  flowscale interpolate runs/demo a.png b.png --steps 8 --out grid.png\n"
-                                   "  flowscale interpolate runs/demo a.png b.png c.png --mode spherical --fix-coarse 1")
+                                   "  flowscale interpolate runs/demo a.png b.png c.png --mode spherical "
+                                   "--fix-coarse 1")
     _common(p, run_help)
     p.add_argument("images", nargs="+", metavar="IMAGE", help="two or more image files; rows go A->B, B->C, ...")
     p.add_argument("--steps", type=int, default=8, help="points per row, endpoints included (default: 8)")
@@ -380,7 +383,8 @@ def add_parsers(sub) -> None:
                    help="multiples of the direction, one column each (default: -1 -0.5 0 0.5 1)")
     p.add_argument("--data", default=None, metavar="SPLIT",
                    help="split directory or manifest.json with attributes (default: the run's training split)")
-    p.add_argument("--max-images", type=int, default=None, help="use at most this many images of the split (default: all)")
+    p.add_argument("--max-images", type=int, default=None,
+                   help="use at most this many images of the split (default: all)")
     p.add_argument("--per-level", action="store_true", help="a direction on every level, not only the top")
     p.add_argument("--recompute", action="store_true", help="recompute the direction even if it is cached")
     p.add_argument("--batch-size", type=int, default=64, help="images read per batch for the direction (default: 64)")
