@@ -7,6 +7,7 @@ from __future__ import annotations
 import multiprocessing as mp
 from pathlib import Path
 
+from flowscale.data.codec import decode_attributes
 from flowscale.data.manifest import DataError, Manifest, sha256_file
 from flowscale.data.reader import SampleDecoder
 from flowscale.data.tar import SampleReader, open_shard
@@ -56,6 +57,10 @@ def _check_shard(args) -> list[str]:
             keys.add(key)
             try:
                 decode(members)
+                if manifest.attributes:  # optional member, but present in every sample once listed
+                    if "attr" not in members:
+                        raise ValueError("no .attr member, but the manifest lists attributes")
+                    decode_attributes(members["attr"], len(manifest.attributes))
             except ValueError as e:
                 problems.append(f"{name}: sample {key!r} (#{count}): {e}")
             count, last = count + 1, key

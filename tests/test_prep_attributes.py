@@ -108,7 +108,7 @@ def test_glow_tfrecords_attr_field(tmp_path, photos):
     assert list(stored_attributes(tmp_path / "out" / "test").values()) == bits[3:]
 
 
-def test_folder_csv_and_shards_without_attributes(tmp_path, photos):
+def test_folder_csv_and_shards_without_attributes(tmp_path, photos, capsys):
     (tmp_path / "src" / "sub").mkdir(parents=True)
     names = ["a.png", "b.png", "sub/c.png"]
     for i, n in enumerate(names):
@@ -119,6 +119,17 @@ def test_folder_csv_and_shards_without_attributes(tmp_path, photos):
     m = json.loads((tmp_path / "out" / "train" / "manifest.json").read_text())
     assert m["attributes"] == ["bright", "Smiling"]
     assert stored_attributes(tmp_path / "out" / "train") == {"a": "10", "b": "01", "sub_c": "10"}
+    capsys.readouterr()
+    assert prep(["verify", str(tmp_path / "out"), "--no-progress", "--workers", "1"]) == 0
+    # verify decodes the .attr members too: one with a character that is not 0/1 is named
+    shard = next((tmp_path / "out" / "train").glob("*.tar"))
+    with tarfile.open(shard) as tf:
+        at = tf.getmember("b.attr").offset_data
+    raw = bytearray(shard.read_bytes())
+    raw[at + 1:at + 2] = b"x"
+    shard.write_bytes(bytes(raw))
+    assert prep(["verify", str(tmp_path / "out"), "--no-progress", "--workers", "1", "--quick"]) == 1
+    assert "sample 'b'" in capsys.readouterr().out
     # Without --attributes: no .attr members and an empty list, and the attribute stream refuses.
     assert prep(["folder", str(tmp_path / "src"), str(tmp_path / "plain"), "--no-progress"]) == 0
     assert json.loads((tmp_path / "plain" / "train" / "manifest.json").read_text())["attributes"] == []
