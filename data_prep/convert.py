@@ -20,7 +20,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from flowscale.data.codec import encode_sample
+from flowscale.data.codec import default_encoding, encode_sample
 from flowscale.data.manifest import Manifest, ShardEntry, shard_name, write_manifest
 from flowscale.data.tar import TarWriter
 
@@ -51,7 +51,7 @@ def _encode(task):
 
 def choose_encoding(encoding: str, resolution: int) -> str:
     if encoding == "auto":
-        return "npy" if resolution <= 64 else "png"
+        return default_encoding(resolution)
     return encoding
 
 

@@ -73,6 +73,8 @@ def measure(size: int, n: int, workers: int, batch_size: int, tmp: Path) -> dict
 
 
 def run(ns) -> int:
+    from ..data.codec import default_encoding
+
     rows = []
     with tempfile.TemporaryDirectory(dir=ns.dir) as d:
         for size in ns.sizes:
@@ -82,11 +84,13 @@ def run(ns) -> int:
             print(f"{size}px done", flush=True)
     print(f"\nloader throughput, images/s ({ns.workers} worker(s), batch {ns.batch_size}; {os.cpu_count()} CPU cores, "
           f"{platform.processor() or platform.machine()}):\n")
-    print("| size | images | ImageFolder+PIL | shards PNG | shards npy | PNG / ImageFolder | npy / ImageFolder |")
-    print("|---|---|---|---|---|---|---|")
+    print("| size | images | ImageFolder+PIL | shards PNG | shards npy | PNG / ImageFolder | npy / ImageFolder | "
+          "prep's default (auto) / ImageFolder |")
+    print("|---|---|---|---|---|---|---|---|")
     for size, n, r in rows:
+        enc = default_encoding(size)
         print(f"| {size}x{size} | {n} | {r['folder']:.0f} | {r['png']:.0f} | {r['npy']:.0f} | "
-              f"{r['png'] / r['folder']:.2f}x | {r['npy'] / r['folder']:.2f}x |")
+              f"{r['png'] / r['folder']:.2f}x | {r['npy'] / r['folder']:.2f}x | {enc}: {r[enc] / r['folder']:.2f}x |")
     return 0
 
 

@@ -24,6 +24,19 @@ from .manifest import check_key
 
 IMAGE_EXTS = ("npy", "png")
 
+RAW_UP_TO = 256
+"""``prep``'s ``--encoding auto``: raw .npy up to this size, PNG above. Measured on one core
+(real photo crops): a 256 px image is 192 KiB raw, ~124 KiB as PNG, and decodes in ~0.05 ms raw
+against ~2.5 ms as PNG (PIL or torchvision alike), so raw costs 1.5x the disk for ~50x less
+decoding (CelebA-HQ 256: 5.9 GB raw). At 1024 px raw would be 94 GB for CelebA-HQ, and the
+~40 ms decode of a PNG is small next to a 1024 px training step; `--encoding npy` when disk
+is plentiful."""
+
+
+def default_encoding(resolution: int) -> str:
+    """The encoding ``--encoding auto`` picks for images of ``resolution`` px."""
+    return "npy" if resolution <= RAW_UP_TO else "png"
+
 
 def encode_image(x_hwc: np.ndarray, encoding: str) -> bytes:
     """uint8 [H, W, C] -> PNG or .npy bytes (deterministic for a given zlib / numpy)."""

@@ -79,6 +79,7 @@ def demo_shards(data_cfg) -> Path:
     """The directory holding ``train/`` and ``test/`` demo shards for this data config, built on
     first use. Concurrent callers (ranks, runs) wait on a file lock; the build goes to a
     temporary directory that is renamed into place, so a crash never leaves a partial cache."""
+    from .codec import default_encoding
     from .manifest import Manifest
     from .tar import write_shards
 
@@ -97,7 +98,7 @@ def demo_shards(data_cfg) -> Path:
             return final
         tmp = root / f".{name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
-        encoding = "npy" if size <= 64 else "png"
+        encoding = default_encoding(size)
         for split, n in (("train", data_cfg.train_size), ("test", data_cfg.test_size)):
             x = demo_images(split, n, size, seed).permute(0, 2, 3, 1).numpy()
             photos = TRAIN_PHOTOS if split == "train" else TEST_PHOTOS
