@@ -197,11 +197,14 @@ def cmd_interpolate(ns) -> int:
                              [f"t={t:.2f}" for t in torch.linspace(0, 1, ns.steps).tolist()],
                              [f"{names[r]} -> {names[r + 1]}" for r in range(rows)], ns.zoom)
     ends = images.view(rows, ns.steps, *images.shape[1:])
-    err = torch.maximum(latent.reconstruction_error(x[:-1], ends[:, 0], cfg.data.n_bits),
-                        latent.reconstruction_error(x[1:], ends[:, -1], cfg.data.n_bits))
-    fixed = f", the {ns.fix_coarse} coarsest level(s) fixed" if ns.fix_coarse else ""
-    print(f"wrote {out} ({rows} row(s), {ns.steps} steps, {ns.mode}{fixed}); endpoints differ from the inputs by "
-          f"at most {int(err.max())} level(s)")
+    err = latent.reconstruction_error(x[:-1], ends[:, 0], cfg.data.n_bits)
+    if ns.fix_coarse:  # the last column keeps the first image's coarse levels: not the second image
+        which = f"the {ns.fix_coarse} coarsest level(s) fixed); the first column differs from its input"
+    else:
+        err = torch.maximum(err, latent.reconstruction_error(x[1:], ends[:, -1], cfg.data.n_bits))
+        which = "); endpoints differ from the inputs"
+    print(f"wrote {out} ({rows} row(s), {ns.steps} steps, {ns.mode}"
+          f"{', ' if ns.fix_coarse else ''}{which} by at most {int(err.max())} level(s)")
     if ns.wandb:
         _log_wandb(run_dir, cfg, {"latent/interpolation": out})
     return 0
