@@ -163,20 +163,22 @@ def interpolate(latents: Latents, steps: int, mode: Literal["linear", "spherical
 
 
 @torch.no_grad()
-def attribute_direction(flow, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], n_bits: int,
-                        per_level: bool = False, y=None, chunk: int = 64) -> tuple[Latents, int, int]:
+def attribute_direction(flow, batches: Iterable[tuple], n_bits: int, per_level: bool = False, y=None,
+                        chunk: int = 64) -> tuple[Latents, int, int]:
     """Glow's attribute direction from labelled images, streamed:
 
         d_l = mean(eps_l | attribute) - mean(eps_l | no attribute)
 
     for the top level only (the others zero) or, with ``per_level``, for every level.
-    ``batches`` yields (uint8 images [b, C, H, W], bool [b] has-attribute). Returns
-    (direction [1, C_l, H_l, W_l] per level, images with, images without)."""
+    ``batches`` yields (uint8 images [b, C, H, W], bool [b] has-attribute) or, for a class-conditional
+    model, (images, has, int64 labels [b]) so that each image is encoded under its own class (a
+    batch's labels None: ``y`` for all). Returns (direction [1, C_l, H_l, W_l] per level, images
+    with, images without)."""
     sums: list[list[torch.Tensor]] = [[], []]
     counts = [0, 0]
-    for x, has in batches:
+    for x, has, *labels in batches:
         has = torch.as_tensor(has, dtype=torch.bool)
-        eps = encode(flow, x, n_bits, y, chunk)
+        eps = encode(flow, x, n_bits, labels[0] if labels and labels[0] is not None else y, chunk)
         for k, mask in ((0, has), (1, ~has)):
             part = [e[mask].double().sum(0, keepdim=True) for e in eps]
             sums[k] = part if not sums[k] else [s + p for s, p in zip(sums[k], part)]

@@ -263,6 +263,8 @@ def direction_for(flow, cfg, ckpt: Path, run_dir: Path, attribute: str, data: st
         levels = len(flow.latent_shapes(cfg.data.channels, cfg.data.image_size))
         return [tensors[f"{attribute}/{level}"] for level in range(levels)], dict(cached, cached=True)
     batches = attribute_batches(split, attribute, batch_size, max_images)
+    if not cfg.model.num_classes:  # labels only matter to a class-conditional model (each image under its own)
+        batches = ((x, has) for x, has, _ in batches)
     try:
         direction, n_with, n_without = latent.attribute_direction(flow, batches, cfg.data.n_bits, per_level, y, chunk)
     except ValueError as e:  # all images with, or all without, the attribute
@@ -321,7 +323,9 @@ def _common(p: argparse.ArgumentParser, run_help: str, images: bool = True) -> N
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="precision of the flow (default: fp32)")
     p.add_argument("--chunk", type=int, default=16,
                    help="images per forward/inverse pass; lower it for large images (default: 16)")
-    p.add_argument("--label", type=int, default=None, help="class label, for class-conditional models")
+    p.add_argument("--label", type=int, default=None,
+                   help="class label, for class-conditional models (an attribute direction encodes each image of a "
+                        "labelled split under its own class)")
     if images:
         p.add_argument("--no-resize", action="store_true",
                        help="refuse images of another size instead of center-cropping and resizing them")

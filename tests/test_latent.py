@@ -103,6 +103,13 @@ def test_round_trip_bf16_and_class_conditional(crops):
     assert latent.reconstruction_error(crops, latent.decode(flow, z, 8, y=(y + 1) % 3), 8).min() > 2
     with pytest.raises(ValueError, match="class-conditional"):
         latent.encode(flow, crops, 8)
+    # A direction encodes each image under its own label when the batches carry labels.
+    has = torch.tensor([True, False] * 4)
+    d, _, _ = latent.attribute_direction(flow, [(crops[:5], has[:5], y[:5]), (crops[5:], has[5:], y[5:])], 8,
+                                         per_level=True, chunk=2)
+    for level in range(2):
+        want = z[level][has].mean(0, keepdim=True) - z[level][~has].mean(0, keepdim=True)
+        torch.testing.assert_close(d[level], want, rtol=1e-4, atol=1e-5)
     bf16 = flow.to(torch.bfloat16)
     _, _, err5 = latent.reconstruct(bf16, crops, 5, y=1)
     assert err5.max() <= 1  # 5-bit levels are wider than bf16's rounding

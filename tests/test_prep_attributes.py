@@ -72,8 +72,8 @@ def test_celebahq_list_attr_through_image_list(tmp_path, photos, capsys):
     split = load_split(str(tmp_path / "out" / "train"))
     got = list(attribute_batches(split, "Smiling", batch_size=3))
     k = CELEBA_ATTRIBUTES.index("Smiling")
-    assert [len(x) for x, _ in got] == [3, 1]
-    assert [h for _, has in got for h in has] == [bits[i][k] == "1" for i in range(4)]
+    assert [len(x) for x, _, _ in got] == [3, 1] and all(y is None for _, _, y in got)
+    assert [h for _, has, _ in got for h in has] == [bits[i][k] == "1" for i in range(4)]
     np.testing.assert_array_equal(got[0][0][1].permute(1, 2, 0).numpy(), photos[1])
     assert len(list(attribute_batches(split, "Young", batch_size=8, max_images=2))[0][0]) == 2
     with pytest.raises(DataError, match=r"'Smile' is not in .*it carries: 5_o_Clock_Shadow, .*Smiling, .*Young"):

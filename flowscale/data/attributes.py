@@ -26,14 +26,14 @@ def require_attribute(split: Split, name: str) -> int:
 
 
 def attribute_batches(split: Split, name: str, batch_size: int = 64, max_images: int | None = None):
-    """Yields (uint8 images [b, C, H, W], bool [b] has ``name``) over ``split`` in stored order,
-    at most ``max_images`` images. A sample without a valid ``.attr`` member is a DataError naming
-    the shard and sample."""
+    """Yields (uint8 images [b, C, H, W], bool [b] has ``name``, int64 labels [b] or None when the
+    split has none) over ``split`` in stored order, at most ``max_images`` images. A sample without
+    a valid ``.attr`` member is a DataError naming the shard and sample."""
     k = require_attribute(split, name)
     n_attr = len(split.manifest.attributes)
     policy = BadDataPolicy("error", 0, split.where)
     decode = SampleDecoder(split.manifest)
-    xs, has, seen = [], [], 0
+    xs, has, ys, seen = [], [], [], 0
     limit = split.manifest.num_samples if max_images is None else min(max_images, split.manifest.num_samples)
     for s, entry in enumerate(split.manifest.shards):
         if seen >= limit:
@@ -45,19 +45,25 @@ def attribute_batches(split: Split, name: str, batch_size: int = 64, max_images:
                     break
                 key, members = cursor.read(idx, want=True)
                 try:
-                    x, _ = decode(members)
+                    x, y = decode(members)
                     if "attr" not in members:
                         raise ValueError("no .attr member, but the manifest lists attributes")
                     a = decode_attributes(members["attr"], n_attr)
                 except ValueError as e:
                     policy.sample(cursor.url, entry.name, key, idx, str(e))
                 xs.append(x)
+                ys.append(y)
                 has.append(bool(a[k]))
                 seen += 1
                 if len(xs) == batch_size:
-                    yield stack_batch(xs, [], False, split.image_shape)[0], has
-                    xs, has = [], []
+                    yield _batch(xs, ys, has, split)
+                    xs, has, ys = [], [], []
         finally:
             cursor.close()
     if xs:
-        yield stack_batch(xs, [], False, split.image_shape)[0], has
+        yield _batch(xs, ys, has, split)
+
+
+def _batch(xs, ys, has, split: Split):
+    x, y = stack_batch(xs, ys, split.manifest.labels, split.image_shape)
+    return x, has, y
