@@ -102,14 +102,17 @@ def flowscale_config(k: int, levels: int, width: int, batch: int, inverse: bool)
                               f"memory.inverse_recompute={str(inverse).lower()}", "wandb.mode=disabled"])
 
 
-def build_cases(k: int, levels: int, width: int, batch: int, ref_module=None, seed: int = 0) -> dict:
+def build_cases(k: int, levels: int, width: int, batch: int, ref_module=None, seed: int = 0,
+                fold: bool = False) -> dict:
     """{case: (model, optimizer, step function)} for the reference (when given) and flowscale's
-    plain and inverse-recompute models, ActNorm initialised on the same uint8 images."""
+    plain and inverse-recompute models, ActNorm initialised on the same uint8 images. ``fold``:
+    coupling networks with their ActNorms folded into the convs (:func:`flowscale.flows.nets.fold_norms`)."""
     import torch
 
     from .. import seeds
     from ..build import build_initialized_flow
     from ..data.quantize import preprocess
+    from ..flows.nets import fold_norms
     from ..loss import bits_per_dim, objective
 
     g = torch.Generator().manual_seed(seed)
@@ -119,6 +122,7 @@ def build_cases(k: int, levels: int, width: int, batch: int, ref_module=None, se
     for case in ("plain", "inverse"):
         cfg = flowscale_config(k, levels, width, batch, case == "inverse")
         flow, _ = build_initialized_flow(cfg, init)
+        fold_norms(flow, fold)
         opt = torch.optim.Adam(flow.parameters(), lr=cfg.optim.lr)
         noise = seeds.generator(seed, "bench")
 
@@ -254,18 +258,19 @@ def profile_tables(cases: dict, rows: int = 30) -> dict:
 
 
 def measure(k: int, levels: int, width: int, batch: int, repeats: int, warmup: int, ref_module=None,
-            per_level: bool = True, level_repeats: int = 5, profile_dir: Path | None = None) -> dict:
+            per_level: bool = True, level_repeats: int = 5, profile_dir: Path | None = None,
+            fold: bool = False) -> dict:
     """One K: parameter counts (checked), step medians, saved MiB, per-level overheads; with
     ``profile_dir``, a torch.profiler op table per case written there first."""
-    cases = build_cases(k, levels, width, batch, ref_module)
+    cases = build_cases(k, levels, width, batch, ref_module, fold=fold)
     counts = {c: count_params(m) for c, (m, _, _) in cases.items()}
     if "reference" in cases:
         check_param_counts(counts["reference"], counts["plain"])
-    row = {"k": k, "levels": levels, "width": width, "batch": batch, "params": counts}
+    row = {"k": k, "levels": levels, "width": width, "batch": batch, "params": counts, "fold": fold}
     if profile_dir is not None:
         profile_dir.mkdir(parents=True, exist_ok=True)
         for case, table in profile_tables(cases).items():
-            (profile_dir / f"profile_k{k}_w{width}_{case}.txt").write_text(
+            (profile_dir / f"profile_k{k}_w{width}{'_folded' if fold and case != 'reference' else ''}_{case}.txt").write_text(
                 f"torch.profiler, one training step (forward + backward + Adam), {case}, K={k}, L={levels}, "
                 f"width {width}, batch {batch}, fp32, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n\n{table}\n")
     row["saved_mib"] = saved_mib(cases)
@@ -330,7 +335,7 @@ def run(args) -> int:
         try:
             row = measure(k, args.levels, args.width, args.batch, args.repeats, args.warmup, ref_module,
                           per_level=not args.no_per_level, level_repeats=args.level_repeats,
-                          profile_dir=Path(args.profile) if args.profile else None)
+                          profile_dir=Path(args.profile) if args.profile else None, fold=args.fold_norms)
         except ReferenceMismatch as e:
             print(f"error: K={k}: {e}", file=sys.stderr)
             return 2
@@ -340,7 +345,7 @@ def run(args) -> int:
         rows.append(row)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"Glow 32x32x3, L={args.levels}, width {args.width}, affine coupling, LU 1x1 conv, batch {args.batch}, fp32, "
-          f"forward + backward + Adam; reference {args.ref or '(none)'}; {machine}; torch {torch.__version__}; "
+          f"forward + backward + Adam; flowscale's network ActNorms {'folded into the convs' if args.fold_norms else 'fused (default)'}; reference {args.ref or '(none)'}; {machine}; torch {torch.__version__}; "
           f"median of {args.repeats} alternating steps after {args.warmup} warm-up; "
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load average {load:.1f} at the end")
     print()
@@ -360,6 +365,8 @@ def _add_args(p) -> None:
     p.add_argument("--warmup", type=int, default=2, help="untimed rounds first (default: 2)")
     p.add_argument("--no-per-level", action="store_true", help="skip the per-level inverse-recompute overheads")
     p.add_argument("--level-repeats", type=int, default=5, help="timed rounds per level (default: 5)")
+    p.add_argument("--fold-norms", action="store_true",
+                   help="fold the ActNorms of flowscale's coupling networks into their convs (GlowNet.fold_norms)")
     p.add_argument("--profile", default=None, metavar="DIR",
                    help="also write a torch.profiler op table of one step per case and K to DIR")
 
