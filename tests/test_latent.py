@@ -169,9 +169,6 @@ def test_planted_bright_attribute_is_recovered(demo_run):
     steps = brightness[:, 1:] - brightness[:, :-1]
     assert (steps > 2).all(), brightness  # every image, every step of +0.5: brighter by > 2 of 255
     assert torch.equal(out.view(4, len(SCALES), 3, 32, 32)[:, 2], images)  # scale 0 is the image itself
-    per_level, _, _ = latent.attribute_direction(flow, batches, 8, per_level=True)
-    assert all(float(d.abs().max()) > 0 for d in per_level)
-    torch.testing.assert_close(per_level[-1], direction[-1])
 
 
 # -- CLI -------------------------------------------------------------------------------------------
@@ -223,7 +220,7 @@ def test_cli_sweep(demo_run, tmp_path, capsys):
 
 def test_cli_manipulate_with_attribute_shards(demo_run, tmp_path, capsys, monkeypatch):
     # Shards with a planted attribute: demo crops labelled bright by mean intensity, through prep folder.
-    x = demo_images("train", 64, 32, seed=11)
+    x = demo_images("train", 32, 32, seed=11)
     m = latent.mean_intensity(x)
     write_pngs(tmp_path / "crops", x, prefix="c")
     rows = ["file,bright,striped"] + [f"c{i}.png,{int(m[i] > m.median())},{i % 2}" for i in range(len(x))]
@@ -237,9 +234,9 @@ def test_cli_manipulate_with_attribute_shards(demo_run, tmp_path, capsys, monkey
     capsys.readouterr()
     assert cli_main(argv) == 0
     out = capsys.readouterr().out
-    assert "computed, saved to" in out and "32 images with, 32 without" in out
+    assert "computed, saved to" in out and "16 images with, 16 without" in out
     tensors, info = load_directions(demo_run)
-    assert info["bright"]["n_with"] == 32 and info["bright"]["n_without"] == 32
+    assert info["bright"]["n_with"] == 16 and info["bright"]["n_without"] == 16
     assert set(tensors) == {"bright/0", "bright/1"}
     # The grid's cells get brighter from left to right.
     px = read_png(grid)
@@ -258,7 +255,7 @@ def test_cli_manipulate_with_attribute_shards(demo_run, tmp_path, capsys, monkey
     assert cli_main([*argv[:3], "striped", *argv[4:]]) == 0
     tensors, info = load_directions(demo_run)
     assert set(info) == {"bright", "striped"} and len(tensors) == 4
-    assert info["striped"]["n_with"] == 32 and info["striped"]["data"] == str((tmp_path / "shards" / "train" /
+    assert info["striped"]["n_with"] == 16 and info["striped"]["data"] == str((tmp_path / "shards" / "train" /
                                                                               "manifest.json").resolve())
 
 
