@@ -242,6 +242,57 @@ def _write_error(path: Path, failure: BaseException | None, needed: int | None, 
         f"earlier checkpoints are untouched.")
 
 
+# What a resumed run may not change: the model, what the data stream and its order are made
+# of, and what DeepSpeed's files are laid out for. Everything else (optimizer, schedule,
+# memory mode, logging, steps, eval data) may change, and the change is printed.
+FIXED_ON_RESUME = ("model.", "data.dataset", "data.train_manifest", "data.train_shards", "data.image_size",
+                   "data.channels", "data.n_bits", "data.batch_size", "data.train_size", "data.seed",
+                   "data.random_flip", "data.shuffle_buffer", "data.num_workers", "train.seed",
+                   "engine.zero_stage", "engine.precision")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def resume_changes(ckpt: Path, config: dict, world_size: int) -> list[str]:
+    """Check that a run configured by ``config`` (the resolved tree, as a dict) on
+    ``world_size`` ranks can continue from ``ckpt``; returns the fields that changed, as
+    ``"field old -> new"``. Raises ConfigError naming the first field that may not change, and
+    the way out. Reads only config.yaml and COMPLETE (no pickles): every rank can call it
+    before anything is written."""
+    import yaml
+
+    from .config import ConfigError
+
+    saved = _flat(yaml.safe_load((ckpt / "config.yaml").read_text()))
+    now = _flat(config)
+
+    def norm(v):
+        return list(v) if isinstance(v, (list, tuple)) else v
+
+    # Fields added to flowscale after the checkpoint was written are not in its config: skipped.
+    diffs = [(f, saved[f], now[f]) for f in sorted(set(saved) & set(now)) if norm(saved[f]) != norm(now[f])]
+    weights = ckpt / "model.safetensors"
+    for field, old, new in diffs:
+        if field.startswith(FIXED_ON_RESUME):
+            raise ConfigError(f"config field '{field}': {ckpt} was written with {old!r}, this run has {new!r}, and it "
+                              f"cannot change on resume: resume with {old!r}, or start a new train.run_dir (its "
+                              f"weights: {weights}). Nothing was written")
+    written_by = json.loads((ckpt / "COMPLETE").read_text()).get("world_size", world_size)
+    if written_by != world_size:
+        raise ConfigError(f"{ckpt} was written by {written_by} ranks and this run has {world_size}; the data position "
+                          f"and the optimizer shards are per rank: resume on {written_by} ranks, or start a new "
+                          f"train.run_dir (its weights: {weights}). Nothing was written")
+    return [f"{field} {old!r} -> {new!r}" for field, old, new in diffs if field != "train.run_dir"]
+
+
 def load(engine, ckpt: Path, rank: int) -> tuple[dict, dict]:
     """Load model/optimizer/schedule into ``engine``; returns (client_state, this rank's state)."""
     load_path, _ = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name, load_optimizer_states=True,

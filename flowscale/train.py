@@ -73,6 +73,11 @@ def main(cfg: Config, resume: bool = True, resume_from: str | Path | None = None
         threads, why = cpu_threads(cfg.engine.threads, cfg.data.num_workers)
         torch.set_num_threads(threads)  # several tasks on one node must not each take every core
         log.info(f"threads per process: {threads} ({why})")
+        # Checked on every rank from the files alone, before anything is written.
+        ckpt = chosen if chosen is not None else (ckpt_io.resolve_latest(cfg.train.run_dir) if resume else None)
+        changes = ckpt_io.resume_changes(ckpt, to_dict(cfg), info.world_size) if ckpt is not None else []
+        if changes:
+            log.info(f"resuming {ckpt.name} with changed settings: {', '.join(changes)}")
         if info.is_main:
             lock = _prepare_run_dir(cfg, resume, chosen, log)
         barrier()
@@ -184,7 +189,7 @@ def _train(cfg: Config, info: DistInfo, log: RunLogger, resume: bool, chosen: Pa
                 module.eval()
                 path = run_dir / "samples" / f"step_{step:08d}.png"
                 sample_grid(module, shapes, cfg.data.n_bits, t.temperatures, path, seed=cfg.train.seed,
-                            device=device, write=info.is_main, dtype=dtype)
+                            device=device, write=info.is_main, dtype=dtype, denoise_std=cfg.data.noise_std)
                 out["samples"] = str(path)
                 log.images(step, {"samples": str(path)})
         return out
