@@ -103,7 +103,8 @@ def cmd_sample(ns) -> int:
     shapes = flow.latent_shapes(cfg.data.channels, cfg.data.image_size)
     out = ns.out or str(Path(ns.checkpoint if Path(ns.checkpoint).is_dir() else Path(ns.checkpoint).parent.parent)
                         / "samples" / "cli_samples.png")
-    path = sample_grid(flow, shapes, cfg.data.n_bits, ns.temperatures, out, n_per_row=ns.n, seed=ns.seed, device=device)
+    path = sample_grid(flow, shapes, cfg.data.n_bits, ns.temperatures, out, n_per_row=ns.n, seed=ns.seed, device=device,
+                       denoise_std=cfg.data.noise_std)
     print(f"wrote {path} (rows: temperatures {ns.temperatures}, {ns.n} samples each)")
     return 0
 

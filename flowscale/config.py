@@ -230,9 +230,16 @@ class DataConfig:
     """demo: number of held-out test crops."""
     seed: int = 0
     """Seed for building the demo crops and for the data order (shard order, shuffle buffers, flips)."""
+    noise_std: float = 0.0
+    """Gaussian noise augmentation (TarFlow's): training adds N(0, noise_std^2) noise on top of the
+    uniform dequantisation (images span [-0.5, 0.5], so TarFlow's 0.05 on [-1, 1] is 0.025 here),
+    and sample grids take one score-based denoising step x + noise_std^2 * grad log p(x). The
+    training bits/dim logged is then that of the noisy data; test bits/dim is always measured
+    with the uniform dequantisation alone, comparable across models. 0 = off."""
 
     def __post_init__(self):
         _check(1 <= self.n_bits <= 8, "data.n_bits", f"must be in 1..8, got {self.n_bits}")
+        _check(self.noise_std >= 0, "data.noise_std", f"must be >= 0 (0 = off), got {self.noise_std}")
         if self.dataset == "shards":
             for split in ("train", "test"):
                 _check(bool(getattr(self, f"{split}_manifest")), f"data.{split}_manifest",

@@ -138,6 +138,22 @@ def inverse_checkpoint(flow: nn.Module, enabled: bool = True, levels: list[int] 
     return flow
 
 
+@contextlib.contextmanager
+def plain_autograd(flow: nn.Module):
+    """Run ``flow``'s inverse-recompute chains with ordinary autograd inside the block (for a
+    gradient with respect to the input only, such as the score of sampling's denoising step:
+    recompute's backward would accumulate parameter gradients as a side effect)."""
+    chains = [m for m in flow.modules() if isinstance(m, InvertibleSequence)]
+    before = [c.recompute for c in chains]
+    for c in chains:
+        c.recompute = False
+    try:
+        yield flow
+    finally:
+        for c, r in zip(chains, before):
+            c.recompute = r
+
+
 class CheckpointedSequence(FlowSequence):
     """Baseline for comparison: ``torch.utils.checkpoint`` around each step. Keeps every
     step's input (memory still linear in K) and recomputes the step's internals in backward."""

@@ -49,7 +49,7 @@ class Objective(NamedTuple):
 
 def objective(flow, x_uint8: torch.Tensor, n_bits: int, y: torch.Tensor | None = None, *,
               noise: torch.Generator | None = None, dtype: torch.dtype = torch.float32,
-              device: torch.device | str | None = None, invconv_l2: float = 0.0) -> Objective:
+              device: torch.device | str | None = None, invconv_l2: float = 0.0, noise_std: float = 0.0) -> Objective:
     """The training objective of a uint8 batch [B, C, H, W], used by training, eval and every bench:
 
         x    = (floor(x_uint8 / 2^(8 - n_bits)) + u) / 2^n_bits - 0.5,   u ~ U[0, 1)^D
@@ -59,13 +59,21 @@ def objective(flow, x_uint8: torch.Tensor, n_bits: int, y: torch.Tensor | None =
     ``noise``: where u comes from. A CPU generator from a named stream (:mod:`flowscale.seeds`)
     gives noise that depends on neither the device nor the number of ranks (eval, benches); None
     draws from the device's global RNG, seeded per rank (training). ``device``/``dtype``: where
-    and in which precision the flow runs (default: the batch's device).
+    and in which precision the flow runs (default: the batch's device). ``noise_std``: Gaussian
+    noise augmentation for training, x += noise_std * N(0, I) drawn from the same source as u
+    (``data.noise_std``; evaluation leaves it at 0 so bits/dim stay comparable).
     """
     device = x_uint8.device if device is None else device
     if noise is not None:  # a CPU stream: draw on the CPU, then move
-        x = preprocess(x_uint8.cpu(), n_bits, generator=noise).to(device, dtype)
+        x = preprocess(x_uint8.cpu(), n_bits, generator=noise)
+        if noise_std:
+            x = x + noise_std * torch.randn(x.shape, generator=noise, dtype=x.dtype)
+        x = x.to(device, dtype)
     else:
-        x = preprocess(x_uint8.to(device), n_bits).to(dtype)
+        x = preprocess(x_uint8.to(device), n_bits)
+        if noise_std:
+            x = x + noise_std * torch.randn_like(x)
+        x = x.to(dtype)
     bpd, parts = flow_bpd_dequantized(flow, x, n_bits, None if y is None else y.to(device))
     loss = bpd.float().mean()
     if invconv_l2:
@@ -80,7 +88,7 @@ def training_loss(cfg, device: torch.device | str, dtype: torch.dtype):
 
     def loss_fn(model, x, y):
         out = objective(model, x, cfg.data.n_bits, y if cfg.model.num_classes > 0 else None, device=device,
-                        dtype=dtype, invconv_l2=cfg.optim.invconv_l2)
+                        dtype=dtype, invconv_l2=cfg.optim.invconv_l2, noise_std=cfg.data.noise_std)
         return out.loss, {"bpd": out.bpd.detach().float().mean(),
                           "logdet_per_dim": out.logdet.detach().float().mean() / x[0].numel()}
 

@@ -5,6 +5,7 @@ causal structure and KV-cached inverse, inverse-recompute gradients for jet, the
 rules, and short demo trainings (one under DeepSpeed ZeRO-2) that lower bits/dim."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -16,6 +17,8 @@ from flowscale.flows.models import build_flow
 from flowscale.flows.tarflow import TarFlowBlock
 from flowscale.flows.vit import ViTNet, vit_net
 from flowscale.inverse_checkpoint import InvertibleSequence, inverse_checkpoint
+from flowscale.loss import objective
+from flowscale.sample import denoise
 
 from helpers import perturb_
 from test_flows_contract import data, flat_model, round_trip
@@ -204,6 +207,31 @@ def test_jet_inverse_recompute_gradients_equal_plain_autograd(dtype, tol):
     assert worst_relative_difference(ga, gb) < tol
 
 
+# -- Gaussian noise augmentation and the denoising step ----------------------------------------------
+
+def test_denoise_step_is_tweedie_and_leaves_parameters_alone():
+    # Zero-initialised blocks: the model is N(0, I), whose score is -x, so x + s^2 * score = (1 - s^2) x.
+    for preset in ("tarflow", "jet"):
+        flow = inverse_checkpoint(build_flow(ModelConfig(**PRESETS[preset]), 3, 4).double())
+        x = torch.randn(2, 3, 4, 4)
+        assert torch.allclose(denoise(flow, x, 0.1), 0.99 * x, rtol=0, atol=1e-12)
+        assert all(p.grad is None for p in flow.parameters()), "the score must not leave parameter gradients"
+    flow = perturb_(build_flow(ModelConfig(**PRESETS["tarflow"]), 3, 4).double(), 0.5, seed=3)
+    x = torch.randn(2, 3, 4, 4)
+    assert (denoise(flow, x, 0.1) - 0.99 * x).abs().max() > 1e-3, "a trained model's score is not -x"
+
+
+def test_noise_augmentation_adds_gaussian_noise_to_the_dequantised_input():
+    # Identity model with an N(0, I) prior: bpd = (sum x^2 / 2 + D log sqrt(2 pi)) / (D ln 2) + n_bits, so
+    # N(0, s^2) noise on top of u raises it by about s^2 / (2 ln 2).
+    flow = build_flow(ModelConfig(**PRESETS["jet"]), 3, 4).float()
+    images = torch.randint(0, 256, (256, 3, 4, 4), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    plain = objective(flow, images, 8, noise=torch.Generator().manual_seed(1)).bpd.mean().item()
+    noisy = objective(flow, images, 8, noise=torch.Generator().manual_seed(1), noise_std=0.5).bpd.mean().item()
+    expected = 0.25 / (2 * math.log(2))
+    assert abs((noisy - plain) - expected) < 0.1 * expected, (noisy - plain, expected)
+
+
 # -- config rules ----------------------------------------------------------------------------------
 
 def test_config_rules():
@@ -220,6 +248,8 @@ def test_config_rules():
     cfg = load_config(None, ["model.preset=jet", "memory.inverse_recompute=true"])
     assert cfg.model.levels == 1  # one level over patches, whatever the default says
     assert load_config(None, ["model.preset=tarflow"]).model.levels == 1
+    with pytest.raises(ConfigError, match="data.noise_std"):
+        load_config(None, ["data.noise_std=-0.1"])
 
 
 # -- training -------------------------------------------------------------------------------------
@@ -243,7 +273,7 @@ def train_bpd(run_dir, *overrides):
 @pytest.mark.usefixtures("single_process_env")
 @pytest.mark.parametrize("preset, extra", [
     ("jet", ["model.steps=4", "model.jet_spatial_every=2"]),
-    ("tarflow", ["model.steps=2", "train.temperatures=[1.0]"]),
+    ("tarflow", ["model.steps=2", "train.temperatures=[1.0]", "data.noise_std=0.025"]),  # + denoised samples
 ])
 def test_short_demo_training_lowers_bits_per_dim(tmp_path, preset, extra):
     steps = 80

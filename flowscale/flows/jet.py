@@ -48,16 +48,21 @@ class SpatialCoupling(Coupling):
         self.mask = pattern
 
     def _order(self, h: int, w: int, device):
-        """(flat indices of the kept positions, of the transformed ones, inverse of their concatenation)."""
-        if h % 2 or w % 2:
-            raise ValueError(f"a {self.mask} coupling needs an even token grid, got {h}x{w}")
-        i = torch.arange(h, device=device)[:, None]
-        j = torch.arange(w, device=device)[None, :]
-        key = {"checkerboard": i + j, "vstripes": j + 0 * i, "hstripes": i + 0 * j}[self.mask]
-        keep = ((key + self.parity) % 2 == 0).reshape(-1)
-        idx = torch.arange(h * w, device=device)
-        idx_a, idx_b = idx[keep], idx[~keep]
-        return idx_a, idx_b, torch.argsort(torch.cat([idx_a, idx_b]))
+        """(flat indices of the kept positions, of the transformed ones, inverse of their
+        concatenation), built on the CPU (the meta device cannot select by mask) and kept per
+        grid and device (a fixed function of them, not state)."""
+        key = (h, w, str(device))
+        cache = self.__dict__.setdefault("_orders", {})
+        if key not in cache:
+            if h % 2 or w % 2:
+                raise ValueError(f"a {self.mask} coupling needs an even token grid, got {h}x{w}")
+            i, j = torch.arange(h)[:, None], torch.arange(w)[None, :]
+            grid = {"checkerboard": i + j, "vstripes": j + 0 * i, "hstripes": i + 0 * j}[self.mask]
+            keep = ((grid + self.parity) % 2 == 0).reshape(-1)
+            idx = torch.arange(h * w)
+            idx_a, idx_b = idx[keep], idx[~keep]
+            cache[key] = tuple(t.to(device) for t in (idx_a, idx_b, torch.argsort(torch.cat([idx_a, idx_b]))))
+        return cache[key]
 
     def _half_shape(self, h: int, w: int) -> tuple[int, int]:
         return (h // 2, w) if self.mask == "hstripes" else (h, w // 2)

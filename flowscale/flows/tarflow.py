@@ -94,6 +94,8 @@ class TarFlowBlock(Flow):
         return self._from_tokens(z, x), -sum_except_batch(a)
 
     def _inverse(self, z, cond):
+        if z.device.type == "meta":  # shapes only (flowscale plan): N sequential steps would compute nothing
+            return torch.empty_like(z), sum_except_batch(torch.zeros_like(z))
         zt = self._to_tokens(z)
         decode = self._decode_cached if self.kv_cache else self._decode_uncached
         xt, a = decode(zt)
