@@ -4,6 +4,7 @@ not every core of the node. Each case runs in a fresh process with a real affini
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -12,29 +13,10 @@ import pytest
 
 from flowscale.config import ConfigError, load_config
 
-PROBE = ("import torch; from flowscale.distributed import cpu_threads; "
-         "n, why = cpu_threads({requested}, {workers}); torch.set_num_threads(n); "
-         "print(torch.get_num_threads(), '|', why)")
 LAUNCHER_VARS = ("OMP_NUM_THREADS", "SLURM_CPUS_PER_TASK", "SLURM_NTASKS_PER_NODE", "SLURM_CPUS_ON_NODE",
                  "LOCAL_WORLD_SIZE")
-
-
-def _probe(cpus: set[int], env: dict, requested: int = 0, workers: int = 0) -> tuple[int, str]:
-    full = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
-    full.update(env)
-    out = subprocess.run([sys.executable, "-c", PROBE.format(requested=requested, workers=workers)], env=full,
-                         preexec_fn=lambda: os.sched_setaffinity(0, cpus), capture_output=True, text=True,
-                         check=True, timeout=120).stdout
-    n, why = out.strip().split(" | ")
-    return int(n), why
-
-
 TWO = {0, 1}
-needs_two = pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPUs for a 2-CPU mask")
-
-
-@needs_two
-@pytest.mark.parametrize("cpus,env,requested,workers,expect,reason", [
+CASES = [  # (affinity mask, launcher variables, engine.threads, data.num_workers, expected threads, reason)
     (TWO, {}, 0, 0, 2, "2 CPUs in this process's affinity mask"),
     ({0}, {}, 0, 0, 1, "1 CPUs in this process's affinity mask"),
     (TWO, {"SLURM_CPUS_PER_TASK": "1"}, 0, 0, 1, "SLURM_CPUS_PER_TASK=1"),
@@ -44,11 +26,34 @@ needs_two = pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2
     (TWO, {}, 0, 1, 1, "less 1 data.num_workers"),
     (TWO, {"OMP_NUM_THREADS": "1"}, 0, 0, 1, "OMP_NUM_THREADS=1"),
     (TWO, {"OMP_NUM_THREADS": "1", "SLURM_CPUS_PER_TASK": "2"}, 2, 0, 2, "engine.threads=2"),
-], ids=["mask-2", "mask-1", "slurm-cpus-per-task", "slurm-shared-node", "torchrun-local-world", "workers",
-        "omp", "explicit"])
-def test_threads_follow_the_cpus_the_task_may_use(cpus, env, requested, workers, expect, reason):
-    n, why = _probe(cpus, env, requested, workers)
-    assert n == expect and reason in why, (n, why)
+]
+# One fresh process runs every case: the mask (sched_setaffinity) and the variables are set
+# for each case in turn, and torch applies the choice.
+PROBE = """
+import json, os, sys, torch
+from flowscale.distributed import cpu_threads
+out = []
+for cpus, env, requested, workers in json.loads(sys.argv[1]):
+    for k in {launcher}:
+        os.environ.pop(k, None)
+    os.environ.update(env)
+    os.sched_setaffinity(0, cpus)
+    n, why = cpu_threads(requested, workers)
+    torch.set_num_threads(n)
+    out.append([torch.get_num_threads(), why])
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPUs for a 2-CPU mask")
+def test_threads_follow_the_cpus_the_task_may_use():
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
+    cases = [[sorted(cpus), e, req, w] for cpus, e, req, w, _, _ in CASES]
+    out = subprocess.run([sys.executable, "-c", PROBE.format(launcher=list(LAUNCHER_VARS)), json.dumps(cases)],
+                         env=env, capture_output=True, text=True, check=True, timeout=300).stdout
+    got = json.loads(out.strip().splitlines()[-1])
+    for (cpus, e, req, w, expect, reason), (n, why) in zip(CASES, got):
+        assert n == expect and reason in why, (cpus, e, req, w, n, why)
 
 
 def test_train_prints_and_applies_its_choice(tmp_path):
