@@ -97,6 +97,15 @@ def test_layer_starts_as_identity(name):
     assert torch.equal(z, x) and torch.equal(ld, torch.zeros(2))
 
 
+def test_jet_scale_keeps_small_log_scales_in_bf16():
+    # s = 2 sigmoid(raw) is 1 at raw = 0, where log 2 + logsigmoid(raw) cancels: in bf16 it would be 0.
+    layer = Coupling(C, tiny_vit(), mask="channel", scale_fn="sigmoid2")
+    raw = torch.full((4,), 1e-3, dtype=torch.bfloat16)
+    log_s = layer._log_scale(raw)
+    assert log_s.dtype == torch.bfloat16 and torch.allclose(log_s.double(), torch.full((4,), 5e-4, dtype=torch.float64),
+                                                            rtol=1e-2, atol=0)
+
+
 def test_vit_net_shapes_and_patch_check():
     net = ViTNet(3, 10, width=8, depth=1, heads=2, patch=2)
     assert net(torch.randn(2, 3, 6, 4)).shape == (2, 10, 6, 4)
@@ -287,8 +296,13 @@ def test_short_demo_training_lowers_bits_per_dim(tmp_path, preset, extra):
 
 
 @pytest.mark.usefixtures("single_process_env")
-def test_jet_steps_under_deepspeed_zero2(tmp_path):
-    bpd, _ = train_bpd(tmp_path / "run", "model.preset=jet", "model.steps=2", "model.jet_spatial_every=2",
-                       "engine.zero_stage=2", "train.steps=3", "train.log_every=1", "train.checkpoint_every=3")
+@pytest.mark.parametrize("preset, stage, extra", [
+    ("jet", 2, ["model.jet_spatial_every=2"]),
+    ("tarflow", 3, ["train.sample_every=3", "train.temperatures=[1.0]"]),  # + KV-cached decode, parameters sharded
+])
+def test_steps_under_deepspeed_zero(tmp_path, preset, stage, extra):
+    bpd, result = train_bpd(tmp_path / "run", f"model.preset={preset}", "model.steps=2", f"engine.zero_stage={stage}",
+                            "train.steps=3", "train.log_every=1", "train.checkpoint_every=3", *extra)
     assert len(bpd) == 3 and all(torch.isfinite(torch.tensor(bpd)))
     assert bpd[-1] < bpd[0], bpd
+    assert result["test_bpd"] < 10
