@@ -1,6 +1,7 @@
 """Setting up a run, once, for ``flowscale train`` and every benchmark:
 
     seed model_init -> build_flow -> inverse_checkpoint -> ActNorm init (all-reduced) -> dtype
+                    -> torch.compile of the coupling networks (engine.compile)
                     -> torch optimizer + LR schedule -> deepspeed.initialize -> EMA
 
 :func:`build_training` returns the pieces as a :class:`Training`. The order matters and is the
@@ -23,6 +24,7 @@ from .distributed import DistInfo, all_reduce_sum_, seed_everything, seed_rank_s
 from .engine import EMA, batch_layout, initialize, model_dtype
 from .flows.actnorm import initialize_actnorm
 from .flows.models import build_flow
+from .flows.nets import compile_networks
 from .inverse_checkpoint import inverse_checkpoint
 
 
@@ -83,6 +85,8 @@ def build_initialized_flow(cfg: Config, init_images: torch.Tensor, device: torch
     n_init = initialize_actnorm(flow, x.to(device), cond=cond, all_reduce=all_reduce_sum_)
     if cfg.engine.precision != "fp32":
         flow = flow.to(model_dtype(cfg))
+    if cfg.engine.compile:  # after the ActNorm init, whose hooks would only cost recompiles
+        compile_networks(flow)
     seed_rank_streams(cfg.train.seed, rank)
     return flow, n_init
 
