@@ -100,3 +100,32 @@ def test_train_a_bundled_config_by_name(venv, tmp_path):
     for line in ("name: adamax", "learn_top: true", "zero_stage: 1", "steps: 2", "width: 16"):
         assert line in saved, line
     assert not (work / "runs").exists() and not list(work.iterdir()), "nothing written to the working directory"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["jet", "tarflow"])
+def test_transformer_presets_train_and_their_latents_work_from_the_install(venv, tmp_path, preset):
+    """`flowscale train model.preset=jet|tarflow` on the demo, then `flowscale encode` and
+    `flowscale interpolate` on real images, all from the installed copy in another directory."""
+    from PIL import Image
+
+    from flowscale.data import demo_images
+
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    run_dir = tmp_path / "run"
+    small = [o for o in TINY if not o.startswith(("model.steps", "model.width"))]
+    _run([venv / "bin" / "flowscale", "train", f"model.preset={preset}", "model.steps=2", "model.width=16",
+          "model.vit_depth=1", "model.vit_heads=2", "model.patch_size=4", *small,
+          f"data.cache_dir={tmp_path / 'cache'}", f"train.run_dir={run_dir}"], cwd=work, timeout=600)
+    assert (run_dir / "checkpoints" / "step_00000002" / "COMPLETE").is_file()
+    photos = demo_images("test", 2, 32, seed=0).permute(0, 2, 3, 1).numpy()
+    for i, x in enumerate(photos):
+        Image.fromarray(x).save(work / f"{i}.png")
+    out = _run([venv / "bin" / "flowscale", "encode", run_dir, "0.png", "1.png", "--out", "z.pt"], cwd=work,
+               timeout=600).stdout
+    assert (work / "z.pt").stat().st_size > 0 and "level" in out, out
+    _run([venv / "bin" / "flowscale", "interpolate", run_dir, "0.png", "1.png", "--steps", "3", "--out", "grid.png"],
+         cwd=work, timeout=600)
+    with Image.open(work / "grid.png") as im:
+        assert im.size[0] >= 3 * 32 and im.size[1] >= 32
