@@ -306,3 +306,17 @@ def test_steps_under_deepspeed_zero(tmp_path, preset, stage, extra):
     assert len(bpd) == 3 and all(torch.isfinite(torch.tensor(bpd)))
     assert bpd[-1] < bpd[0], bpd
     assert result["test_bpd"] < 10
+
+
+def test_bench_converge_matches_transformer_widths():
+    from dataclasses import replace
+
+    from flowscale.bench.converge import count_params, match_width
+
+    target = count_params(ModelConfig(preset="glow", levels=2, steps=2, width=16), 3, 8)
+    for preset in ("jet", "tarflow"):
+        m = ModelConfig(preset=preset, steps=2, width=16, vit_depth=1, vit_heads=2, patch_size=2)
+        w = match_width(m, target, 3, 8)
+        assert w % 4 == 0, w  # divisible by the heads and by 4 (sin-cos positions): a buildable width
+        miss = {k: abs(count_params(replace(m, width=k), 3, 8) - target) for k in (w - 4, w, w + 4) if k >= 4}
+        assert miss[w] == min(miss.values()), (preset, miss)

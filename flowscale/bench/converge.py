@@ -1,4 +1,4 @@
-"""``flowscale bench converge``: how fast Glow, DLF and RealNVP reach a given bits/dim.
+"""``flowscale bench converge``: how fast Glow, DLF, RealNVP, Jet and TarFlow reach a given bits/dim.
 
 Every model trains on the demo data with the same optimizer, learning-rate schedule, batch
 order, dequantisation noise and step budget, with hidden widths chosen so that the parameter
@@ -28,7 +28,7 @@ from dataclasses import replace
 from datetime import date
 from pathlib import Path
 
-MODELS = ("glow", "dlf", "realnvp")
+MODELS = ("glow", "dlf", "realnvp", "jet", "tarflow")
 
 
 def count_params(model_cfg, channels: int, size: int) -> int:
@@ -38,16 +38,24 @@ def count_params(model_cfg, channels: int, size: int) -> int:
 
 
 def match_width(model_cfg, target: int, channels: int, size: int) -> int:
-    """The hidden width whose parameter count is closest to ``target`` (counts grow with width)."""
-    lo, hi = 1, 4 * max(model_cfg.width, 8)
+    """The hidden width whose parameter count is closest to ``target`` (counts grow with width).
+    Transformer widths (net=vit, jet, tarflow) step by lcm(4, vit_heads): divisible by the heads
+    and by 4 (2-D sin-cos positions)."""
+    vit = model_cfg.preset in ("jet", "tarflow") or model_cfg.net == "vit"
+    unit = math.lcm(4, model_cfg.vit_heads) if vit else 1
+
+    def params(k: int) -> int:
+        return count_params(replace(model_cfg, width=k * unit), channels, size)
+
+    lo, hi = 1, max(4 * max(model_cfg.width, 8) // unit, 2)
     while lo < hi:
         mid = (lo + hi) // 2
-        if count_params(replace(model_cfg, width=mid), channels, size) < target:
+        if params(mid) < target:
             lo = mid + 1
         else:
             hi = mid
-    cands = [w for w in (lo - 1, lo) if w >= 1]
-    return min(cands, key=lambda w: abs(count_params(replace(model_cfg, width=w), channels, size) - target))
+    cands = [k for k in (lo - 1, lo) if k >= 1]
+    return unit * min(cands, key=lambda k: abs(params(k) - target))
 
 
 def train_one(cfg, info, train_x, test_x, steps: int, eval_every: int, seed: int, log=print) -> dict:
@@ -154,7 +162,7 @@ def run(args) -> int:
         name, extras = parse_spec(spec)
         cfg = load_config(args.config, [*common, f"model.preset={name}", *extras])
         m = cfg.model
-        for field in ("coupling", "mask", "permutation", "scale_fn", "actnorm", "split_prior", "learn_top"):
+        for field in ("coupling", "mask", "permutation", "scale_fn", "actnorm", "split_prior", "learn_top", "net"):
             if not any(kv.startswith(f"model.{field}=") for kv in extras):
                 m = replace(m, **{field: None})  # every preset fills its own choices
         if ref is None:
