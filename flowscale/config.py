@@ -35,6 +35,13 @@ def _check(cond: bool, name: str, msg: str) -> None:
         raise ConfigError(f"config field '{name}': {msg}")
 
 
+def _at_least(cfg, section: str, **minimum) -> None:
+    """``_check`` of ``cfg.<name> >= minimum`` for each keyword, named ``section.<name>``."""
+    for name, low in minimum.items():
+        value = getattr(cfg, name)
+        _check(value >= low, f"{section}.{name}", f"must be >= {low}, got {value}")
+
+
 @dataclass
 class ModelConfig:
     preset: Literal["nice", "realnvp", "glow", "dlf", "jet", "tarflow"] = "glow"
@@ -155,17 +162,13 @@ class ModelConfig:
                    f"model.width={self.width} must be divisible by vit_heads={self.vit_heads}")
             _check(self.width % 4 == 0, "model.width",
                    f"a transformer width must be divisible by 4 (2-D sin-cos positions), got {self.width}")
-        for name in ("vit_depth", "vit_heads", "vit_patch", "patch_size"):
-            _check(getattr(self, name) >= 1, f"model.{name}", f"must be >= 1, got {getattr(self, name)}")
+        _at_least(self, "model", vit_depth=1, vit_heads=1, vit_patch=1, patch_size=1)
         _check(self.jet_spatial_every >= 0, "model.jet_spatial_every", f"must be >= 0 (0 = none), got {self.jet_spatial_every}")
-        _check(self.levels >= 1, "model.levels", f"must be >= 1, got {self.levels}")
-        _check(self.steps >= 1, "model.steps", f"must be >= 1, got {self.steps}")
-        _check(self.width >= 1, "model.width", f"must be >= 1, got {self.width}")
+        _at_least(self, "model", levels=1, steps=1, width=1)
         _check(self.widths is None or (len(self.widths) == self.levels and all(w >= 1 for w in self.widths)),
                "model.widths", f"needs one width >= 1 per level (model.levels={self.levels}), got {self.widths}")
         _check(self.clamp > 0, "model.clamp", f"must be > 0, got {self.clamp}")
-        _check(self.num_classes >= 0, "model.num_classes", f"must be >= 0, got {self.num_classes}")
-        _check(self.dlt_partitions >= 2, "model.dlt_partitions", f"must be >= 2, got {self.dlt_partitions}")
+        _at_least(self, "model", num_classes=0, dlt_partitions=2)
         _check(self.dlt_split == "equal" or self.dlt_partitions == 4, "model.dlt_split",
                f"{self.dlt_split} partition sizes need model.dlt_partitions=4, got {self.dlt_partitions}")
         _check(self.lu_max_log_s is None or self.lu_max_log_s > 0, "model.lu_max_log_s",
@@ -244,15 +247,9 @@ class DataConfig:
             for split in ("train", "test"):
                 _check(bool(getattr(self, f"{split}_manifest")), f"data.{split}_manifest",
                        f"required for data.dataset=shards (the {split} split's manifest.json from `flowscale prep`)")
-        _check(self.num_workers >= 0, "data.num_workers", f"must be >= 0, got {self.num_workers}")
-        _check(self.shuffle_buffer >= 0, "data.shuffle_buffer", f"must be >= 0, got {self.shuffle_buffer}")
-        _check(self.max_skipped >= 0, "data.max_skipped", f"must be >= 0, got {self.max_skipped}")
+        _at_least(self, "data", num_workers=0, shuffle_buffer=0, max_skipped=0)
         _check(self.worker_timeout_s >= 0, "data.worker_timeout_s", f"must be >= 0 (0 = no limit), got {self.worker_timeout_s}")
-        _check(self.image_size >= 2, "data.image_size", f"must be >= 2, got {self.image_size}")
-        _check(self.channels >= 1, "data.channels", f"must be >= 1, got {self.channels}")
-        _check(self.batch_size >= 1, "data.batch_size", f"must be >= 1, got {self.batch_size}")
-        _check(self.train_size >= 1, "data.train_size", f"must be >= 1, got {self.train_size}")
-        _check(self.test_size >= 1, "data.test_size", f"must be >= 1, got {self.test_size}")
+        _at_least(self, "data", image_size=2, channels=1, batch_size=1, train_size=1, test_size=1)
 
 
 @dataclass
@@ -287,7 +284,7 @@ class OptimConfig:
 
     def __post_init__(self):
         _check(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
-        _check(self.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        _at_least(self, "optim", warmup_steps=0)
         _check(self.grad_clip >= 0, "optim.grad_clip", f"must be >= 0 (0 = off), got {self.grad_clip}")
         _check(all(0 <= b < 1 for b in self.betas), "optim.betas", f"each must be in [0, 1), got {self.betas}")
         _check(0 <= self.ema_decay < 1, "optim.ema_decay", f"must be in [0, 1), got {self.ema_decay}")
@@ -329,8 +326,7 @@ class EngineConfig:
                "torch.compile of the coupling networks is not supported with engine.zero_stage=3 "
                "(parameters are gathered in module hooks); use stage 0-2 or set false")
         _check(self.zero_stage in (0, 1, 2, 3), "engine.zero_stage", f"must be 0, 1, 2 or 3, got {self.zero_stage}")
-        _check(self.grad_accum >= 1, "engine.grad_accum", f"must be >= 1, got {self.grad_accum}")
-        _check(self.max_bad_steps >= 1, "engine.max_bad_steps", f"must be >= 1, got {self.max_bad_steps}")
+        _at_least(self, "engine", grad_accum=1, max_bad_steps=1)
         _check(self.threads >= 0, "engine.threads", f"must be >= 0 (0 = automatic), got {self.threads}")
 
 
@@ -367,8 +363,7 @@ class MemoryConfig:
     def __post_init__(self):
         _check(self.max_reconstruction_error > 0, "memory.max_reconstruction_error",
                f"must be > 0, got {self.max_reconstruction_error}")
-        _check(self.check_every >= 0, "memory.check_every", f"must be >= 0, got {self.check_every}")
-        _check(self.check_batch_size >= 1, "memory.check_batch_size", f"must be >= 1, got {self.check_batch_size}")
+        _at_least(self, "memory", check_every=0, check_batch_size=1)
 
 
 @dataclass
@@ -406,14 +401,14 @@ class TrainConfig:
     """Show a tqdm progress bar when stdout is a terminal (plain log lines otherwise)."""
 
     def __post_init__(self):
-        _check(self.steps >= 1, "train.steps", f"must be >= 1, got {self.steps}")
+        _at_least(self, "train", steps=1)
         for name in ("log_every", "checkpoint_every"):
             _check(getattr(self, name) >= 1, f"train.{name}", f"must be >= 1, got {getattr(self, name)}")
         for name in ("eval_every", "sample_every"):
             _check(getattr(self, name) >= 0, f"train.{name}", f"must be >= 0, got {getattr(self, name)}")
-        _check(self.keep_last >= 1, "train.keep_last", f"must be >= 1, got {self.keep_last}")
+        _at_least(self, "train", keep_last=1)
         _check(all(t >= 0 for t in self.temperatures), "train.temperatures", f"must be >= 0, got {self.temperatures}")
-        _check(self.init_batch_size >= 1, "train.init_batch_size", f"must be >= 1, got {self.init_batch_size}")
+        _at_least(self, "train", init_batch_size=1)
         _check(self.bound_images >= 0, "train.bound_images", f"must be >= 0 (0 = off), got {self.bound_images}")
 
 
