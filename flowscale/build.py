@@ -25,7 +25,7 @@ from .engine import EMA, batch_layout, initialize, model_dtype
 from .flows.actnorm import initialize_actnorm
 from .flows.models import build_flow
 from .flows.nets import compile_networks
-from .inverse_checkpoint import inverse_checkpoint
+from .inverse_checkpoint import checkpoint_steps, inverse_checkpoint
 
 
 def pick_device(name: str, local_rank: int = 0, field: str = "config field 'train.device'") -> torch.device:
@@ -43,6 +43,8 @@ def pick_device(name: str, local_rank: int = 0, field: str = "config field 'trai
 def build_model(cfg: Config, device: torch.device | str = "cpu"):
     """The flow for ``cfg`` on ``device`` with the memory wrapper applied from outside."""
     flow = build_flow(cfg.model, cfg.data.channels, cfg.data.image_size).to(device)
+    if cfg.memory.checkpoint_steps:
+        return checkpoint_steps(flow)
     return inverse_checkpoint(flow, enabled=cfg.memory.inverse_recompute, levels=cfg.memory.recompute_levels)
 
 

@@ -198,8 +198,15 @@ class DataConfig:
     (default ~/.cache/flowscale)."""
     num_workers: int = 0
     """Loader worker processes per rank; 0 = read in the training process (enough for the demo
-    and npy shards; use 4-8 for PNG shards feeding a GPU). The sample order depends on it:
-    resume with the same value."""
+    and npy shards; use 4-8 for PNG shards feeding a GPU). With data.streams=0 the sample order
+    depends on it: resume with the same value."""
+    streams: int = 0
+    """Canonical data streams, fixed when the run is created (0 = off: the order follows the
+    ranks x workers of the run). With S > 0 the training data is S streams, each reading its
+    share of the shards sequentially, and global batch t is data.batch_size / S samples of
+    each stream, in stream order: the same images in the same order for every world size and
+    data.num_workers such that world size x max(1, num_workers) divides S. data.batch_size
+    must be a multiple of S. E.g. 16 serves 1, 2, 4, 8 or 16 ranks x workers."""
     shuffle_buffer: int = 1000
     """Samples held by each worker's shuffle buffer (shard order is reshuffled every epoch as
     well); 0 or 1 = read shards in order."""
@@ -247,7 +254,9 @@ class DataConfig:
             for split in ("train", "test"):
                 _check(bool(getattr(self, f"{split}_manifest")), f"data.{split}_manifest",
                        f"required for data.dataset=shards (the {split} split's manifest.json from `flowscale prep`)")
-        _at_least(self, "data", num_workers=0, shuffle_buffer=0, max_skipped=0)
+        _at_least(self, "data", num_workers=0, shuffle_buffer=0, max_skipped=0, streams=0)
+        _check(self.streams == 0 or self.batch_size % self.streams == 0, "data.streams",
+               f"data.batch_size={self.batch_size} must be a multiple of data.streams={self.streams}")
         _check(self.worker_timeout_s >= 0, "data.worker_timeout_s", f"must be >= 0 (0 = no limit), got {self.worker_timeout_s}")
         _at_least(self, "data", image_size=2, channels=1, batch_size=1, train_size=1, test_size=1)
 
@@ -352,6 +361,11 @@ class MemoryConfig:
     by running the steps' inverses (activation memory flat in model.steps)."""
     recompute_levels: Optional[list[int]] = None
     """Levels (0 = finest) that use inverse recompute; null = all levels."""
+    checkpoint_steps: bool = False
+    """torch.utils.checkpoint around every flow step (tarflow: every block): backward keeps each
+    step's input and reruns the step forward (activation memory still grows with model.steps,
+    but by one input per step instead of every intermediate). For flows whose inverse is too
+    slow for inverse_recompute (tarflow); not together with it."""
     max_reconstruction_error: float = 1e-3
     """A step whose relative reconstruction error |x - f^-1(f(x))| / |x| exceeds this stores its
     activations instead of recomputing them (checked every check_every steps)."""
@@ -453,7 +467,10 @@ class Config:
         # activations through it in every backward would cost N forward passes per block.
         _check(not (m.preset == "tarflow" and self.memory.inverse_recompute), "memory.inverse_recompute",
                "not supported with model.preset=tarflow (its inverse is sequential over the tokens, so recomputing "
-               "through it costs one transformer pass per token); use plain autograd (false)")
+               "through it costs one transformer pass per token); use plain autograd (false), or "
+               "memory.checkpoint_steps=true to save activation memory")
+        _check(not (self.memory.inverse_recompute and self.memory.checkpoint_steps), "memory.checkpoint_steps",
+               "choose one of memory.inverse_recompute and memory.checkpoint_steps")
 
 
 # -- loading ---------------------------------------------------------------------------------

@@ -241,6 +241,33 @@ def test_noise_augmentation_adds_gaussian_noise_to_the_dequantised_input():
     assert abs((noisy - plain) - expected) < 0.1 * expected, (noisy - plain, expected)
 
 
+def test_tarflow_checkpointed_blocks_keep_gradients_and_save_memory():
+    from flowscale.bench.memory import saved_activation_bytes
+    from flowscale.build import build_model
+    from flowscale.inverse_checkpoint import CheckpointedSequence
+
+    cfg = load_config(None, ["model.preset=tarflow", "model.steps=3", "model.width=16", "model.vit_depth=2",
+                             "model.vit_heads=2", "model.patch_size=2", "data.image_size=8",
+                             "memory.checkpoint_steps=true"])
+    wrapped = build_model(cfg).double()
+    assert isinstance(wrapped.levels[0].steps, CheckpointedSequence)
+    perturb_(wrapped, 0.3, seed=1)
+    plain = build_flow(cfg.model, 3, 8).double()
+    plain.load_state_dict(wrapped.state_dict())
+    x = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(2)) - 0.5
+    la, gxa, ga = loss_and_grads(plain, x)
+    lb, gxb, gb = loss_and_grads(wrapped, x)
+    assert abs(la - lb) <= 1e-12 * abs(la) and worst_relative_difference(ga, gb) < 1e-12
+    saved = {}
+    for name, flow in (("plain", plain), ("checkpointed", wrapped)):
+        n, out = saved_activation_bytes(lambda: objective(flow, (x * 255 + 128).to(torch.uint8), 8,
+                                                          dtype=torch.float64).loss,
+                                        exclude=list(flow.parameters()))
+        out.backward()
+        saved[name] = n
+    assert saved["checkpointed"] * 3 < saved["plain"], saved
+
+
 # -- config rules ----------------------------------------------------------------------------------
 
 def test_config_rules():
@@ -257,6 +284,8 @@ def test_config_rules():
     cfg = load_config(None, ["model.preset=jet", "memory.inverse_recompute=true"])
     assert cfg.model.levels == 1  # one level over patches, whatever the default says
     assert load_config(None, ["model.preset=tarflow"]).model.levels == 1
+    with pytest.raises(ConfigError, match="memory.checkpoint_steps"):
+        load_config(None, ["memory.checkpoint_steps=true", "memory.inverse_recompute=true"])
     with pytest.raises(ConfigError, match="data.noise_std"):
         load_config(None, ["data.noise_std=-0.1"])
 

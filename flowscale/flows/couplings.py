@@ -100,9 +100,10 @@ class Coupling(Flow):
         if self.scale_fn == "exp_clamp":
             return self.clamp * (2 / math.pi) * torch.atan(raw / self.clamp)
         if self.scale_fn == "sigmoid2":
-            # In float32: log 2 + logsigmoid(raw) cancels near raw = 0 (where s = 1, at init), and
+            # In float32 or wider: log 2 + logsigmoid(raw) cancels near raw = 0 (s = 1, at init), and
             # in bf16 that would round every small log-scale to 0 (steps of ~0.003).
-            return (F.logsigmoid(raw.float()) + math.log(2.0)).to(raw.dtype)
+            wide = raw.to(torch.promote_types(raw.dtype, torch.float32))
+            return (F.logsigmoid(wide) + math.log(2.0)).to(raw.dtype)
         raise ValueError(f"unknown scale_fn {self.scale_fn!r}")
 
     def _params(self, x_a):
