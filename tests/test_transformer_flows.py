@@ -349,3 +349,21 @@ def test_bench_converge_matches_transformer_widths():
         assert w % 4 == 0, w  # divisible by the heads and by 4 (sin-cos positions): a buildable width
         miss = {k: abs(count_params(replace(m, width=k), 3, 8) - target) for k in (w - 4, w, w + 4) if k >= 4}
         assert miss[w] == min(miss.values()), (preset, miss)
+
+
+@pytest.mark.usefixtures("single_process_env")
+def test_tarflow_with_noise_resumes_exactly(tmp_path):
+    # Everything that affects the future comes back: weights, optimizer, schedule, data position,
+    # and the RNG that draws the dequantisation and the Gaussian augmentation noise.
+    from safetensors.torch import load_file
+
+    from flowscale.checkpoint import list_complete
+
+    common = ["model.preset=tarflow", "model.steps=2", "data.noise_std=0.025", "train.log_every=1",
+              "train.checkpoint_every=3", "train.temperatures=[1.0]"]
+    a, _ = train_bpd(tmp_path / "a", "train.steps=6", *common)
+    train_bpd(tmp_path / "b", "train.steps=3", *common)
+    b, _ = train_bpd(tmp_path / "b", "train.steps=6", *common)
+    assert a == b and len(a) == 6
+    wa, wb = (load_file(str(list_complete(tmp_path / r)[-1] / "model.safetensors")) for r in ("a", "b"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
