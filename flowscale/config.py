@@ -198,8 +198,15 @@ class DataConfig:
     (default ~/.cache/flowscale)."""
     num_workers: int = 0
     """Loader worker processes per rank; 0 = read in the training process (enough for the demo
-    and npy shards; use 4-8 for PNG shards feeding a GPU). The sample order depends on it:
-    resume with the same value."""
+    and npy shards; use 4-8 for PNG shards feeding a GPU). With data.streams=0 the sample order
+    depends on it: resume with the same value."""
+    streams: int = 0
+    """Canonical data streams, fixed when the run is created (0 = off: the order follows the
+    ranks x workers of the run). With S > 0 the training data is S streams, each reading its
+    share of the shards sequentially, and global batch t is data.batch_size / S samples of
+    each stream, in stream order: the same images in the same order for every world size and
+    data.num_workers such that world size x max(1, num_workers) divides S. data.batch_size
+    must be a multiple of S. E.g. 16 serves 1, 2, 4, 8 or 16 ranks x workers."""
     shuffle_buffer: int = 1000
     """Samples held by each worker's shuffle buffer (shard order is reshuffled every epoch as
     well); 0 or 1 = read shards in order."""
@@ -247,7 +254,9 @@ class DataConfig:
             for split in ("train", "test"):
                 _check(bool(getattr(self, f"{split}_manifest")), f"data.{split}_manifest",
                        f"required for data.dataset=shards (the {split} split's manifest.json from `flowscale prep`)")
-        _at_least(self, "data", num_workers=0, shuffle_buffer=0, max_skipped=0)
+        _at_least(self, "data", num_workers=0, shuffle_buffer=0, max_skipped=0, streams=0)
+        _check(self.streams == 0 or self.batch_size % self.streams == 0, "data.streams",
+               f"data.batch_size={self.batch_size} must be a multiple of data.streams={self.streams}")
         _check(self.worker_timeout_s >= 0, "data.worker_timeout_s", f"must be >= 0 (0 = no limit), got {self.worker_timeout_s}")
         _at_least(self, "data", image_size=2, channels=1, batch_size=1, train_size=1, test_size=1)
 

@@ -161,9 +161,39 @@ class _Stream(torch.utils.data.IterableDataset):
                               self.starts[w], w, self.known)
 
 
+class _Streams(torch.utils.data.IterableDataset):
+    """Canonical streams (``data.streams`` = S): the rank's streams are split into equal blocks,
+    DataLoader worker i reads block i and yields, for every step, b samples of each of its
+    streams in stream order (stream g is :func:`worker_batches` of g of S). The rank's batch is
+    the concatenation of one item from each worker, in worker order."""
+
+    def __init__(self, split: Split, data_cfg, seed: int, streams: list[int], num_workers: int, b: int,
+                 starts: dict[int, tuple[int, int]], known: dict):
+        self.split, self.cfg, self.seed, self.streams, self.W = split, data_cfg, seed, streams, num_workers
+        self.b, self.starts, self.known = b, starts, known
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        i = 0 if info is None else info.id
+        k = len(self.streams) // self.W
+        S = self.cfg.streams
+        gens = [worker_batches(self.split, self.cfg, self.seed, g, S, self.b, self.starts[g], g, self.known)
+                for g in self.streams[i * k:(i + 1) * k]]
+        while True:
+            parts = [next(gen) for gen in gens]
+            x = torch.cat([part[0] for part in parts])
+            y = None if parts[0][1] is None else torch.cat([part[1] for part in parts])
+            yield x, y, (i, [part[2][:3] for part in parts], [m for part in parts for m in part[2][3]])
+
+
 class ShardLoader:
     """Infinite iterator of (x uint8 [B, C, H, W], y int64 [B] | None) for one rank, with an
-    exact ``state_dict()``. B = data.batch_size / world_size."""
+    exact ``state_dict()``. B = data.batch_size / world_size.
+
+    With ``data.streams`` = S > 0 the order is the canonical streams' (see :class:`_Streams` and
+    the config field): global batch t is the same for every world size and worker count that
+    divide S, and the state holds every stream's position once the ranks have exchanged theirs
+    (:meth:`stream_positions` / :meth:`adopt_positions`), so any such topology can resume it."""
 
     def __init__(self, split: Split, data_cfg, rank: int = 0, world_size: int = 1, seed: int = 0):
         from ..config import ConfigError
@@ -176,7 +206,18 @@ class ShardLoader:
         self.batch_size = data_cfg.batch_size // world_size
         self.num_workers = data_cfg.num_workers
         self.W = max(1, self.num_workers)
-        check_sharing(split.counts, world_size, self.W, split.where)
+        self.S = data_cfg.streams
+        if self.S:
+            if self.S % (world_size * self.W):
+                raise ConfigError(f"config field 'data.streams': {self.S} streams cannot be divided among {world_size} "
+                                  f"rank(s) x {self.W} loader worker(s); use a world size and data.num_workers whose "
+                                  f"product divides {self.S} (data.streams is fixed when the run is created)")
+            per_rank = self.S // world_size
+            self.my_streams = list(range(rank * per_rank, (rank + 1) * per_rank))
+            self.stream_pos: dict[int, tuple[int, int]] = {g: (0, 0) for g in range(self.S)}
+            check_sharing(split.counts, self.S, 1, split.where)
+        else:
+            check_sharing(split.counts, world_size, self.W, split.where)
         self.positions: list[tuple[int, int]] = [(0, 0)] * self.W
         self.batches = 0
         self._it = None
@@ -193,8 +234,12 @@ class ShardLoader:
         self.policy.take_met()
 
     def _iterator(self):
-        ds = _Stream(self.split, self.cfg, self.seed, self.rank, self.W, self.world_size, self.batch_size,
-                     list(self.positions), self.batches % self.W, dict(self.policy.bad))
+        if self.S:
+            ds = _Streams(self.split, self.cfg, self.seed, self.my_streams, self.W, self.cfg.batch_size // self.S,
+                          dict(self.stream_pos), dict(self.policy.bad))
+        else:
+            ds = _Stream(self.split, self.cfg, self.seed, self.rank, self.W, self.world_size, self.batch_size,
+                         list(self.positions), self.batches % self.W, dict(self.policy.bad))
         if self.num_workers == 0:
             return iter(ds)
         loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=self.num_workers,
@@ -220,6 +265,8 @@ class ShardLoader:
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self._it is None:
             self._it = self._iterator()
+        if self.S:
+            return self._next_streams()
         x, y, (w, epoch, t, met) = next(self._it)
         if w != self.batches % self.W:  # the round-robin contract the resume relies on
             raise RuntimeError(f"loader batch {self.batches} came from worker {w}, expected {self.batches % self.W}")
@@ -228,6 +275,32 @@ class ShardLoader:
         for entry in met:  # printed here, so a sample met by two workers is named once
             self.policy.note(*entry)
         return x, y
+
+    def _next_streams(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        parts = [next(self._it) for _ in range(self.W)]  # one item per worker, in worker order
+        for j, (_, _, (w, positions, met)) in enumerate(parts):
+            if w != j:
+                raise RuntimeError(f"loader batch {self.batches}: part {j} came from worker {w}")
+            for g, epoch, t in positions:
+                self.stream_pos[g] = (epoch, t)
+            for entry in met:
+                self.policy.note(*entry)
+        self.batches += 1
+        x = torch.cat([part[0] for part in parts])
+        y = None if parts[0][1] is None else torch.cat([part[1] for part in parts])
+        return x, y
+
+    def stream_positions(self) -> dict[int, tuple[int, int]]:
+        """This rank's streams and their (epoch, t): what the other ranks need to hold every
+        stream's place (the trainer all-gathers it before each save)."""
+        return {g: self.stream_pos[g] for g in self.my_streams} if self.S else {}
+
+    def adopt_positions(self, gathered) -> None:
+        """Take the positions of the streams other ranks read (a list of :meth:`stream_positions`)."""
+        for positions in gathered:
+            for g, pos in positions.items():
+                if int(g) not in self.my_streams:
+                    self.stream_pos[int(g)] = (int(pos[0]), int(pos[1]))
 
     @property
     def bad_keys(self) -> dict[tuple[str, int], int]:
@@ -251,18 +324,26 @@ class ShardLoader:
 
     @property
     def epoch(self) -> float:
-        """Epochs completed by this rank's workers, on average (for logging)."""
+        """Epochs completed by this rank's workers (streams), on average (for logging)."""
+        if self.S:
+            return float(np.mean([self.stream_pos[g][0] for g in self.my_streams]))
         return float(np.mean([p[0] for p in self.positions]))
 
     def _fingerprint(self) -> dict:
-        return {"seed": self.seed, "rank": self.rank, "world_size": self.world_size, "workers": self.W,
-                "batch_size": self.batch_size, "shuffle_buffer": self.cfg.shuffle_buffer,
-                "random_flip": bool(self.cfg.random_flip), "counts": list(self.split.counts)}
+        common = {"seed": self.seed, "shuffle_buffer": self.cfg.shuffle_buffer,
+                  "random_flip": bool(self.cfg.random_flip), "counts": list(self.split.counts)}
+        if self.S:  # no rank, world size or worker count: any topology dividing S resumes it
+            return {**common, "streams": self.S, "global_batch": self.cfg.batch_size}
+        return {**common, "rank": self.rank, "world_size": self.world_size, "workers": self.W,
+                "batch_size": self.batch_size}
 
     def state_dict(self) -> dict:
         """Batches delivered, each worker's (epoch, t), the bad-data ledger as sorted
         [shard name, index, samples lost] rows, and the fingerprint a resume must match."""
         bad = [[name, index, lost] for (name, index), lost in sorted(self.policy.bad.items())]
+        if self.S:
+            return {"batches": self.batches, "stream_positions": [list(self.stream_pos[g]) for g in range(self.S)],
+                    "bad": bad, **self._fingerprint()}
         return {"batches": self.batches, "positions": [list(p) for p in self.positions], "bad": bad,
                 **self._fingerprint()}
 
@@ -276,7 +357,10 @@ class ShardLoader:
             raise ValueError(f"loader state does not fit this run: {show} (saved, now); resume with the same data "
                              f"config, world size and data.num_workers")
         self.batches = int(state["batches"])
-        self.positions = [(int(p[0]), int(p[1])) for p in state["positions"]]  # older states add a skip count
+        if self.S:
+            self.stream_pos = {g: (int(p[0]), int(p[1])) for g, p in enumerate(state["stream_positions"])}
+        else:
+            self.positions = [(int(p[0]), int(p[1])) for p in state["positions"]]  # older states add a skip count
         self.policy.bad.clear()
         self._note_bad_shards(echo=False)  # what this start's load_split left out (said already), and what the run met
         self.merge_bad_keys([{(str(n), int(i)): int(lost) for n, i, lost in state.get("bad", [])}])

@@ -1,0 +1,77 @@
+"""Canonical streams (data.streams): global batch t -- which images, in which order, flipped or
+not -- is the same for every number of ranks and loader workers that divides the streams, and
+a position saved by one topology resumes on another, exactly. Real demo shards, real DataLoader
+worker processes; the ranks are separate loaders in one process (the loader itself runs no
+collective)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flowscale.config import ConfigError, DataConfig
+from flowscale.data import build_train_loader
+
+STREAMS = 8
+
+
+def _cfg(workers: int, **kw) -> DataConfig:
+    base = dict(dataset="demo", image_size=16, train_size=72, test_size=8, batch_size=16, num_workers=workers,
+                shuffle_buffer=8, random_flip=True, streams=STREAMS, seed=3)
+    return DataConfig(**{**base, **kw})
+
+
+def _global_batches(world: int, workers: int, n: int, states=None, **kw) -> tuple[list[torch.Tensor], list]:
+    loaders = [build_train_loader(_cfg(workers, **kw), rank=r, world_size=world) for r in range(world)]
+    try:
+        if states is not None:
+            for ld in loaders:
+                ld.load_state_dict(states)
+        out = [torch.cat([next(ld)[0] for ld in loaders]) for _ in range(n)]
+        for ld in loaders:  # what the trainer does before a save: every rank learns every stream's place
+            ld.adopt_positions([other.stream_positions() for other in loaders])
+        return out, [ld.state_dict() for ld in loaders]
+    finally:
+        for ld in loaders:
+            ld.close()
+
+
+@pytest.fixture(scope="module")
+def reference():
+    # 20 steps of 16 = 320 images, over 4 epochs of the 72-image split: epoch ends and reshuffles included
+    return _global_batches(1, 0, 20)[0]
+
+
+@pytest.mark.parametrize("world,workers", [(2, 0), (4, 0), (1, 2), (2, 2), (8, 0)])
+def test_global_batches_do_not_depend_on_ranks_or_workers(reference, world, workers):
+    got, _ = _global_batches(world, workers, 20)
+    for t, (a, b) in enumerate(zip(reference, got)):
+        assert torch.equal(a, b), f"global batch {t} differs on {world} rank(s) x {workers} worker(s)"
+
+
+def test_flips_and_order_are_in_play(reference):
+    # the check above would be empty if every batch were the same or nothing were flipped
+    assert len({b.numpy().tobytes() for b in reference}) == len(reference), "every global batch differs"
+    plain, _ = _global_batches(1, 0, 4, random_flip=False)
+    assert any(not torch.equal(a, b) for a, b in zip(reference[:4], plain))
+
+
+@pytest.mark.parametrize("first,second", [((2, 0), (1, 2)), ((1, 2), (4, 0)), ((4, 0), (2, 1))])
+def test_a_position_saved_on_one_topology_resumes_on_another(reference, first, second):
+    _, states = _global_batches(*first, 7)
+    assert all(s == states[0] for s in states), "after the exchange every rank holds the same state"
+    got, _ = _global_batches(*second, 13, states=states[0])
+    for t, (a, b) in enumerate(zip(reference[7:], got)):
+        assert torch.equal(a, b), f"batch {7 + t} after switching {first} -> {second}"
+
+
+def test_topologies_that_do_not_divide_the_streams_are_refused():
+    with pytest.raises(ConfigError, match="data.streams"):
+        build_train_loader(_cfg(0, batch_size=24), rank=0, world_size=3)
+    with pytest.raises(ConfigError, match="data.streams"):
+        build_train_loader(_cfg(3), rank=0, world_size=1)
+    with pytest.raises(ConfigError, match="data.streams"):
+        _cfg(0, batch_size=12)
+    legacy = build_train_loader(_cfg(0, streams=0), rank=0, world_size=1)
+    with pytest.raises(ValueError, match="does not fit"):  # a legacy position is not a streams position
+        build_train_loader(_cfg(0), rank=0, world_size=1).load_state_dict(legacy.state_dict())
