@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 MIB = 2 ** 20
-CASES = ("reference", "plain", "inverse")
+CASES = ("reference", "plain", "inverse", "plain_folded", "inverse_folded")
 
 
 class ReferenceMismatch(ValueError):
@@ -98,7 +98,7 @@ def flowscale_config(k: int, levels: int, width: int, batch: int, inverse: bool)
 
     return load_config(None, ["model.preset=glow", "model.permutation=invconv_lu", f"model.levels={levels}",
                               f"model.steps={k}", f"model.width={width}", "data.image_size=32", "data.channels=3",
-                              f"data.batch_size={batch}", "engine.precision=fp32", "optim.lr=1e-7",
+                              f"data.batch_size={batch}", "engine.precision=fp32", "optim.name=adam", "optim.lr=1e-7",
                               f"memory.inverse_recompute={str(inverse).lower()}", "wandb.mode=disabled"])
 
 
@@ -106,11 +106,12 @@ def build_cases(k: int, levels: int, width: int, batch: int, ref_module=None, se
                 fold: bool = False) -> dict:
     """{case: (model, optimizer, step function)} for the reference (when given) and flowscale's
     plain and inverse-recompute models, ActNorm initialised on the same uint8 images. ``fold``:
-    coupling networks with their ActNorms folded into the convs (:func:`flowscale.flows.nets.fold_norms`)."""
+    also both with their coupling networks' ActNorms folded into the convs
+    (:func:`flowscale.flows.nets.fold_norms`), as "plain_folded" and "inverse_folded"."""
     import torch
 
     from .. import seeds
-    from ..build import build_initialized_flow
+    from ..build import build_initialized_flow, build_optimizer
     from ..data.quantize import preprocess
     from ..flows.nets import fold_norms
     from ..loss import bits_per_dim, objective
@@ -119,11 +120,11 @@ def build_cases(k: int, levels: int, width: int, batch: int, ref_module=None, se
     init = torch.randint(0, 256, (4 * batch, 3, 32, 32), dtype=torch.uint8, generator=g)
     x_uint8 = torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8, generator=g)
     cases = {}
-    for case in ("plain", "inverse"):
-        cfg = flowscale_config(k, levels, width, batch, case == "inverse")
+    for case in ("plain", "inverse", "plain_folded", "inverse_folded")[:4 if fold else 2]:
+        cfg = flowscale_config(k, levels, width, batch, case.startswith("inverse"))
         flow, _ = build_initialized_flow(cfg, init)
-        fold_norms(flow, fold)
-        opt = torch.optim.Adam(flow.parameters(), lr=cfg.optim.lr)
+        fold_norms(flow, case.endswith("_folded"))
+        opt, _ = build_optimizer(cfg, flow.parameters())  # Adam at a constant tiny LR: only the cost is measured
         noise = seeds.generator(seed, "bench")
 
         def loss_fn(flow=flow, noise=noise, n_bits=cfg.data.n_bits):
@@ -141,7 +142,7 @@ def build_cases(k: int, levels: int, width: int, batch: int, ref_module=None, se
             log_p, logdet, _ = ref(x)
             return bits_per_dim(log_p, logdet, x[0].numel(), 8).mean()
 
-        cases["reference"] = (ref, torch.optim.Adam(ref.parameters(), lr=1e-7), ref_loss)
+        cases["reference"] = (ref, torch.optim.Adam(ref.parameters(), lr=1e-7), ref_loss)  # its train.py's optimizer
     return {c: cases[c] for c in CASES if c in cases}
 
 
@@ -270,7 +271,7 @@ def measure(k: int, levels: int, width: int, batch: int, repeats: int, warmup: i
     if profile_dir is not None:
         profile_dir.mkdir(parents=True, exist_ok=True)
         for case, table in profile_tables(cases).items():
-            (profile_dir / f"profile_k{k}_w{width}{'_folded' if fold and case != 'reference' else ''}_{case}.txt").write_text(
+            (profile_dir / f"profile_k{k}_w{width}_{case}.txt").write_text(
                 f"torch.profiler, one training step (forward + backward + Adam), {case}, K={k}, L={levels}, "
                 f"width {width}, batch {batch}, fp32, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n\n{table}\n")
     row["saved_mib"] = saved_mib(cases)
@@ -295,10 +296,14 @@ def format_table(rows: list[dict]) -> str:
     for r in rows:
         ms, mib, n = r["step_ms"], r["saved_mib"], r["params"]
         ref = ms.get("reference")
-        x = (lambda c: f"{ms[c]:.0f} ms ({ms[c] / ref:.2f}x)") if ref else (lambda c: f"{ms[c]:.0f} ms (-)")
-        lines.append(f"| {r['k']} | {_m(n.get('reference'))} / {_m(n['plain'])} | {f'{ref:.0f}' if ref else '-'} "
-                     f"| {x('plain')} | {x('inverse')} | {ms['inverse'] / ms['plain']:.2f}x "
-                     f"| {mib['plain']:.1f} | {mib['inverse']:.1f} |")
+        for v in ("", "_folded"):
+            if "plain" + v not in ms:
+                continue
+            p, i = "plain" + v, "inverse" + v
+            x = (lambda c: f"{ms[c]:.0f} ms ({ms[c] / ref:.2f}x)") if ref else (lambda c: f"{ms[c]:.0f} ms (-)")
+            lines.append(f"| {r['k']}{' folded' if v else ''} | {_m(n.get('reference'))} / {_m(n[p])} "
+                         f"| {f'{ref:.0f}' if ref else '-'} | {x(p)} | {x(i)} | {ms[i] / ms[p]:.2f}x "
+                         f"| {mib[p]:.1f} | {mib[i]:.1f} |")
     level_rows = [(r["k"], lv) for r in rows for lv in r.get("levels_ms", [])]
     if level_rows:
         lines += ["", "Inverse recompute per level (chain of K steps alone, forward + backward; F = forward without a graph):",
@@ -345,7 +350,7 @@ def run(args) -> int:
         rows.append(row)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"Glow 32x32x3, L={args.levels}, width {args.width}, affine coupling, LU 1x1 conv, batch {args.batch}, fp32, "
-          f"forward + backward + Adam; flowscale's network ActNorms {'folded into the convs' if args.fold_norms else 'fused (default)'}; reference {args.ref or '(none)'}; {machine}; torch {torch.__version__}; "
+          f"forward + backward + Adam; reference {args.ref or '(none)'}; {machine}; torch {torch.__version__}; "
           f"median of {args.repeats} alternating steps after {args.warmup} warm-up; "
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load average {load:.1f} at the end")
     print()
@@ -366,7 +371,8 @@ def _add_args(p) -> None:
     p.add_argument("--no-per-level", action="store_true", help="skip the per-level inverse-recompute overheads")
     p.add_argument("--level-repeats", type=int, default=5, help="timed rounds per level (default: 5)")
     p.add_argument("--fold-norms", action="store_true",
-                   help="fold the ActNorms of flowscale's coupling networks into their convs (GlowNet.fold_norms)")
+                   help="also time flowscale with its coupling networks' ActNorms folded into the convs "
+                        "(GlowNet.fold_norms; rows 'K folded')")
     p.add_argument("--profile", default=None, metavar="DIR",
                    help="also write a torch.profiler op table of one step per case and K to DIR")
 
