@@ -81,7 +81,10 @@ def build_initialized_flow(cfg: Config, init_images: torch.Tensor, device: torch
     this rank's training stream."""
     seed_everything(cfg.train.seed)
     flow = build_model(cfg, device)
-    x = preprocess(init_images, cfg.data.n_bits, generator=seeds.generator(cfg.train.seed, "actnorm_init", rank))
+    # With data.streams every rank passes the whole init batch and draws the same noise: the
+    # init is then the same for any number of ranks (the all-reduced statistics of W copies).
+    noise_rank = 0 if cfg.data.streams else rank
+    x = preprocess(init_images, cfg.data.n_bits, generator=seeds.generator(cfg.train.seed, "actnorm_init", noise_rank))
     # Class embeddings start at zero, so any labels give the same init: zeros.
     cond = torch.zeros(len(init_images), dtype=torch.int64, device=device) if cfg.model.num_classes > 0 else None
     n_init = initialize_actnorm(flow, x.to(device), cond=cond, all_reduce=all_reduce_sum_)

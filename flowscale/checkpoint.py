@@ -247,8 +247,10 @@ def _write_error(path: Path, failure: BaseException | None, needed: int | None, 
 # memory mode, logging, steps, eval data) may change, and the change is printed.
 FIXED_ON_RESUME = ("model.", "data.dataset", "data.train_manifest", "data.train_shards", "data.image_size",
                    "data.channels", "data.n_bits", "data.batch_size", "data.train_size", "data.seed",
-                   "data.random_flip", "data.shuffle_buffer", "data.num_workers", "train.seed",
+                   "data.random_flip", "data.shuffle_buffer", "data.streams", "train.seed",
                    "engine.zero_stage", "engine.precision")
+# Without data.streams the order also follows the loader workers and the ranks.
+FIXED_WITHOUT_STREAMS = ("data.num_workers",)
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -259,6 +261,11 @@ def _flat(d: dict, prefix: str = "") -> dict:
         else:
             out[f"{prefix}{k}"] = v
     return out
+
+
+def written_by(ckpt: Path) -> int:
+    """The number of ranks that wrote a complete checkpoint."""
+    return int(json.loads((ckpt / "COMPLETE").read_text())["world_size"])
 
 
 def resume_changes(ckpt: Path, config: dict, world_size: int) -> list[str]:
@@ -280,16 +287,22 @@ def resume_changes(ckpt: Path, config: dict, world_size: int) -> list[str]:
     # Fields added to flowscale after the checkpoint was written are not in its config: skipped.
     diffs = [(f, saved[f], now[f]) for f in sorted(set(saved) & set(now)) if norm(saved[f]) != norm(now[f])]
     weights = ckpt / "model.safetensors"
+    fixed = FIXED_ON_RESUME + (() if now.get("data.streams") else FIXED_WITHOUT_STREAMS)
     for field, old, new in diffs:
-        if field.startswith(FIXED_ON_RESUME):
+        if field.startswith(fixed):
             raise ConfigError(f"config field '{field}': {ckpt} was written with {old!r}, this run has {new!r}, and it "
                               f"cannot change on resume: resume with {old!r}, or start a new train.run_dir (its "
                               f"weights: {weights}). Nothing was written")
-    written_by = json.loads((ckpt / "COMPLETE").read_text()).get("world_size", world_size)
-    if written_by != world_size:
-        raise ConfigError(f"{ckpt} was written by {written_by} ranks and this run has {world_size}; the data position "
-                          f"and the optimizer shards are per rank: resume on {written_by} ranks, or start a new "
+    by = written_by(ckpt)
+    if by != world_size and not now.get("data.streams"):
+        raise ConfigError(f"{ckpt} was written by {by} ranks and this run has {world_size}; without "
+                          f"data.streams the data position is per rank: resume on {by} ranks, or start a new "
                           f"train.run_dir (its weights: {weights}). Nothing was written")
+    if by != world_size and now.get("engine.zero_stage", 0) != 0:
+        raise ConfigError(f"{ckpt} was written by {by} ranks with ZeRO-{now['engine.zero_stage']}, whose "
+                          f"optimizer state is sharded per rank, and this run has {world_size}: resume on "
+                          f"{by} ranks (resharding ZeRO-1/2/3 state is not supported yet; ZeRO-0 runs with "
+                          f"data.streams change their number of ranks freely). Nothing was written")
     return [f"{field} {old!r} -> {new!r}" for field, old, new in diffs if field != "train.run_dir"]
 
 
@@ -301,6 +314,8 @@ def load(engine, ckpt: Path, rank: int) -> tuple[dict, dict]:
         raise RuntimeError(f"DeepSpeed could not load {ckpt}")
     client = torch.load(ckpt / "client.pt", map_location="cpu", weights_only=True)
     rank_file = ckpt / f"rank_{rank:05d}.pt"
+    if written_by(ckpt) != world_size():  # data.streams (resume_changes allowed it): rank 0 holds every stream's place
+        rank_file = ckpt / "rank_00000.pt"
     if not rank_file.is_file():
         raise RuntimeError(f"{rank_file} is missing: was {ckpt} written by a run with a different number of ranks? "
                            f"Resume with the same world size, or start a new run_dir from its model.safetensors")

@@ -129,13 +129,14 @@ def _grad_norm_zero0(module: torch.nn.Module) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
 
 
-LossFn = Callable[[torch.nn.Module, torch.Tensor, "torch.Tensor | None"], tuple[torch.Tensor, dict]]
+LossFn = Callable[..., tuple[torch.Tensor, dict]]  # (module, x, y, *more parts of the batch) -> (loss, extra)
 
 
-def train_step(engine, batch: tuple[torch.Tensor, torch.Tensor | None], loss_fn: LossFn) -> dict:
-    """One optimiser step of DeepSpeed on this rank's batch ``(x, y)``: split into
-    engine.grad_accum micro-batches, ``loss, extra = loss_fn(engine, x_micro, y_micro)``, backward,
-    step. Only the mechanics live here; what is optimised is ``loss_fn``'s business.
+def train_step(engine, batch: tuple[torch.Tensor | None, ...], loss_fn: LossFn) -> dict:
+    """One optimiser step of DeepSpeed on this rank's batch ``(x, y, ...)``: every part (a
+    tensor with the batch first, or None) split into engine.grad_accum micro-batches,
+    ``loss, extra = loss_fn(engine, *parts_micro)``, backward, step. Only the mechanics live
+    here; what is optimised is ``loss_fn``'s business.
 
     Returns the loss and every ``extra`` scalar averaged over micro-batches and ranks, the grad
     norm and the LR. ``skipped`` is 1 when some rank's loss (in any micro-batch) or the
@@ -145,13 +146,12 @@ def train_step(engine, batch: tuple[torch.Tensor, torch.Tensor | None], loss_fn:
     engine.train()
     accum = engine.gradient_accumulation_steps()
     device = engine.device
-    x, y = batch
-    micro = zip(x.chunk(accum), y.chunk(accum) if y is not None else [None] * accum)
+    micro = zip(*[part.chunk(accum) if part is not None else [None] * accum for part in batch])
     losses, extras = [], []
     bad_loss = bad_grad = False
     guard = getattr(engine, "flowscale_client_optimizer", None)
-    for i, (xb, yb) in enumerate(micro):
-        loss, extra = loss_fn(engine, xb, yb)
+    for i, parts in enumerate(micro):
+        loss, extra = loss_fn(engine, *parts)
         bad_loss = any_rank(bad_loss or not bool(torch.isfinite(loss)), device)
         if bad_loss and i == 0:  # nothing accumulated yet: DeepSpeed never sees this step
             if engine.lr_scheduler is not None:

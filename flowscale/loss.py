@@ -17,6 +17,7 @@ from typing import NamedTuple
 
 import torch
 
+from . import seeds
 from .data.quantize import preprocess
 from .lipschitz import flow_regularizer
 from .priors import standard_normal_logprob
@@ -48,8 +49,9 @@ class Objective(NamedTuple):
 
 
 def objective(flow, x_uint8: torch.Tensor, n_bits: int, y: torch.Tensor | None = None, *,
-              noise: torch.Generator | None = None, dtype: torch.dtype = torch.float32,
-              device: torch.device | str | None = None, invconv_l2: float = 0.0, noise_std: float = 0.0) -> Objective:
+              noise: torch.Generator | tuple[torch.Tensor, torch.Tensor | None] | None = None,
+              dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
+              invconv_l2: float = 0.0, noise_std: float = 0.0) -> Objective:
     """The training objective of a uint8 batch [B, C, H, W], used by training, eval and every bench:
 
         x    = (floor(x_uint8 / 2^(8 - n_bits)) + u) / 2^n_bits - 0.5,   u ~ U[0, 1)^D
@@ -61,10 +63,18 @@ def objective(flow, x_uint8: torch.Tensor, n_bits: int, y: torch.Tensor | None =
     draws from the device's global RNG, seeded per rank (training). ``device``/``dtype``: where
     and in which precision the flow runs (default: the batch's device). ``noise_std``: Gaussian
     noise augmentation for training, x += noise_std * N(0, I) drawn from the same source as u
-    (``data.noise_std``; evaluation leaves it at 0 so bits/dim stay comparable).
+    (``data.noise_std``; evaluation leaves it at 0 so bits/dim stay comparable). A pair of
+    tensors ``(u, g)`` is the noise itself, drawn per sample by :func:`sample_noise` (g: the
+    N(0, I) draws of the augmentation, or None).
     """
     device = x_uint8.device if device is None else device
-    if noise is not None:  # a CPU stream: draw on the CPU, then move
+    if isinstance(noise, tuple):  # per-sample draws (data.streams): the same on any number of ranks
+        u, g = noise
+        x = preprocess(x_uint8.to(device), n_bits, noise=u.to(device))
+        if noise_std:
+            x = x + noise_std * g.to(device, x.dtype)
+        x = x.to(dtype)
+    elif noise is not None:  # a CPU stream: draw on the CPU, then move
         x = preprocess(x_uint8.cpu(), n_bits, generator=noise)
         if noise_std:
             x = x + noise_std * torch.randn(x.shape, generator=noise, dtype=x.dtype)
@@ -81,14 +91,31 @@ def objective(flow, x_uint8: torch.Tensor, n_bits: int, y: torch.Tensor | None =
     return Objective(loss, bpd, parts["log_pz"], parts["logdet"])
 
 
-def training_loss(cfg, device: torch.device | str, dtype: torch.dtype):
-    """``loss_fn(model, x_uint8, y) -> (loss, extra)`` for :func:`flowscale.engine.train_step`:
-    the :func:`objective` of ``cfg`` (training noise from each rank's global RNG; labels used
-    only by class-conditional models), reporting bits/dim and the mean log-det per dimension."""
+def sample_noise(seed: int, step: int, rows: range, shape: tuple[int, ...], noise_std: float = 0.0):
+    """``(u [n, *shape], g [n, *shape] | None)``: the training noise of global rows ``rows`` of
+    step ``step`` (u ~ U[0, 1) for dequantisation, g ~ N(0, I) when ``noise_std`` > 0), each row
+    from its own stream ``(seed, "dequant_sample", step, row)``: a function of the sample's place
+    in the global batch, not of the rank that holds it (data.streams)."""
+    us, gs = [], []
+    for row in rows:
+        gen = seeds.generator(seed, "dequant_sample", step, row)
+        us.append(torch.rand(shape, generator=gen))
+        if noise_std:
+            gs.append(torch.randn(shape, generator=gen))
+    return torch.stack(us), (torch.stack(gs) if gs else None)
 
-    def loss_fn(model, x, y):
+
+def training_loss(cfg, device: torch.device | str, dtype: torch.dtype):
+    """``loss_fn(model, x_uint8, y, u=None, g=None) -> (loss, extra)`` for
+    :func:`flowscale.engine.train_step`: the :func:`objective` of ``cfg`` (training noise from
+    each rank's global RNG, or the per-sample draws ``u``/``g`` of :func:`sample_noise` with
+    data.streams; labels used only by class-conditional models), reporting bits/dim and the
+    mean log-det per dimension."""
+
+    def loss_fn(model, x, y, u=None, g=None):
         out = objective(model, x, cfg.data.n_bits, y if cfg.model.num_classes > 0 else None, device=device,
-                        dtype=dtype, invconv_l2=cfg.optim.invconv_l2, noise_std=cfg.data.noise_std)
+                        dtype=dtype, invconv_l2=cfg.optim.invconv_l2, noise_std=cfg.data.noise_std,
+                        noise=None if u is None else (u, g))
         return out.loss, {"bpd": out.bpd.detach().float().mean(),
                           "logdet_per_dim": out.logdet.detach().float().mean() / x[0].numel()}
 

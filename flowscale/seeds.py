@@ -29,6 +29,7 @@ STREAMS = {
     "shuffle_buffer": "shuffle-buffer eviction order, per (epoch, global worker)",
     "flip": "horizontal flips, per (epoch, shard)",
     "dequant": "training dequantisation noise (torch's global RNG, per rank)",
+    "dequant_sample": "training noise of one sample with data.streams, per (step, global row): any number of ranks",
     "eval_noise": "dequantisation noise of evaluation, per batch start index",
     "health": "dequantisation noise of the reconstruction-health check",
     "bench": "batch order and noise of benchmarks",

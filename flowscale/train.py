@@ -33,7 +33,7 @@ from .inverse_checkpoint import check_and_flag
 from .lipschitz import logdet_stats
 from .lock import acquire, release
 from .logging import RunLogger
-from .loss import training_loss
+from .loss import sample_noise, training_loss
 from .preemption import PreemptionGuard
 from .data.quantize import preprocess
 from .sample import sample_grid
@@ -78,6 +78,10 @@ def main(cfg: Config, resume: bool = True, resume_from: str | Path | None = None
         changes = ckpt_io.resume_changes(ckpt, to_dict(cfg), info.world_size) if ckpt is not None else []
         if changes:
             log.info(f"resuming {ckpt.name} with changed settings: {', '.join(changes)}")
+        written_by = ckpt_io.written_by(ckpt) if ckpt is not None else info.world_size
+        if written_by != info.world_size:  # allowed by resume_changes: data.streams, ZeRO-0
+            log.info(f"resuming {ckpt.name} written by {written_by} rank(s) on {info.world_size}: full optimizer "
+                     f"state (ZeRO-0) and every data stream's position kept")
         if info.is_main:
             lock = _prepare_run_dir(cfg, resume, chosen, log)
         barrier()
@@ -132,7 +136,8 @@ def _train(cfg: Config, info: DistInfo, log: RunLogger, resume: bool, chosen: Pa
     loader = build_train_loader(cfg.data, rank=info.rank, world_size=info.world_size, seed=cfg.data.seed)
     test_x = eval_split(cfg.data, "test")  # streamed from its shards at every eval
     init = first_images(cfg.data, cfg.train.init_batch_size)  # ActNorm's data init; resume overwrites it
-    init = init.chunk(info.world_size)[info.rank] if len(init) >= info.world_size else init
+    if not cfg.data.streams:  # each rank initialises from its share (data.streams: all from all, see build)
+        init = init.chunk(info.world_size)[info.rank] if len(init) >= info.world_size else init
     run = build_training(cfg, info, init, device)
     engine, module, ema, dtype, layout = run.engine, run.module, run.ema, run.dtype, run.layout
     shapes = module.latent_shapes(cfg.data.channels, cfg.data.image_size)
@@ -169,6 +174,8 @@ def _train(cfg: Config, info: DistInfo, log: RunLogger, resume: bool, chosen: Pa
         log.log(step, {"linear_bound_bpd": bound["bpd"], "linear_bound_bpd_population": bound["bpd_population"]})
 
     def save(step: int) -> Path:
+        if cfg.data.streams:  # every rank's file then holds every stream's place: any topology can resume
+            loader.adopt_positions(all_gather_objects(loader.stream_positions()))
         client = {"step": step, "bad_in_row": bad_in_row, "skipped_total": skipped_total, "config": to_dict(cfg)}
         return ckpt_io.save(engine, run_dir, step, info.rank, {"loader": loader.state_dict(), "rng": rng_state()},
                             client, to_yaml(cfg), cfg.train.keep_last, ema.state_dict() if ema is not None else None,
@@ -209,7 +216,10 @@ def _train(cfg: Config, info: DistInfo, log: RunLogger, resume: bool, chosen: Pa
             # Checked at the first step of every (re)start too: the unstable-step flags are runtime state.
             if cfg.memory.check_every and (step % cfg.memory.check_every == 0 or step == start_step):
                 log.log(step, health_metrics(module, x[:cfg.memory.check_batch_size], cfg, dtype), echo=False)
-            metrics = train_step(engine, (x, y), loss_fn)  # loss = bits/dim (+ penalty), backward, optimizer step
+            # data.streams: the noise of each sample is a function of its place in the global batch
+            noise = sample_noise(cfg.train.seed, step, range(info.rank * len(x), (info.rank + 1) * len(x)),
+                                 tuple(x.shape[1:]), cfg.data.noise_std) if cfg.data.streams else (None, None)
+            metrics = train_step(engine, (x, y, *noise), loss_fn)  # loss = bits/dim (+ penalty), backward, step
             step += 1
             if metrics["skipped"]:
                 bad_in_row, skipped_total = bad_in_row + 1, skipped_total + 1

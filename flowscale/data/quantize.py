@@ -19,18 +19,21 @@ def reduce_bits(x_uint8: torch.Tensor, n_bits: int) -> torch.Tensor:
     return torch.div(x_uint8.float(), 2 ** (8 - n_bits), rounding_mode="floor")
 
 
-def dequantize(x_int: torch.Tensor, n_bits: int, noise: bool = True,
+def dequantize(x_int: torch.Tensor, n_bits: int, noise: bool | torch.Tensor = True,
                generator: torch.Generator | None = None) -> torch.Tensor:
-    """Integer bins -> continuous x in [-0.5, 0.5). ``noise=False`` uses bin centres (u = 0.5)."""
+    """Integer bins -> continuous x in [-0.5, 0.5). ``noise=False`` uses bin centres (u = 0.5); a
+    tensor is u itself (drawn by the caller, e.g. per sample)."""
     n_bins = 2 ** n_bits
-    if noise:
+    if isinstance(noise, torch.Tensor):
+        u = noise.to(x_int.device, x_int.dtype)
+    elif noise:
         u = torch.rand(x_int.shape, generator=generator, device=x_int.device, dtype=x_int.dtype)
     else:
         u = torch.full_like(x_int, 0.5)
     return (x_int + u) / n_bins - 0.5
 
 
-def preprocess(x_uint8: torch.Tensor, n_bits: int, noise: bool = True,
+def preprocess(x_uint8: torch.Tensor, n_bits: int, noise: bool | torch.Tensor = True,
                generator: torch.Generator | None = None) -> torch.Tensor:
     """uint8 [B, C, H, W] -> dequantised float x in [-0.5, 0.5)."""
     return dequantize(reduce_bits(x_uint8, n_bits), n_bits, noise, generator)
