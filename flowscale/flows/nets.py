@@ -39,8 +39,9 @@ class GlowNet(nn.Module):
 
     fold_norms: bool = False
     """Fold each ActNorm into the conv before it: (W x + b) * s = (s W) x + s b, one convolution
-    and no elementwise pass over the activations (about 5% of a Glow training step on CPU, and
-    plain autograd saves 2 instead of 4 hidden activations per network, -30% activation memory).
+    and no elementwise pass over the activations (5-13% of a Glow training step on 2 CPU cores,
+    docs/bench/reference_cpu; plain autograd saves 2 instead of 4 hidden activations per network,
+    -31% activation memory at width 512).
     Off by default while the GPU memory measurements that ``flowscale plan`` is checked against
     (docs/bench/memory_h100.json) describe the unfolded network; :func:`fold_norms` turns it on."""
 
