@@ -39,7 +39,7 @@ def test_table_from_real_flowscale_timings():
     assert f"{row['step_ms']['plain']:.0f} ms (-)" in line and f"| {row['saved_mib']['inverse']:.1f} |" in line
     levels = [x for x in lines if x.startswith("| 2 | ") and x.count("|") == 10]
     assert len(levels) == 3 and levels[0].startswith("| 2 | 0 | 12x16x16 |")
-    assert "floor" in table
+    assert "floor" in table and f"- K=2: plain {row['fastest_ms']['plain']:.0f} ms, inverse" in table
 
 
 @needs_ref

@@ -147,7 +147,7 @@ def build_cases(k: int, levels: int, width: int, batch: int, ref_module=None, se
 
 
 def time_alternating(cases: dict, repeats: int, warmup: int) -> dict:
-    """Median seconds per training step for each case, the cases alternating single steps in
+    """Seconds of every timed training step, per case, the cases alternating single steps in
     this process (order rotated every round)."""
     import torch
 
@@ -170,7 +170,7 @@ def time_alternating(cases: dict, repeats: int, warmup: int) -> dict:
             times[case].append(time.perf_counter() - t0)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"{case}: non-finite loss {loss.item()} in a timed step")
-    return {c: statistics.median(v) for c, v in times.items()}
+    return times
 
 
 def saved_mib(cases: dict) -> dict:
@@ -275,7 +275,9 @@ def measure(k: int, levels: int, width: int, batch: int, repeats: int, warmup: i
                 f"torch.profiler, one training step (forward + backward + Adam), {case}, K={k}, L={levels}, "
                 f"width {width}, batch {batch}, fp32, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n\n{table}\n")
     row["saved_mib"] = saved_mib(cases)
-    row["step_ms"] = {c: 1e3 * s for c, s in time_alternating(cases, repeats, warmup).items()}
+    times = time_alternating(cases, repeats, warmup)
+    row["step_ms"] = {c: 1e3 * statistics.median(v) for c, v in times.items()}
+    row["fastest_ms"] = {c: 1e3 * min(v) for c, v in times.items()}  # the step least disturbed by other load
     if per_level:
         import torch
 
@@ -304,6 +306,15 @@ def format_table(rows: list[dict]) -> str:
             lines.append(f"| {r['k']}{' folded' if v else ''} | {_m(n.get('reference'))} / {_m(n[p])} "
                          f"| {f'{ref:.0f}' if ref else '-'} | {x(p)} | {x(i)} | {ms[i] / ms[p]:.2f}x "
                          f"| {mib[p]:.1f} | {mib[i]:.1f} |")
+    fastest = [r for r in rows if "fastest_ms" in r]
+    if fastest:
+        lines += ["", "Fastest step of each case (on a shared machine, the one least disturbed by other load), "
+                  "as a ratio to the reference's fastest:", ""]
+        for r in fastest:
+            f = r["fastest_ms"]
+            ref = f.get("reference")
+            lines.append(f"- K={r['k']}: " + ", ".join(
+                f"{c} {f[c]:.0f} ms" + (f" ({f[c] / ref:.2f}x)" if ref and c != "reference" else "") for c in f))
     level_rows = [(r["k"], lv) for r in rows for lv in r.get("levels_ms", [])]
     if level_rows:
         lines += ["", "Inverse recompute per level (chain of K steps alone, forward + backward; F = forward without a graph):",
