@@ -113,16 +113,17 @@ class Training:
     """ActNorm layers initialised from data."""
 
 
-def build_training(cfg: Config, info: DistInfo, init_images: torch.Tensor, device: torch.device) -> Training:
+def build_training(cfg: Config, info: DistInfo, init_images: torch.Tensor, device: torch.device,
+                   load_universal: bool = False) -> Training:
     """Model, ActNorm init, dtype, optimizer, LR schedule, DeepSpeed engine and EMA for this rank
     (collective: every rank calls it). ``init_images``: this rank's share of the uint8 images
-    for the data-dependent init."""
+    for the data-dependent init. ``load_universal``: the engine is to load a universal checkpoint."""
     layout = batch_layout(cfg, info.world_size)
     flow, n_init = build_initialized_flow(cfg, init_images, device, info.rank)
     n_params = sum(p.numel() for p in flow.parameters())
     optimizer, schedule = build_optimizer(cfg, flow.parameters())
     engine = initialize(cfg, flow, optimizer, lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
-                        info.world_size)
+                        info.world_size, load_universal)
     module = engine.module
     ema = EMA(module, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
     return Training(engine, module, optimizer, ema, device, model_dtype(cfg), layout, n_params, n_init)

@@ -248,7 +248,7 @@ def _write_error(path: Path, failure: BaseException | None, needed: int | None, 
 FIXED_ON_RESUME = ("model.", "data.dataset", "data.train_manifest", "data.train_shards", "data.image_size",
                    "data.channels", "data.n_bits", "data.batch_size", "data.train_size", "data.seed",
                    "data.random_flip", "data.shuffle_buffer", "data.streams", "train.seed",
-                   "engine.zero_stage", "engine.precision")
+                   "engine.precision")
 # Without data.streams the order also follows the loader workers and the ranks.
 FIXED_WITHOUT_STREAMS = ("data.num_workers",)
 
@@ -298,18 +298,59 @@ def resume_changes(ckpt: Path, config: dict, world_size: int) -> list[str]:
         raise ConfigError(f"{ckpt} was written by {by} ranks and this run has {world_size}; without "
                           f"data.streams the data position is per rank: resume on {by} ranks, or start a new "
                           f"train.run_dir (its weights: {weights}). Nothing was written")
-    if by != world_size and now.get("engine.zero_stage", 0) != 0:
-        raise ConfigError(f"{ckpt} was written by {by} ranks with ZeRO-{now['engine.zero_stage']}, whose "
-                          f"optimizer state is sharded per rank, and this run has {world_size}: resume on "
-                          f"{by} ranks (resharding ZeRO-1/2/3 state is not supported yet; ZeRO-0 runs with "
-                          f"data.streams change their number of ranks freely). Nothing was written")
+    (s0, s1) = (saved.get("engine.zero_stage", 0), now.get("engine.zero_stage", 0))
+    if (by != world_size or s0 != s1) and not (s0 == s1 == 0 or (s0 in (1, 2) and s1 in (1, 2))):
+        raise ConfigError(f"config field 'engine.zero_stage': {ckpt} was written with ZeRO-{s0} on {by} rank(s), this "
+                          f"run has ZeRO-{s1} on {world_size}, and that cannot change on resume: optimizer state moves "
+                          f"between ZeRO-0 layouts and between ZeRO-1/2 layouts (DeepSpeed's universal checkpoint), "
+                          f"ZeRO-3 stays on its own. Resume with ZeRO-{s0} on {by} rank(s), or start a new "
+                          f"train.run_dir (its weights: {weights}). Nothing was written")
     return [f"{field} {old!r} -> {new!r}" for field, old, new in diffs if field != "train.run_dir"]
 
 
-def load(engine, ckpt: Path, rank: int) -> tuple[dict, dict]:
-    """Load model/optimizer/schedule into ``engine``; returns (client_state, this rank's state)."""
-    load_path, _ = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name, load_optimizer_states=True,
-                                          load_lr_scheduler_states=True)
+UNIVERSAL = "universal"  # <ckpt>/universal/: DeepSpeed's topology-free copy of a ZeRO-1/2 checkpoint
+
+
+def needs_universal(ckpt: Path, zero_stage: int, world_size: int) -> bool:
+    """Whether resuming ``ckpt`` with ``zero_stage`` on ``world_size`` ranks goes through
+    DeepSpeed's universal checkpoint (sharded optimizer state on another layout)."""
+    import yaml
+
+    saved = yaml.safe_load((ckpt / "config.yaml").read_text()).get("engine", {}).get("zero_stage", 0)
+    return saved in (1, 2) and zero_stage in (1, 2) and (saved != zero_stage or written_by(ckpt) != world_size)
+
+
+def to_universal(ckpt: Path, rank: int) -> tuple[Path, float]:
+    """Collective: rank 0 converts ``ckpt`` with DeepSpeed's ds_to_universal into
+    ``ckpt/universal`` (once; kept for later restarts), the others wait. Returns (the folder,
+    seconds the conversion took; 0 when it was there)."""
+    import subprocess
+    import sys
+
+    out, took = ckpt / UNIVERSAL, 0.0
+    if rank == 0 and not (out / "COMPLETE").is_file():
+        t0 = time.time()
+        tmp = ckpt / f".{UNIVERSAL}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        r = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt),
+                            "--output_folder", str(tmp), "--inject_missing_state"], capture_output=True, text=True)
+        if r.returncode != 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise RuntimeError(f"DeepSpeed's ds_to_universal could not convert {ckpt}: {r.stderr.strip()[-500:]}")
+        (tmp / "COMPLETE").write_text("ds_to_universal\n")
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+        took = time.time() - t0
+    barrier()
+    return out, took
+
+
+def load(engine, ckpt: Path, rank: int, universal: bool = False) -> tuple[dict, dict]:
+    """Load model/optimizer/schedule into ``engine``; returns (client_state, this rank's state).
+    ``universal``: from ``ckpt/universal`` (see :func:`to_universal`; the engine was built with
+    DeepSpeed's ``checkpoint.load_universal``)."""
+    load_path, _ = engine.load_checkpoint(str(ckpt if universal else ckpt.parent), tag=UNIVERSAL if universal
+                                          else ckpt.name, load_optimizer_states=True, load_lr_scheduler_states=True)
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load {ckpt}")
     client = torch.load(ckpt / "client.pt", map_location="cpu", weights_only=True)

@@ -37,8 +37,9 @@ ZERO_BUCKETS = {"reduce_bucket_size": int(5e8), "stage3_prefetch_bucket_size": i
                 "stage3_param_persistence_threshold": int(1e5)}
 
 
-def deepspeed_config(cfg: Config, world_size: int) -> dict:
-    """The DeepSpeed JSON for ``cfg`` on ``world_size`` ranks (generated, never hand-written)."""
+def deepspeed_config(cfg: Config, world_size: int, load_universal: bool = False) -> dict:
+    """The DeepSpeed JSON for ``cfg`` on ``world_size`` ranks (generated, never hand-written).
+    ``load_universal``: the engine will load a universal checkpoint (another ZeRO layout)."""
     layout = batch_layout(cfg, world_size)
     e = cfg.engine
     return {
@@ -52,6 +53,7 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2 ** 31 - 1,
         "wall_clock_breakdown": False,
+        **({"checkpoint": {"load_universal": True}} if load_universal else {}),
     }
 
 
@@ -76,14 +78,14 @@ def guard_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     return optimizer
 
 
-def initialize(cfg: Config, flow, optimizer, schedule, world_size: int):
+def initialize(cfg: Config, flow, optimizer, schedule, world_size: int, load_universal: bool = False):
     """deepspeed.initialize with the generated config; returns the engine."""
     import deepspeed
 
     if cfg.engine.precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("config field 'engine.precision': fp16 needs a GPU (DeepSpeed has no fp16 on CPU); use bf16 or fp32")
     guard_optimizer(optimizer)
-    engine, _, _, _ = deepspeed.initialize(model=flow, optimizer=optimizer, config=deepspeed_config(cfg, world_size),
+    engine, _, _, _ = deepspeed.initialize(model=flow, optimizer=optimizer, config=deepspeed_config(cfg, world_size, load_universal),
                                            lr_scheduler=schedule)
     engine.flowscale_client_optimizer = optimizer
     return engine

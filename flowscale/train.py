@@ -78,14 +78,16 @@ def main(cfg: Config, resume: bool = True, resume_from: str | Path | None = None
         changes = ckpt_io.resume_changes(ckpt, to_dict(cfg), info.world_size) if ckpt is not None else []
         if changes:
             log.info(f"resuming {ckpt.name} with changed settings: {', '.join(changes)}")
+        universal = ckpt is not None and ckpt_io.needs_universal(ckpt, cfg.engine.zero_stage, info.world_size)
         written_by = ckpt_io.written_by(ckpt) if ckpt is not None else info.world_size
-        if written_by != info.world_size:  # allowed by resume_changes: data.streams, ZeRO-0
-            log.info(f"resuming {ckpt.name} written by {written_by} rank(s) on {info.world_size}: full optimizer "
-                     f"state (ZeRO-0) and every data stream's position kept")
+        if written_by != info.world_size or universal:  # allowed by resume_changes
+            log.info(f"resuming {ckpt.name} written by {written_by} rank(s) on {info.world_size}: optimizer state "
+                     f"{'resharded (universal checkpoint)' if universal else 'whole (ZeRO-0)'}, "
+                     f"every data stream's position kept")
         if info.is_main:
             lock = _prepare_run_dir(cfg, resume, chosen, log)
         barrier()
-        return _train(cfg, info, log, resume, chosen)
+        return _train(cfg, info, log, resume, chosen, universal_from=ckpt if universal else None)
     finally:
         log.close()
         release(lock)
@@ -130,7 +132,8 @@ def _prepare_run_dir(cfg: Config, resume: bool, chosen: Path | None, log: RunLog
     return lock
 
 
-def _train(cfg: Config, info: DistInfo, log: RunLogger, resume: bool, chosen: Path | None = None) -> dict:
+def _train(cfg: Config, info: DistInfo, log: RunLogger, resume: bool, chosen: Path | None = None,
+           universal_from: Path | None = None) -> dict:
     run_dir = Path(cfg.train.run_dir)
     device = pick_device(cfg.train.device, info.local_rank)
     loader = build_train_loader(cfg.data, rank=info.rank, world_size=info.world_size, seed=cfg.data.seed)
@@ -138,12 +141,18 @@ def _train(cfg: Config, info: DistInfo, log: RunLogger, resume: bool, chosen: Pa
     init = first_images(cfg.data, cfg.train.init_batch_size)  # ActNorm's data init; resume overwrites it
     if not cfg.data.streams:  # each rank initialises from its share (data.streams: all from all, see build)
         init = init.chunk(info.world_size)[info.rank] if len(init) >= info.world_size else init
-    run = build_training(cfg, info, init, device)
+    if universal_from is not None:  # ZeRO-1/2 state on another layout: DeepSpeed's universal checkpoint, made once
+        _, took = ckpt_io.to_universal(universal_from, info.rank)
+        if took:
+            log.info(f"converted {universal_from.name} to DeepSpeed's universal checkpoint in {took:.1f} s")
+    run = build_training(cfg, info, init, device, load_universal=universal_from is not None)
     engine, module, ema, dtype, layout = run.engine, run.module, run.ema, run.dtype, run.layout
     shapes = module.latent_shapes(cfg.data.channels, cfg.data.image_size)
 
     step, bad_in_row, skipped_total = 0, 0, 0
-    if chosen is not None:  # picked by the user: no silent fallback to another one
+    if universal_from is not None:  # the checkpoint resume_changes checked, through its universal copy
+        found = (universal_from, *ckpt_io.load(engine, universal_from, info.rank, universal=True))
+    elif chosen is not None:  # picked by the user: no silent fallback to another one
         found = (chosen, *ckpt_io.load(engine, chosen, info.rank))
     else:
         found = ckpt_io.load_latest(engine, run_dir, info.rank, warn=lambda m: warnings.warn(m)) if resume else None

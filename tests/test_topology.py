@@ -1,7 +1,9 @@
-"""Training whose trajectory is not the topology's business (data.streams, ZeRO-0): the same
-global batch on 1 rank x grad_accum 4, 2 ranks x 2 and 4 ranks x 1 gives the same per-step
-losses, and a run switched 2 ranks -> 1 rank with 2 loader workers -> 4 ranks mid-run ends where
-the unswitched run ends. Real torchrun processes, DeepSpeed on gloo, demo shards.
+"""Training whose trajectory is not the topology's business (data.streams): the same global
+batch on 1 rank x grad_accum 4, 2 ranks x 2 and 4 ranks x 1 gives the same per-step losses; a
+ZeRO-0 run switched 2 ranks -> 1 rank with 2 loader workers -> 4 ranks mid-run, and a run
+switched 2 ranks ZeRO-2 -> 1 rank ZeRO-1 -> 4 ranks ZeRO-2 (optimizer state resharded through
+DeepSpeed's universal checkpoint), end where the unswitched run ends. Real torchrun processes,
+DeepSpeed on gloo, demo shards.
 
 Tolerances. The runs differ only in the order in which per-sample gradients are summed (within a
 micro-batch, over micro-batches, over ranks), i.e. by float32 rounding: a relative 2^-24 per
@@ -98,19 +100,31 @@ def test_switched_2_to_1_to_4_ranks_mid_run_ends_where_the_unswitched_run_ends(o
     assert not (run / "metrics.superseded.jsonl").exists(), "no step lost or repeated across the switches"
 
 
-def test_sharded_optimizer_state_on_another_number_of_ranks_is_refused(tmp_path):
-    # The check itself, on a real ZeRO-2 checkpoint (the CLI path of a refusal, one line and exit
-    # code 2 before anything is written, is tested in test_resume_changes).
+def test_zero_state_resharded_2_ranks_zero2_to_1_rank_zero1_to_4_ranks_zero2(one_rank, tmp_path):
+    """ZeRO-1/2 optimizer state on another layout goes through DeepSpeed's universal checkpoint,
+    made once per checkpoint; ZeRO-3 and crossings with ZeRO-0 are refused before anything is
+    written."""
     from flowscale.checkpoint import resume_changes
     from flowscale.config import ConfigError, load_config, to_dict
 
     run = tmp_path / "run"
-    _train(run, 1, "engine.zero_stage=2", "train.steps=2", tmp_path=tmp_path)
-    cfg = to_dict(load_config(None, COMMON + [f"train.run_dir={run}", "engine.zero_stage=2", "train.steps=4"]))
-    ckpt = list_complete(run)[-1]
-    assert resume_changes(ckpt, cfg, 1) == ["train.steps 2 -> 4"]
-    with pytest.raises(ConfigError, match="ZeRO-2, whose optimizer state is sharded per rank"):
-        resume_changes(ckpt, cfg, 2)
-    legacy = to_dict(load_config(None, COMMON + [f"train.run_dir={run}", "engine.zero_stage=2", "data.streams=0"]))
-    with pytest.raises(ConfigError, match="data.streams"):  # fixed at creation
-        resume_changes(ckpt, legacy, 1)
+    _train(run, 2, "engine.zero_stage=2", "engine.grad_accum=2", "train.steps=10", tmp_path=tmp_path)
+    out = _train(run, 1, "engine.zero_stage=1", "engine.grad_accum=4", "train.steps=20", "data.num_workers=2",
+                 tmp_path=tmp_path).stdout
+    assert "resuming step_00000010 written by 2 rank(s) on 1: optimizer state resharded (universal checkpoint)" in out
+    assert "converted step_00000010 to DeepSpeed's universal checkpoint in" in out, out[-2000:]
+    out = _train(run, 4, "engine.zero_stage=2", "engine.grad_accum=1", f"train.steps={STEPS}", tmp_path=tmp_path).stdout
+    assert "resuming step_00000020 written by 1 rank(s) on 4: optimizer state resharded" in out, out[-2000:]
+    loss, weights = _compare(one_rank, run)
+    assert loss < 1e-4 and weights < WEIGHT_TOL, (loss, weights)
+
+    ckpt = list_complete(run)[-1]  # ZeRO-2 on 4 ranks
+    def cfg(*extra):
+        return to_dict(load_config(None, COMMON + [f"train.run_dir={run}", f"train.steps={STEPS}", *extra]))
+    assert resume_changes(ckpt, cfg("engine.zero_stage=2"), 4) == []
+    assert resume_changes(ckpt, cfg("engine.zero_stage=1"), 3) == ["engine.zero_stage 2 -> 1"]
+    for stage, ranks in ((3, 4), (3, 2), (0, 4), (0, 1)):
+        with pytest.raises(ConfigError, match="engine.zero_stage"):
+            resume_changes(ckpt, cfg(f"engine.zero_stage={stage}"), ranks)
+    with pytest.raises(ConfigError, match="data.streams"):  # fixed when the run was created
+        resume_changes(ckpt, cfg("engine.zero_stage=2", "data.streams=8"), 4)
