@@ -327,6 +327,7 @@ def test_short_demo_training_lowers_bits_per_dim(tmp_path, preset, extra):
 @pytest.mark.usefixtures("single_process_env")
 @pytest.mark.parametrize("preset, stage, extra", [
     ("jet", 2, ["model.jet_spatial_every=2"]),
+    ("jet", 1, ["model.jet_spatial_every=2", "memory.inverse_recompute=true"]),  # (ZeRO-2/3 + recompute: see README)
     ("tarflow", 3, ["train.sample_every=3", "train.temperatures=[1.0]"]),  # + KV-cached decode, parameters sharded
 ])
 def test_steps_under_deepspeed_zero(tmp_path, preset, stage, extra):
