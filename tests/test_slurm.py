@@ -133,18 +133,24 @@ def test_time_limit_requeues_until_done(tmp_path):
     common = SMALL + ["train.checkpoint_every=25"]
     # No large floor: on a loaded machine 400 steps took 30 slots of a few seconds each.
     steps = max(100, int(35 * steps_per_second(tmp_path, common)) // 25 * 25)
-    run_dir = tmp_path / "run"
-    (job,) = submit(None, common + [f"train.steps={steps}", f"train.run_dir={run_dir}"],
-                    tasks_per_node=1, time_min=1, signal_delay_s=30,
-                    max_timeouts=max_timeouts)
-    try:
-        results = job.results()
-    finally:
-        subprocess.run(["scancel", str(job.job_id)], check=False)
-    assert results[0]["step"] == steps
-    log = Path(job.paths.stdout).read_text()
-    resumes = log.count("resumed from")
-    assert resumes >= 1, f"{steps} steps should not fit in one 30 s slot"
+    for attempt in range(3):
+        run_dir = tmp_path / f"run{attempt}"
+        (job,) = submit(None, common + [f"train.steps={steps}", f"train.run_dir={run_dir}"],
+                        tasks_per_node=1, time_min=1, signal_delay_s=30,
+                        max_timeouts=max_timeouts)
+        try:
+            results = job.results()
+        finally:
+            subprocess.run(["scancel", str(job.job_id)], check=False)
+        assert results[0]["step"] == steps
+        log = Path(job.paths.stdout).read_text()
+        resumes = log.count("resumed from")
+        if resumes:
+            break
+        # The machine got faster than measured and the whole run fit in one slot: that tests
+        # nothing, so again with three times the steps (speed is not this test's business).
+        steps *= 3
+    assert resumes >= 1, f"{steps // 3} steps fit in one 30 s slot three times"
     # Requeues as submitit logs them: on a loaded machine a slot can end before its first
     # checkpoint, and the next one then starts afresh, requeued but not "resumed from".
     requeues = log.count(f"Requeued job {job.job_id} ")
