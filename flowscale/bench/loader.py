@@ -51,7 +51,7 @@ def _rate(batches, n_batches: int, batch_size: int) -> float:
     return (n_batches - 1) * batch_size / (time.perf_counter() - t0)
 
 
-def measure(size: int, n: int, workers: int, batch_size: int, tmp: Path) -> dict[str, float]:
+def measure(size: int, n: int, workers: int, batch_size: int, tmp: Path, streams: int = 0) -> dict[str, float]:
     import torch
     import torchvision
 
@@ -67,7 +67,7 @@ def measure(size: int, n: int, workers: int, batch_size: int, tmp: Path) -> dict
     for enc in ("png", "npy"):
         cfg = DataConfig(dataset="shards", train_manifest=str(paths[enc] / "train"),
                          test_manifest=str(paths[enc] / "train"), image_size=size, batch_size=batch_size,
-                         num_workers=workers, shuffle_buffer=1000)
+                         num_workers=workers, shuffle_buffer=1000, streams=streams)
         out[enc] = _rate(build_train_loader(cfg), n_batches, batch_size)
     return out
 
@@ -79,10 +79,11 @@ def run(ns) -> int:
     with tempfile.TemporaryDirectory(dir=ns.dir) as d:
         for size in ns.sizes:
             n = ns.images if size <= 64 else max(ns.batch_size * 4, ns.images // 4)
-            r = measure(size, n, ns.workers, ns.batch_size, Path(d))
+            r = measure(size, n, ns.workers, ns.batch_size, Path(d), ns.streams)
             rows.append((size, n, r))
             print(f"{size}px done", flush=True)
-    print(f"\nloader throughput, images/s ({ns.workers} worker(s), batch {ns.batch_size}; {os.cpu_count()} CPU cores, "
+    print(f"\nloader throughput, images/s ({ns.workers} worker(s), batch {ns.batch_size}, data.streams={ns.streams}; "
+          f"{os.cpu_count()} CPU cores, "
           f"{platform.processor() or platform.machine()}):\n")
     print("| size | images | ImageFolder+PIL | shards PNG | shards npy | PNG / ImageFolder | npy / ImageFolder | "
           "prep's default (auto) / ImageFolder |")
@@ -101,5 +102,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--images", type=int, default=4096, help="images per size (a quarter of it above 64px; default 4096)")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers for every reader (default: 2)")
     p.add_argument("--batch-size", type=int, default=64, help="batch size (default: 64)")
+    p.add_argument("--streams", type=int, default=0,
+                   help="data.streams of the shard readers (default: 0, the per-worker order)")
     p.add_argument("--dir", default=None, help="where to write the temporary inputs (default: the system temp dir)")
     p.set_defaults(func=run)
