@@ -5,7 +5,9 @@ For each size the same real photo crops (the demo photos) are written three ways
 temporary directory: an ImageFolder tree of PNG files, PNG shards and npy shards. Each reader
 then delivers uint8 [B, 3, S, S] batches for one pass over the images (ImageFolder with
 PILToTensor, so both sides skip float conversion); the clock starts at the first batch, so
-worker start-up is not counted. Prints a markdown table with the ratio to ImageFolder.
+worker start-up is not counted, and every batch is read once (as training would; a batch from a
+worker process arrives in shared memory, and its pages are only mapped when touched). Prints a
+markdown table with the ratio to ImageFolder.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ def _rate(batches, n_batches: int, batch_size: int) -> float:
         x = next(it)
         x = x[0] if isinstance(x, (tuple, list)) else x
         assert x.shape[0] == batch_size
+        x.sum()  # read it, as training does: a batch from a worker arrives in shared memory, untouched
     return (n_batches - 1) * batch_size / (time.perf_counter() - t0)
 
 
