@@ -471,6 +471,13 @@ class Config:
                "memory.checkpoint_steps=true to save activation memory")
         _check(not (self.memory.inverse_recompute and self.memory.checkpoint_steps), "memory.checkpoint_steps",
                "choose one of memory.inverse_recompute and memory.checkpoint_steps")
+        # The recompute backpropagates layer by layer in re-entrant autograd calls; ZeRO-2's
+        # per-parameter gradient hooks then reduce a partition twice and DeepSpeed aborts
+        # ("gradient computed twice"), and ZeRO-3 releases parameters the inner backward needs.
+        _check(not (self.memory.inverse_recompute and self.engine.zero_stage >= 2), "memory.inverse_recompute",
+               f"not supported with engine.zero_stage={self.engine.zero_stage} yet (DeepSpeed's ZeRO-2/3 gradient "
+               f"hooks break on the recompute's layer-by-layer backward); use engine.zero_stage=1 (optimizer state "
+               f"sharded; `flowscale plan` shows what fits) or 0, or plain autograd")
 
 
 # -- loading ---------------------------------------------------------------------------------

@@ -191,3 +191,11 @@ def test_lr_schedule_closed_forms(decay):
         assert f(step) == pytest.approx(expected(p), rel=1e-12), step
     if decay != "none":
         assert f(110) == pytest.approx(0.01) and f(60) < f(35) < 1.0
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_inverse_recompute_with_zero_2_or_3_is_refused_with_the_way_out(stage):
+    # DeepSpeed aborted in the first backward ("gradient computed twice for this partition")
+    with pytest.raises(ConfigError, match=r"memory.inverse_recompute.*engine.zero_stage=1"):
+        load_config(None, ["memory.inverse_recompute=true", f"engine.zero_stage={stage}"])
+    assert load_config(None, ["memory.inverse_recompute=true", "engine.zero_stage=1"]).engine.zero_stage == 1
