@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt_io
+from . import resume as resume_io
 from . import seeds
 from .build import build_training, pick_device
 from .config import Config, to_dict, to_yaml
@@ -75,11 +76,11 @@ def main(cfg: Config, resume: bool = True, resume_from: str | Path | None = None
         log.info(f"threads per process: {threads} ({why})")
         # Checked on every rank from the files alone, before anything is written.
         ckpt = chosen if chosen is not None else (ckpt_io.resolve_latest(cfg.train.run_dir) if resume else None)
-        changes = ckpt_io.resume_changes(ckpt, to_dict(cfg), info.world_size) if ckpt is not None else []
+        changes = resume_io.resume_changes(ckpt, to_dict(cfg), info.world_size) if ckpt is not None else []
         if changes:
             log.info(f"resuming {ckpt.name} with changed settings: {', '.join(changes)}")
-        universal = ckpt is not None and ckpt_io.needs_universal(ckpt, cfg.engine.zero_stage, info.world_size)
-        written_by = ckpt_io.written_by(ckpt) if ckpt is not None else info.world_size
+        universal = ckpt is not None and resume_io.needs_universal(ckpt, cfg.engine.zero_stage, info.world_size)
+        written_by = resume_io.written_by(ckpt) if ckpt is not None else info.world_size
         if written_by != info.world_size or universal:  # allowed by resume_changes
             log.info(f"resuming {ckpt.name} written by {written_by} rank(s) on {info.world_size}: optimizer state "
                      f"{'resharded (universal checkpoint)' if universal else 'whole (ZeRO-0)'}, "
@@ -142,7 +143,7 @@ def _train(cfg: Config, info: DistInfo, log: RunLogger, resume: bool, chosen: Pa
     if not cfg.data.streams:  # each rank initialises from its share (data.streams: all from all, see build)
         init = init.chunk(info.world_size)[info.rank] if len(init) >= info.world_size else init
     if universal_from is not None:  # ZeRO-1/2 state on another layout: DeepSpeed's universal checkpoint, made once
-        _, took = ckpt_io.to_universal(universal_from, info.rank)
+        _, took = resume_io.to_universal(universal_from, info.rank)
         if took:
             log.info(f"converted {universal_from.name} to DeepSpeed's universal checkpoint in {took:.1f} s")
     run = build_training(cfg, info, init, device, load_universal=universal_from is not None)

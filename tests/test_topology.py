@@ -104,7 +104,7 @@ def test_zero_state_resharded_2_ranks_zero2_to_1_rank_zero1_to_4_ranks_zero2(one
     """ZeRO-1/2 optimizer state on another layout goes through DeepSpeed's universal checkpoint,
     made once per checkpoint; ZeRO-3 and crossings with ZeRO-0 are refused before anything is
     written."""
-    from flowscale.checkpoint import resume_changes
+    from flowscale.resume import resume_changes
     from flowscale.config import ConfigError, load_config, to_dict
 
     run = tmp_path / "run"
