@@ -14,24 +14,7 @@ from flowscale.flows.permutations import InvConv1x1
 from flowscale.inverse_checkpoint import (InvertibleSequence, check_and_flag, checkpoint_steps, inverse_checkpoint,
                                           reconstruction_errors)
 from flowscale.loss import flow_bpd_dequantized
-
-from helpers import small_flow
-
-
-def loss_and_grads(flow, x, micro_batches=1):
-    flow.zero_grad(set_to_none=True)
-    xr = x.clone().requires_grad_(True)
-    total = 0.0
-    for chunk in xr.chunk(micro_batches):
-        loss = flow_bpd_dequantized(flow, chunk, 8)[0].sum()
-        loss.backward()
-        total += loss.item()
-    return total, xr.grad, {n: p.grad.clone() for n, p in flow.named_parameters() if p.grad is not None}
-
-
-def worst_relative_difference(ga, gb):
-    assert ga.keys() == gb.keys()
-    return max(((ga[k] - gb[k]).norm() / ga[k].norm().clamp_min(1e-30)).item() for k in ga)
+from helpers import assert_same_loss_and_gradients, loss_and_grads, small_flow, worst_relative_difference
 
 
 CASES = [  # (preset, overrides, perturbation scale): scales chosen so bits/dim stay finite but far from init
@@ -50,12 +33,7 @@ def test_gradients_equal_plain_autograd(preset, extra, scale, dtype, tol):
     wrapped = inverse_checkpoint(copy.deepcopy(plain))
     assert all(isinstance(level.steps, InvertibleSequence) for level in wrapped.levels)
     x = torch.rand(4, 3, 16, 16, dtype=dtype, generator=torch.Generator().manual_seed(2)) - 0.5
-    la, gxa, ga = loss_and_grads(plain, x)
-    lb, gxb, gb = loss_and_grads(wrapped, x)
-    assert abs(la - lb) <= 1e-6 * abs(la)
-    assert ((gxa - gxb).norm() / gxa.norm()).item() < tol
-    assert len(ga) == len(list(plain.parameters())), "every parameter must get a gradient"
-    assert worst_relative_difference(ga, gb) < tol
+    assert_same_loss_and_gradients(plain, wrapped, x, tol)
 
 
 @pytest.mark.parametrize("preset, extra, scale", CASES)
