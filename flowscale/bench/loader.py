@@ -3,11 +3,14 @@ PIL DataLoader over the same images, with the same number of workers and batch s
 
 For each size the same real photo crops (the demo photos) are written three ways into a
 temporary directory: an ImageFolder tree of PNG files, PNG shards and npy shards. Each reader
-then delivers uint8 [B, 3, S, S] batches for one pass over the images (ImageFolder with
-PILToTensor, so both sides skip float conversion); the clock starts at the first batch, so
-worker start-up is not counted, and every batch is read once (as training would; a batch from a
-worker process arrives in shared memory, and its pages are only mapped when touched). Prints a
-markdown table with the ratio to ImageFolder.
+then delivers uint8 [B, 3, S, S] batches (ImageFolder with PILToTensor, so both sides skip
+float conversion) for ``--passes`` passes over the images; the clock starts at the first
+batch, so worker start-up is not counted, and every batch is read once by a copy into a
+buffer, as training copies it to the GPU (a batch from a worker process arrives in shared
+memory, and its pages are only mapped when touched). The readers take turns, round after
+round, and the table gives each one's median, so they share whatever else loads the machine;
+with ``--streams S`` the npy shards are also read with ``data.streams=S`` in the same rounds.
+Prints a markdown table with the ratios to ImageFolder and of streams to the default order.
 """
 
 from __future__ import annotations
@@ -42,19 +45,42 @@ def _write_inputs(root: Path, size: int, n: int) -> dict[str, Path]:
     return out
 
 
-def _rate(batches, n_batches: int, batch_size: int) -> float:
-    it = iter(batches)
-    next(it)  # start-up (worker processes, first reads) is not timed
-    t0 = time.perf_counter()
-    for _ in range(n_batches - 1):
-        x = next(it)
-        x = x[0] if isinstance(x, (tuple, list)) else x
-        assert x.shape[0] == batch_size
-        x.sum()  # read it, as training does: a batch from a worker arrives in shared memory, untouched
-    return (n_batches - 1) * batch_size / (time.perf_counter() - t0)
+def _rate(make, n_batches: int, batch_size: int) -> float:
+    """Images/s of the reader ``make()`` builds, over ``n_batches`` after its first."""
+    import itertools
+
+    import torch
+
+    reader = make()
+    if isinstance(reader, torch.utils.data.DataLoader):  # one epoch per iter(): chain them (persistent workers)
+        it = itertools.chain.from_iterable(reader for _ in itertools.count())
+    else:
+        it = iter(reader)
+    try:
+        first = next(it)  # start-up (worker processes, first reads) is not timed
+        sink = torch.empty_like(first[0] if isinstance(first, (tuple, list)) else first)
+        t0 = time.perf_counter()
+        for _ in range(n_batches):
+            x = next(it)
+            x = x[0] if isinstance(x, (tuple, list)) else x
+            assert x.shape[0] == batch_size
+            # Read it once, as training does (a copy to the GPU): a batch from a worker can arrive in shared
+            # memory whose pages are mapped only when touched. A copy, not a reduction: torch's uint8 sum
+            # runs at ~0.3-0.5 GB/s and would time itself (40 ms per 256 px batch), not the loader.
+            sink.copy_(x)
+        return n_batches * batch_size / (time.perf_counter() - t0)
+    finally:
+        if hasattr(reader, "close"):
+            reader.close()
+        del it
 
 
-def measure(size: int, n: int, workers: int, batch_size: int, tmp: Path, streams: int = 0) -> dict[str, float]:
+def measure(size: int, n: int, workers: int, batch_size: int, tmp: Path, streams: int = 16, passes: int = 2,
+            repeats: int = 3) -> dict[str, float]:
+    """Median images/s of each reader over ``repeats`` rounds; in a round each reader reads ``passes``
+    passes over the images in turn, so the readers share whatever else loads the machine."""
+    import statistics
+
     import torch
     import torchvision
 
@@ -62,17 +88,26 @@ def measure(size: int, n: int, workers: int, batch_size: int, tmp: Path, streams
     from ..data import build_train_loader
 
     paths = _write_inputs(tmp, size, n)
-    n_batches = n // batch_size
-    ds = torchvision.datasets.ImageFolder(str(paths["folder"]), transform=torchvision.transforms.PILToTensor())
-    dl = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=workers, drop_last=True,
-                                     persistent_workers=False)
-    out = {"folder": _rate(dl, n_batches, batch_size)}
-    for enc in ("png", "npy"):
+
+    def folder():
+        ds = torchvision.datasets.ImageFolder(str(paths["folder"]), transform=torchvision.transforms.PILToTensor())
+        return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=workers,
+                                           drop_last=True, persistent_workers=workers > 0)
+
+    def shards(enc: str, s: int):
         cfg = DataConfig(dataset="shards", train_manifest=str(paths[enc] / "train"),
                          test_manifest=str(paths[enc] / "train"), image_size=size, batch_size=batch_size,
-                         num_workers=workers, shuffle_buffer=1000, streams=streams)
-        out[enc] = _rate(build_train_loader(cfg), n_batches, batch_size)
-    return out
+                         num_workers=workers, shuffle_buffer=1000, streams=s)
+        return lambda: build_train_loader(cfg)
+
+    readers = {"folder": folder, "png": shards("png", 0), "npy": shards("npy", 0)}
+    if streams:
+        readers["npy_streams"] = shards("npy", streams)
+    rates: dict[str, list[float]] = {k: [] for k in readers}
+    for _ in range(repeats):
+        for k, make in readers.items():
+            rates[k].append(_rate(make, passes * (n // batch_size), batch_size))
+    return {k: statistics.median(v) for k, v in rates.items()}
 
 
 def run(ns) -> int:
@@ -82,19 +117,25 @@ def run(ns) -> int:
     with tempfile.TemporaryDirectory(dir=ns.dir) as d:
         for size in ns.sizes:
             n = ns.images if size <= 64 else max(ns.batch_size * 4, ns.images // 4)
-            r = measure(size, n, ns.workers, ns.batch_size, Path(d), ns.streams)
+            r = measure(size, n, ns.workers, ns.batch_size, Path(d), ns.streams, ns.passes, ns.repeats)
             rows.append((size, n, r))
             print(f"{size}px done", flush=True)
-    print(f"\nloader throughput, images/s ({ns.workers} worker(s), batch {ns.batch_size}, data.streams={ns.streams}; "
-          f"{os.cpu_count()} CPU cores, "
+    print(f"\nloader throughput, images/s ({ns.workers} worker(s), batch {ns.batch_size}, {ns.passes} passes after the "
+          f"first batch, median of {ns.repeats} alternating rounds; {os.cpu_count()} CPU cores, "
           f"{platform.processor() or platform.machine()}):\n")
-    print("| size | images | ImageFolder+PIL | shards PNG | shards npy | PNG / ImageFolder | npy / ImageFolder | "
-          "prep's default (auto) / ImageFolder |")
-    print("|---|---|---|---|---|---|---|---|")
+    head = ("| size | images | ImageFolder+PIL | shards PNG | shards npy | PNG / ImageFolder | npy / ImageFolder | "
+            "prep's default (auto) / ImageFolder |")
+    if ns.streams:
+        head += f" npy, data.streams={ns.streams} | streams / default (npy) |"
+    print(head)
+    print("|---" * (head.count("|") - 1) + "|")
     for size, n, r in rows:
         enc = default_encoding(size)
-        print(f"| {size}x{size} | {n} | {r['folder']:.0f} | {r['png']:.0f} | {r['npy']:.0f} | "
-              f"{r['png'] / r['folder']:.2f}x | {r['npy'] / r['folder']:.2f}x | {enc}: {r[enc] / r['folder']:.2f}x |")
+        line = (f"| {size}x{size} | {n} | {r['folder']:.0f} | {r['png']:.0f} | {r['npy']:.0f} | "
+                f"{r['png'] / r['folder']:.2f}x | {r['npy'] / r['folder']:.2f}x | {enc}: {r[enc] / r['folder']:.2f}x |")
+        if ns.streams:
+            line += f" {r['npy_streams']:.0f} | {r['npy_streams'] / r['npy']:.2f}x |"
+        print(line)
     return 0
 
 
@@ -105,7 +146,11 @@ def add_parser(subparsers) -> None:
     p.add_argument("--images", type=int, default=4096, help="images per size (a quarter of it above 64px; default 4096)")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers for every reader (default: 2)")
     p.add_argument("--batch-size", type=int, default=64, help="batch size (default: 64)")
-    p.add_argument("--streams", type=int, default=0,
-                   help="data.streams of the shard readers (default: 0, the per-worker order)")
+    p.add_argument("--streams", type=int, default=16,
+                   help="also time npy shards with data.streams=S, alternating with the default order (0: skip; "
+                        "default 16)")
+    p.add_argument("--passes", type=int, default=2, help="passes over the images timed per reader and round (default 2)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="rounds, each timing every reader in turn; the table gives medians (default 3)")
     p.add_argument("--dir", default=None, help="where to write the temporary inputs (default: the system temp dir)")
     p.set_defaults(func=run)

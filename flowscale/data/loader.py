@@ -39,7 +39,7 @@ import torch
 from .order import check_sharing
 from .reader import BadDataPolicy
 from .splits import Split, resolve_split
-from .workers import _ignore_job_signals, _Stream, _Streams, worker_batches  # noqa: F401 (worker_batches: API)
+from .workers import BatchRing, _ignore_job_signals, _Stream, _Streams, worker_batches  # noqa: F401 (worker_batches: API)
 
 
 def _close_at_exit(ref: weakref.ref) -> None:
@@ -58,6 +58,9 @@ class ShardLoader:
     the config field): global batch t is the same for every world size and worker count that
     divide S, and the state holds every stream's position once the ranks have exchanged theirs
     (:meth:`stream_positions` / :meth:`adopt_positions`), so any such topology can resume it."""
+
+    PREFETCH = 2
+    """The DataLoader's prefetch_factor: items asked of each worker ahead of the one being read."""
 
     def __init__(self, split: Split, data_cfg, rank: int = 0, world_size: int = 1, seed: int = 0):
         from ..config import ConfigError
@@ -85,6 +88,7 @@ class ShardLoader:
         self.positions: list[tuple[int, int]] = [(0, 0)] * self.W
         self.batches = 0
         self._it = None
+        self._n, self._ring = 0, None  # batches taken from this DataLoader, the workers' BatchRing
         self._workers: list = []
         self.policy = BadDataPolicy(data_cfg.bad_data, data_cfg.max_skipped, split.where)
         self._note_bad_shards(echo=rank == 0)
@@ -98,16 +102,23 @@ class ShardLoader:
         self.policy.take_met()
 
     def _iterator(self):
+        self._n, self._ring = 0, None
+        if self.num_workers:
+            # Batches a worker can be writing while the caller holds batch n (and n - 1, until the assignment
+            # of n lets it go): the DataLoader asks for prefetch_factor items per worker ahead, an item being a
+            # batch (data.streams=0) or a worker's part of one (streams). One slot to spare.
+            ahead = self.PREFETCH if self.S else self.PREFETCH * self.W
+            self._ring = BatchRing(ahead + 3, self.batch_size, self.split.image_shape, self.split.manifest.labels)
         if self.S:
             ds = _Streams(self.split, self.cfg, self.seed, self.my_streams, self.W, self.cfg.batch_size // self.S,
-                          dict(self.stream_pos), dict(self.policy.bad))
+                          dict(self.stream_pos), dict(self.policy.bad), self._ring)
         else:
             ds = _Stream(self.split, self.cfg, self.seed, self.rank, self.W, self.world_size, self.batch_size,
-                         list(self.positions), self.batches % self.W, dict(self.policy.bad))
+                         list(self.positions), self.batches % self.W, dict(self.policy.bad), self._ring)
         if self.num_workers == 0:
             return iter(ds)
         loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=self.num_workers,
-                                             timeout=self.cfg.worker_timeout_s, prefetch_factor=2,
+                                             timeout=self.cfg.worker_timeout_s, prefetch_factor=self.PREFETCH,
                                              worker_init_fn=_ignore_job_signals)
         # iter() forks the workers. What they inherit must not be garbage-collected there: the finalizer of
         # a torch.distributed process group left over from an earlier run waits for threads a fork does not
@@ -138,7 +149,7 @@ class ShardLoader:
         self.batches += 1
         for entry in met:  # printed here, so a sample met by two workers is named once
             self.policy.note(*entry)
-        return x, y
+        return self._take(x, y)
 
     def _next_streams(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         parts = [next(self._it) for _ in range(self.W)]  # one item per worker, in worker order
@@ -150,9 +161,36 @@ class ShardLoader:
             for entry in met:
                 self.policy.note(*entry)
         self.batches += 1
-        x = torch.cat([part[0] for part in parts])
-        y = None if parts[0][1] is None else torch.cat([part[1] for part in parts])
+        n, ring = self._n, self._ring
+        self._n += 1
+        if len(parts) == 1 and not isinstance(parts[0][0], int):  # no workers: the whole batch
+            return parts[0][0], parts[0][1]
+        for x, _, _ in parts:
+            self._check_slot(x, n)
+        if all(isinstance(x, int) for x, _, _ in parts):  # the workers wrote it together, in its slot
+            return ring.take(n)
+        # a worker found the slot still held (the caller keeps batches) and sent its part: join them
+        rows = self.batch_size // self.W
+        xs, ys = zip(*[(ring.x[n % ring.K, j * rows:(j + 1) * rows], None if ring.y is None else
+                        ring.y[n % ring.K, j * rows:(j + 1) * rows]) if isinstance(x, int) else (x, y)
+                       for j, (x, y, _) in enumerate(parts)])
+        x, y = torch.cat(xs), None if ys[0] is None else torch.cat(ys)
+        if any(isinstance(x, int) for x, _, _ in parts):
+            ring.release(n)  # copied out
         return x, y
+
+    def _take(self, x, y) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The next batch of this DataLoader: the tensors its worker handed over, or its slot of the ring."""
+        n = self._n
+        self._n += 1
+        if not isinstance(x, int):
+            return x, y
+        self._check_slot(x, n)
+        return self._ring.take(n)
+
+    def _check_slot(self, x, n: int) -> None:
+        if isinstance(x, int) and x != n:
+            raise RuntimeError(f"loader batch {self.batches - 1}: a worker wrote batch {x} of its ring, expected {n}")
 
     def stream_positions(self) -> dict[int, tuple[int, int]]:
         """This rank's streams and their (epoch, t): what the other ranks need to hold every

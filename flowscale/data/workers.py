@@ -11,6 +11,7 @@ several canonical streams per worker (``data.streams``). :mod:`.loader` is the m
 from __future__ import annotations
 
 import signal
+import weakref
 from typing import Iterator
 
 import numpy as np
@@ -58,48 +59,118 @@ class _PlanReader:
         self.ptr += 1
 
 
+class _StreamReader:
+    """Global worker (or canonical stream) ``g`` of ``G`` from ``start`` = (epoch, t): the emission
+    order of :class:`.order.EpochPlan`, read through :class:`_PlanReader`, decoded and flipped
+    straight into the caller's batch rows (:meth:`fill`), so a sample's pixels are copied once,
+    from the shard's bytes to the batch. ``known``: the ledger of bad data met before (not
+    reported again)."""
+
+    def __init__(self, split: Split, data_cfg, seed: int, g: int, G: int, start: tuple[int, int],
+                 known: dict | None = None):
+        self.split, self.cfg, self.seed, self.g, self.G = split, data_cfg, seed, g, G
+        self.epoch, self.t = start
+        self.decode = SampleDecoder(split.manifest)
+        self.policy = BadDataPolicy(data_cfg.bad_data, data_cfg.max_skipped, split.where, known, echo=False)
+        self.plan: EpochPlan | None = None
+        self.reader: _PlanReader | None = None
+        self.flips: dict[int, np.ndarray] = {}
+
+    def close(self) -> None:
+        if self.reader is not None:
+            self.reader.close()
+
+    def fill(self, x: np.ndarray, y: np.ndarray | None) -> tuple[int, int, list]:
+        """Write the next len(x) samples into ``x`` (uint8 [b, C, H, W]) and their labels into ``y``
+        (int64 [b], or None); returns (epoch, t, met) after them. ``met``: the bad data first met
+        while filling, as :attr:`.reader.BadDataPolicy.met` lists it."""
+        split, counts, i = self.split, self.split.counts, 0
+        while i < len(x):
+            if self.plan is None:
+                self.plan = EpochPlan(counts, self.epoch, self.seed, self.g, self.G, self.cfg.shuffle_buffer)
+                self.reader = _PlanReader(split, self.plan, self.t, self.policy)
+                self.flips.clear()
+            if self.t >= self.plan.length:
+                self.reader.close()
+                self.plan, self.epoch, self.t = None, self.epoch + 1, 0
+                continue
+            item = self.reader.get(int(self.plan.order[self.t]))
+            self.t += 1
+            if item is None:  # a broken shard's sample: counted once, with the break
+                continue
+            s, idx, key, members = item
+            try:
+                xi, yi = self.decode(members)
+            except ValueError as e:
+                self.policy.sample(split.urls[s], split.manifest.shards[s].name, key, idx, str(e))
+                continue
+            if self.cfg.random_flip:
+                if s not in self.flips:  # a function of (seed, epoch, shard, index): independent of ranks/workers
+                    self.flips[s] = seeds.numpy_rng(self.seed, "flip", self.epoch, s).random(counts[s]) < 0.5
+                if self.flips[s][idx]:
+                    xi = xi[:, ::-1]
+            x[i] = xi.transpose(2, 0, 1)  # [H, W, C] -> [C, H, W], the one copy of the pixels
+            if y is not None:
+                y[i] = yi
+            i += 1
+        return self.epoch, self.t, self.policy.take_met()
+
+
+def _batch_arrays(b: int, split: Split) -> tuple[np.ndarray, np.ndarray | None]:
+    return (np.empty((b, *split.image_shape), dtype=np.uint8),
+            np.empty(b, dtype=np.int64) if split.manifest.labels else None)
+
+
 def worker_batches(split: Split, data_cfg, seed: int, g: int, G: int, batch_size: int, start: tuple[int, int],
                    worker: int, known: dict | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor | None, tuple]]:
     """Global worker g's infinite stream of (x uint8 [B, C, H, W], y int64 [B] | None,
-    (worker, epoch, t, met) after the batch), from ``start`` = (epoch, t). ``met``: the bad data
-    first met while making the batch, as :attr:`.reader.BadDataPolicy.met` lists it; ``known``:
-    the ledger of what was met before (those are not reported again)."""
-    epoch, t = start
-    counts = split.counts
-    decode = SampleDecoder(split.manifest)
-    policy = BadDataPolicy(data_cfg.bad_data, data_cfg.max_skipped, split.where, known, echo=False)
-    xs, ys = [], []
-    flips: dict[int, np.ndarray] = {}
-    while True:
-        plan = EpochPlan(counts, epoch, seed, g, G, data_cfg.shuffle_buffer)
-        reader = _PlanReader(split, plan, t, policy)
-        flips.clear()
-        try:
-            while t < plan.length:
-                item = reader.get(int(plan.order[t]))
-                t += 1
-                if item is None:  # a broken shard's sample: counted once, with the break
-                    continue
-                s, idx, key, members = item
-                try:
-                    x, y = decode(members)
-                except ValueError as e:
-                    policy.sample(split.urls[s], split.manifest.shards[s].name, key, idx, str(e))
-                    continue
-                if data_cfg.random_flip:
-                    if s not in flips:  # a function of (seed, epoch, shard, index): independent of ranks/workers
-                        flips[s] = seeds.numpy_rng(seed, "flip", epoch, s).random(counts[s]) < 0.5
-                    if flips[s][idx]:
-                        x = x[:, ::-1]
-                xs.append(x)
-                ys.append(y)
-                if len(xs) == batch_size:
-                    xb, yb = stack_batch(xs, ys, split.manifest.labels, split.image_shape)
-                    xs, ys = [], []
-                    yield xb, yb, (worker, epoch, t, policy.take_met())
-        finally:
-            reader.close()
-        epoch, t = epoch + 1, 0
+    (worker, epoch, t, met) after the batch), from ``start`` = (epoch, t) (see :class:`_StreamReader`)."""
+    reader = _StreamReader(split, data_cfg, seed, g, G, start, known)
+    try:
+        while True:
+            x, y = _batch_arrays(batch_size, split)
+            epoch, t, met = reader.fill(x, y)
+            yield torch.from_numpy(x), None if y is None else torch.from_numpy(y), (worker, epoch, t, met)
+    finally:
+        reader.close()
+
+
+class BatchRing:
+    """K batch slots in shared memory, made by the training process before its DataLoader
+    workers start: a worker writes its samples straight into slot n mod K and hands over only
+    the batch number n (the n-th batch of this DataLoader), so a batch costs no shared-memory
+    segment of its own (an shm file, fd passing, a fresh mapping whose pages fault in on both
+    sides), no copy into it, and, with canonical streams, no join of the workers' parts.
+
+    Slot k may take batch n once its last batch, n - K, is released: ``released[k] >= n - K``.
+    The training process hands batch n out as a view of slot n mod K and releases it when the
+    last reference to that view is gone, so a batch stays valid as long as it is held. A worker
+    that finds its slot still held (a caller keeping many batches) makes a batch of its own,
+    handed over the usual way."""
+
+    def __init__(self, slots: int, batch_size: int, image_shape: tuple[int, int, int], labels: bool):
+        self.K = slots
+        self.x = torch.empty((slots, batch_size, *image_shape), dtype=torch.uint8).share_memory_()
+        self.y = torch.empty((slots, batch_size), dtype=torch.int64).share_memory_() if labels else None
+        self.released = torch.arange(-slots, 0, dtype=torch.int64).share_memory_()
+
+    def claim(self, n: int, rows: slice) -> tuple[np.ndarray, np.ndarray | None] | None:
+        """Worker side: the ``rows`` of slot n mod K to write batch n into, or None while the slot is held."""
+        k = n % self.K
+        if int(self.released.numpy()[k]) < n - self.K:
+            return None
+        return self.x.numpy()[k, rows], None if self.y is None else self.y.numpy()[k, rows]
+
+    def take(self, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Training-process side: batch n as (x view of its slot, y copy), released when x is let go."""
+        k = n % self.K
+        view = self.x.numpy()[k]  # a new array object per batch: its lifetime is the batch's
+        weakref.finalize(view, self.release, n)
+        return torch.from_numpy(view), None if self.y is None else self.y[k].clone()
+
+    def release(self, n: int) -> None:
+        """Slot n mod K is free for batch n + K."""
+        self.released.numpy()[n % self.K] = n
 
 
 def _ignore_job_signals(worker_id: int) -> None:
@@ -113,43 +184,75 @@ def _ignore_job_signals(worker_id: int) -> None:
 
 class _Stream(torch.utils.data.IterableDataset):
     """DataLoader worker i plays logical worker (i + rotation) mod W, so a resumed DataLoader
-    (which always starts with worker 0) continues the round-robin where the last one stopped."""
+    (which always starts with worker 0) continues the round-robin where the last one stopped.
+    Its batches are the DataLoader's i, i + W, ...; with a :class:`BatchRing` they are written
+    into it."""
 
     def __init__(self, split: Split, data_cfg, seed: int, rank: int, num_workers: int, world_size: int,
-                 batch_size: int, starts: list[tuple[int, int]], rotation: int, known: dict):
+                 batch_size: int, starts: list[tuple[int, int]], rotation: int, known: dict,
+                 ring: BatchRing | None = None):
         self.split, self.cfg, self.seed = split, data_cfg, seed
         self.rank, self.W, self.world = rank, num_workers, world_size
         self.batch_size, self.starts, self.rotation, self.known = batch_size, starts, rotation, known
+        self.ring = ring
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         i = 0 if info is None else info.id
         w = (i + self.rotation) % self.W
         g = self.rank * self.W + w
-        return worker_batches(self.split, self.cfg, self.seed, g, self.world * self.W, self.batch_size,
-                              self.starts[w], w, self.known)
+        reader = _StreamReader(self.split, self.cfg, self.seed, g, self.world * self.W, self.starts[w], self.known)
+        n = i
+        try:
+            while True:
+                slot = None if self.ring is None else self.ring.claim(n, slice(None))
+                x, y = _batch_arrays(self.batch_size, self.split) if slot is None else slot
+                epoch, t, met = reader.fill(x, y)
+                yield (*_handed_over(n, slot, x, y), (w, epoch, t, met))
+                n += self.W
+        finally:
+            reader.close()
 
 
 class _Streams(torch.utils.data.IterableDataset):
     """Canonical streams (``data.streams`` = S): the rank's streams are split into equal blocks,
-    DataLoader worker i reads block i and yields, for every step, b samples of each of its
-    streams in stream order (stream g is :func:`worker_batches` of g of S). The rank's batch is
-    the concatenation of one item from each worker, in worker order."""
+    DataLoader worker i reads block i and writes, for every step, b samples of each of its
+    streams in stream order (stream g is :class:`_StreamReader` g of S) into its rows of the
+    rank's batch: rows [i k b, (i + 1) k b) for k streams per worker. With a :class:`BatchRing`
+    the rows are those of the batch's slot, so the workers build the rank's batch together in
+    place; without one (a slot still held, or no workers) the training process joins the parts."""
 
     def __init__(self, split: Split, data_cfg, seed: int, streams: list[int], num_workers: int, b: int,
-                 starts: dict[int, tuple[int, int]], known: dict):
+                 starts: dict[int, tuple[int, int]], known: dict, ring: BatchRing | None = None):
         self.split, self.cfg, self.seed, self.streams, self.W = split, data_cfg, seed, streams, num_workers
-        self.b, self.starts, self.known = b, starts, known
+        self.b, self.starts, self.known, self.ring = b, starts, known, ring
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         i = 0 if info is None else info.id
-        k = len(self.streams) // self.W
-        S = self.cfg.streams
-        gens = [worker_batches(self.split, self.cfg, self.seed, g, S, self.b, self.starts[g], g, self.known)
-                for g in self.streams[i * k:(i + 1) * k]]
-        while True:
-            parts = [next(gen) for gen in gens]
-            x = torch.cat([part[0] for part in parts])
-            y = None if parts[0][1] is None else torch.cat([part[1] for part in parts])
-            yield x, y, (i, [part[2][:3] for part in parts], [m for part in parts for m in part[2][3]])
+        k, b = len(self.streams) // self.W, self.b
+        mine = self.streams[i * k:(i + 1) * k]
+        readers = [_StreamReader(self.split, self.cfg, self.seed, g, self.cfg.streams, self.starts[g], self.known)
+                   for g in mine]
+        n = 0
+        try:
+            while True:
+                slot = None if self.ring is None else self.ring.claim(n, slice(i * k * b, (i + 1) * k * b))
+                x, y = _batch_arrays(k * b, self.split) if slot is None else slot
+                positions, met = [], []
+                for j, (g, reader) in enumerate(zip(mine, readers)):
+                    epoch, t, m = reader.fill(x[j * b:(j + 1) * b], None if y is None else y[j * b:(j + 1) * b])
+                    positions.append((g, epoch, t))
+                    met += m
+                yield (*_handed_over(n, slot, x, y), (i, positions, met))
+                n += 1
+        finally:
+            for reader in readers:
+                reader.close()
+
+
+def _handed_over(n: int, slot, x: np.ndarray, y: np.ndarray | None) -> tuple:
+    """What a worker hands over for batch n: (n, None) when it is in the ring, else (x, y) as tensors."""
+    if slot is not None:
+        return n, None
+    return torch.from_numpy(x), None if y is None else torch.from_numpy(y)
