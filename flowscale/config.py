@@ -413,6 +413,11 @@ class TrainConfig:
     linear_bound_bpd beside bits/dim; 0 = skip. Needs more images than C*H*W dimensions."""
     progress: bool = True
     """Show a tqdm progress bar when stdout is a terminal (plain log lines otherwise)."""
+    record_batches: bool = False
+    """Audit the data order: every rank appends, per step, a fingerprint of each image of its
+    batch (64-bit BLAKE2b of its uint8 pixels, after the flip) to
+    ``run_dir/batches/rank_XXXXX.jsonl``; records past the step a run resumes from are moved to
+    ``batches/superseded.jsonl``. :func:`flowscale.logging.batch_keys` maps them to sample keys."""
 
     def __post_init__(self):
         _at_least(self, "train", steps=1)

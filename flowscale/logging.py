@@ -1,7 +1,8 @@
 """Run logging: a progress bar on a terminal, plain lines otherwise, metrics.jsonl, and W&B.
 
 Only the main rank logs; elsewhere every method is a no-op. The W&B run id is kept in
-``<run_dir>/wandb_id.txt`` so a resumed or requeued job continues the same W&B run.
+``<run_dir>/wandb_id.txt`` so a resumed or requeued job continues the same W&B run (rewound with
+W&B's ``resume_from`` when it continues from an earlier step than it logged).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ class RunLogger:
         self.bar = None
         self.wandb = None
         self._pending = (total_steps, progress, wandb_cfg, config_dict)
+        self._rewind_to: int | None = None
         if start_step:
             self.begin(start_step)
 
@@ -35,7 +37,7 @@ class RunLogger:
         if self.is_main and progress and sys.stdout.isatty():
             self.bar = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True, desc="train")
         if self.is_main and wandb_cfg is not None and wandb_cfg.mode != "disabled":
-            self.wandb = _init_wandb(self.path.parent, wandb_cfg, config_dict or {})
+            self.wandb = _init_wandb(self.path.parent, wandb_cfg, config_dict or {}, self._rewind_to)
 
     def info(self, msg: str) -> None:
         if not self.is_main:
@@ -75,6 +77,7 @@ class RunLogger:
             except json.JSONDecodeError:
                 moved.append(line)
         if moved:
+            self._rewind_to = step  # W&B too: the run continues from this step, a branch of the logged one
             with open(self.superseded_path, "a") as f:
                 f.write("".join(m + "\n" for m in moved))
             tmp = self.path.with_name(".metrics.jsonl.tmp")
@@ -103,7 +106,11 @@ class RunLogger:
             self.wandb = None
 
 
-def _init_wandb(run_dir: Path, cfg, config_dict: dict):
+def _init_wandb(run_dir: Path, cfg, config_dict: dict, rewind_to: int | None = None):
+    """Start or continue the run whose id is in wandb_id.txt. ``rewind_to``: the run continues from
+    an earlier step than it logged (its later records were superseded): W&B's ``resume_from``
+    rewinds it there, so the steps logged again replace the old ones instead of being dropped as
+    out of order."""
     import os
     import uuid
 
@@ -113,10 +120,13 @@ def _init_wandb(run_dir: Path, cfg, config_dict: dict):
     os.environ.setdefault("WANDB_CACHE_DIR", str(run_dir / "wandb" / "cache"))
     os.environ.setdefault("WANDB_SILENT", "true")
     id_file = run_dir / "wandb_id.txt"
-    run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
+    known = id_file.is_file()
+    run_id = id_file.read_text().strip() if known else uuid.uuid4().hex[:12]
     id_file.write_text(run_id)
-    return wandb.init(project=cfg.project, entity=cfg.entity, name=cfg.name or run_dir.name, id=run_id,
-                      resume="allow", mode=cfg.mode, dir=str(run_dir), config=config_dict)
+    where = ({"resume_from": f"{run_id}?_step={rewind_to}"} if known and rewind_to is not None
+             else {"id": run_id, "resume": "allow"})
+    return wandb.init(project=cfg.project, entity=cfg.entity, name=cfg.name or run_dir.name, mode=cfg.mode,
+                      dir=str(run_dir), config=config_dict, **where)
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:

@@ -3,7 +3,7 @@
 :func:`resume_changes` holds a run's config against the checkpoint it continues (its
 ``config.yaml`` and ``COMPLETE``, no pickles), on every rank before anything is written: the
 model, the data stream and its order, the precision and (without ``data.streams``) the number
-of ranks and workers may not change; what may is returned and printed. ZeRO-1/2 optimizer
+of ranks and workers may not change; what may is returned and printed. ZeRO-1/2/3 optimizer
 state on another layout (ranks or stage) goes through DeepSpeed's universal checkpoint
 (:func:`to_universal`, made once per checkpoint), loaded by :func:`flowscale.checkpoint.load`.
 """
@@ -75,16 +75,20 @@ def resume_changes(ckpt: Path, config: dict, world_size: int) -> list[str]:
                           f"data.streams the data position is per rank: resume on {by} ranks, or start a new "
                           f"train.run_dir (its weights: {weights}). Nothing was written")
     (s0, s1) = (saved.get("engine.zero_stage", 0), now.get("engine.zero_stage", 0))
-    if (by != world_size or s0 != s1) and not (s0 == s1 == 0 or (s0 in (1, 2) and s1 in (1, 2))):
+    if (by != world_size or s0 != s1) and (s0 == 0) != (s1 == 0):
         raise ConfigError(f"config field 'engine.zero_stage': {ckpt} was written with ZeRO-{s0} on {by} rank(s), this "
                           f"run has ZeRO-{s1} on {world_size}, and that cannot change on resume: optimizer state moves "
-                          f"between ZeRO-0 layouts and between ZeRO-1/2 layouts (DeepSpeed's universal checkpoint), "
-                          f"ZeRO-3 stays on its own. Resume with ZeRO-{s0} on {by} rank(s), or start a new "
+                          f"between ZeRO-0 layouts and between ZeRO-1/2/3 layouts (DeepSpeed's universal checkpoint), "
+                          f"not across. Resume with {'ZeRO-0' if s0 == 0 else 'ZeRO-1, 2 or 3'}, or start a new "
                           f"train.run_dir (its weights: {weights}). Nothing was written")
+    if s1 == 3 and (by != world_size or s0 != s1) and now.get("optim.name") == "adamax":
+        raise ConfigError(f"config field 'engine.zero_stage': DeepSpeed's universal checkpoint restores only Adam's "
+                          f"moments into ZeRO-3, and this run uses optim.name='adamax': resume {ckpt} with ZeRO-1 or 2 "
+                          f"on {world_size} rank(s), or with ZeRO-{s0} on {by}. Nothing was written")
     return [f"{field} {old!r} -> {new!r}" for field, old, new in diffs if field != "train.run_dir"]
 
 
-UNIVERSAL = "universal"  # <ckpt>/universal/: DeepSpeed's topology-free copy of a ZeRO-1/2 checkpoint
+UNIVERSAL = "universal"  # <ckpt>/universal/: DeepSpeed's topology-free copy of a ZeRO-1/2/3 checkpoint
 
 
 def needs_universal(ckpt: Path, zero_stage: int, world_size: int) -> bool:
@@ -93,7 +97,48 @@ def needs_universal(ckpt: Path, zero_stage: int, world_size: int) -> bool:
     import yaml
 
     saved = yaml.safe_load((ckpt / "config.yaml").read_text()).get("engine", {}).get("zero_stage", 0)
-    return saved in (1, 2) and zero_stage in (1, 2) and (saved != zero_stage or written_by(ckpt) != world_size)
+    return saved in (1, 2, 3) and zero_stage in (1, 2, 3) and (saved != zero_stage or written_by(ckpt) != world_size)
+
+
+def _for_every_stage(folder: Path) -> None:
+    """Make a folder that ds_to_universal wrote from one ZeRO layout loadable by every stage.
+
+    DeepSpeed 0.19 reads a universal checkpoint differently per target stage: ZeRO-1/2 want
+    ``mp_rank_00_model_states.pt``, a ``step.pt`` beside each parameter's moments and a
+    ``ds_version`` in ``zero/optimizer_state.pt``; ZeRO-3 wants
+    ``zero_pp_rank_0_mp_rank_00_model_states.pt`` and the step in that file's
+    ``optimizer_state_dict``, and ZeRO-1/2 read each moment as a shaped ``{"param": ...}`` where
+    the converter of a ZeRO-3 checkpoint writes a flat tensor. The converter writes only what its
+    source stage's own loader reads.
+    Adds what is missing; the tensors are DeepSpeed's, untouched."""
+    import os
+
+    import deepspeed
+    import torch
+
+    zero = folder / "zero"
+    sd = torch.load(zero / "optimizer_state.pt", map_location="cpu", weights_only=False)
+    per_param = sorted(zero.glob("*/step.pt"))
+    step = (torch.load(per_param[0], map_location="cpu", weights_only=False) if per_param
+            else sd["optimizer_state_dict"]["state"][0]["step"])
+    sd.setdefault("optimizer_state_dict", {"state": {0: {"step": step}}, "param_groups": sd["param_groups"]})
+    sd.setdefault("ds_version", deepspeed.__version__)
+    torch.save(sd, zero / "optimizer_state.pt")
+    # The model-states file holds no weights a universal load reads (those come from zero/), only
+    # the engine's counters, the LR schedule and the parameter shapes: one copy serves under both names.
+    source = sorted(folder.glob("*model_states.pt"))[0]
+    shapes = {name: shape for group in torch.load(source, map_location="cpu", weights_only=False)["param_shapes"]
+              for name, shape in group.items()}
+    for d in (d for d in zero.iterdir() if d.is_dir()):
+        if not (d / "step.pt").exists():
+            torch.save(step, d / "step.pt")
+        for f in d.glob("*.pt"):  # ZeRO-3's converter writes flat tensors, ZeRO-1/2's loader reads shaped dicts
+            t = torch.load(f, map_location="cpu", weights_only=False)
+            if f.name != "step.pt" and isinstance(t, torch.Tensor):
+                torch.save({"param": t.view(shapes[d.name]), "cat_dim": 0}, f)
+    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"):
+        if not (folder / name).exists():
+            os.link(source, folder / name)
 
 
 def to_universal(ckpt: Path, rank: int) -> tuple[Path, float]:
@@ -113,6 +158,7 @@ def to_universal(ckpt: Path, rank: int) -> tuple[Path, float]:
         if r.returncode != 0:
             shutil.rmtree(tmp, ignore_errors=True)
             raise RuntimeError(f"DeepSpeed's ds_to_universal could not convert {ckpt}: {r.stderr.strip()[-500:]}")
+        _for_every_stage(tmp)
         (tmp / "COMPLETE").write_text("ds_to_universal\n")
         shutil.rmtree(out, ignore_errors=True)
         tmp.rename(out)

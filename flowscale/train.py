@@ -23,6 +23,7 @@ import torch
 from . import checkpoint as ckpt_io
 from . import resume as resume_io
 from . import seeds
+from .audit import BATCHES, record_batch, rewind_batches
 from .build import build_training, pick_device
 from .config import Config, to_dict, to_yaml
 from .data import build_train_loader, eval_split, first_images
@@ -172,6 +173,8 @@ def _train(cfg: Config, info: DistInfo, log: RunLogger, resume: bool, chosen: Pa
     moved = log.rewind(step if found is not None else -1)
     if moved:
         log.info(f"{moved} metrics records after step {step} (not in the checkpoint) moved to {log.superseded_path.name}")
+    if info.is_main and (run_dir / BATCHES).is_dir():  # train.record_batches: the same for the batch records
+        rewind_batches(run_dir, step if found is not None else -1)
     log.info(f"model: {cfg.model.preset} L={cfg.model.levels} K={cfg.model.steps} "
              f"width={cfg.model.widths or cfg.model.width} params={run.n_params / 1e6:.2f}M | ranks={info.world_size} "
              f"global batch={layout['global']} micro-batch={layout['micro']} x accum={layout['accum']} | "
@@ -231,6 +234,8 @@ def _train(cfg: Config, info: DistInfo, log: RunLogger, resume: bool, chosen: Pa
                                  tuple(x.shape[1:]), cfg.data.noise_std) if cfg.data.streams else (None, None)
             metrics = train_step(engine, (x, y, *noise), loss_fn)  # loss = bits/dim (+ penalty), backward, step
             step += 1
+            if cfg.train.record_batches:
+                record_batch(run_dir, info.rank, step, x)
             if metrics["skipped"]:
                 bad_in_row, skipped_total = bad_in_row + 1, skipped_total + 1
                 log.log(step, {"skipped_steps": skipped_total})

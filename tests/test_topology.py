@@ -1,9 +1,10 @@
 """Training whose trajectory is not the topology's business (data.streams): the same global
 batch on 1 rank x grad_accum 4, 2 ranks x 2 and 4 ranks x 1 gives the same per-step losses; a
-ZeRO-0 run switched 2 ranks -> 1 rank with 2 loader workers -> 4 ranks mid-run, and a run
-switched 2 ranks ZeRO-2 -> 1 rank ZeRO-1 -> 4 ranks ZeRO-2 (optimizer state resharded through
-DeepSpeed's universal checkpoint), end where the unswitched run ends. Real torchrun processes,
-DeepSpeed on gloo, demo shards.
+ZeRO-0 run switched 2 ranks -> 1 rank with 2 loader workers -> 4 ranks mid-run, and a run on 2
+ranks with ZeRO-2, SIGKILLed mid-epoch and resumed on 1 rank with ZeRO-1, then on 4 ranks with
+ZeRO-3 (optimizer state resharded through DeepSpeed's universal checkpoint), end where the
+unswitched run ends, each image seen once per epoch. Real torchrun processes, DeepSpeed on
+gloo, demo shards.
 
 Tolerances. The runs differ only in the order in which per-sample gradients are summed (within a
 micro-batch, over micro-batches, over ranks), i.e. by float32 rounding: a relative 2^-24 per
@@ -38,10 +39,13 @@ COMMON = ["model.levels=2", "model.steps=1", "model.width=8", "data.image_size=1
 WEIGHT_TOL = STEPS * LR * 1e-3
 
 
-def _train(run_dir: Path, nproc: int, *overrides: str, tmp_path: Path, ok: bool = True) -> subprocess.CompletedProcess:
+def _train(run_dir: Path, nproc: int, *overrides: str, tmp_path: Path, ok: bool = True,
+           kill_at: str | None = None) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                             "MASTER_PORT")}
+                                                             "MASTER_PORT", "FLOWSCALE_KILL_AT", "WANDB_DIR")}
     env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TMPDIR=str(tmp_path))
+    if kill_at:  # flowscale.checkpoint's crash points: SIGKILL inside a save
+        env["FLOWSCALE_KILL_AT"] = kill_at
     args = ["-m", "flowscale.cli", "train", *COMMON, f"train.run_dir={run_dir}", *overrides]
     launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run",
                                                     f"--nproc_per_node={nproc}", f"--master_port={free_port()}"]
@@ -100,31 +104,78 @@ def test_switched_2_to_1_to_4_ranks_mid_run_ends_where_the_unswitched_run_ends(o
     assert not (run / "metrics.superseded.jsonl").exists(), "no step lost or repeated across the switches"
 
 
-def test_zero_state_resharded_2_ranks_zero2_to_1_rank_zero1_to_4_ranks_zero2(one_rank, tmp_path):
-    """ZeRO-1/2 optimizer state on another layout goes through DeepSpeed's universal checkpoint,
-    made once per checkpoint; ZeRO-3 and crossings with ZeRO-0 are refused before anything is
-    written."""
+def test_killed_mid_epoch_on_2_ranks_zero2_resumed_on_1_rank_zero1_then_4_ranks_zero3(one_rank, tmp_path):
+    """The issue's switch: 2 ranks under ZeRO-2, rank 1 SIGKILLed inside the save of step 15
+    (mid-epoch: an epoch is 8 steps), the run resumed from step 10 on 1 rank with ZeRO-1 and 2
+    loader workers, then on 4 ranks with ZeRO-3. Optimizer state crosses both layouts through
+    DeepSpeed's universal checkpoint. Data coverage is counted from sample keys
+    (train.record_batches, matched against the shards): every image exactly once per epoch, and
+    the steps redone after the kill saw the very batches the killed run saw."""
+    from flowscale.audit import batch_keys, read_batches
+    from flowscale.config import load_config
+
+    run = tmp_path / "run"
+    audit = ["train.checkpoint_every=5", "train.record_batches=true", "wandb.mode=offline"]
+    p = _train(run, 2, "engine.zero_stage=2", "engine.grad_accum=2", f"train.steps={STEPS}", *audit,
+               tmp_path=tmp_path, ok=False, kill_at="engine_state@15:1")
+    assert p.returncode != 0 and [c.name for c in list_complete(run)] == ["step_00000005", "step_00000010"], \
+        p.stdout[-2000:] + p.stderr[-2000:]
+    killed = read_batches(run)
+    assert sorted(killed) == list(range(1, 16)), "the killed run recorded steps 1..15"
+
+    out = _train(run, 1, "engine.zero_stage=1", "engine.grad_accum=4", "train.steps=20", "data.num_workers=2", *audit,
+                 tmp_path=tmp_path).stdout
+    assert "removed 1 unfinished checkpoint directory left by an interrupted run: step_00000015" in out, out[-2000:]
+    assert "resuming step_00000010 written by 2 rank(s) on 1: optimizer state resharded (universal checkpoint)" in out
+    assert "5 metrics records after step 10 (not in the checkpoint) moved to metrics.superseded.jsonl" in out
+    out = _train(run, 4, "engine.zero_stage=3", "engine.grad_accum=1", f"train.steps={STEPS}", *audit,
+                 tmp_path=tmp_path).stdout
+    assert "resuming step_00000020 written by 1 rank(s) on 4: optimizer state resharded" in out, out[-2000:]
+
+    loss, weights = _compare(one_rank, run)
+    assert loss < 1e-4 and weights < WEIGHT_TOL, (loss, weights)
+    batches = read_batches(run)
+    assert all(batches[s] == killed[s] for s in range(11, 16)), "the redone steps saw the killed run's batches"
+    cfg = load_config(None, COMMON + [f"train.run_dir={run}"])
+    keys = batch_keys(run, cfg.data)
+    assert sorted(keys) == list(range(1, STEPS + 1)) and all(len(k) == 8 for k in keys.values())
+    every = {k for ks in keys.values() for k in ks}
+    assert len(every) == 64, "the 64 training images"
+    per_epoch = 64 // 8
+    for e in range(STEPS // per_epoch):  # whole epochs: each image once
+        seen = [k for s in range(e * per_epoch + 1, (e + 1) * per_epoch + 1) for k in keys[s]]
+        assert sorted(seen) == sorted(every), f"epoch {e}: {len(set(seen))} distinct of {len(seen)}"
+    rest = [k for s in range(STEPS // per_epoch * per_epoch + 1, STEPS + 1) for k in keys[s]]
+    assert len(set(rest)) == len(rest), "the last, partial epoch repeats no image"
+
+    # W&B: the run continued from step 10 is a rewind of the logged one, not out-of-order steps
+    wandb_id = (run / "wandb_id.txt").read_text().strip()
+    logs = b"".join(f.read_bytes() for f in run.glob("wandb/offline-run-*/*.wandb"))
+    assert f'"branch_point":{{"run_id":"{wandb_id}","step":10}}'.encode() in logs
+
+
+def test_zero_layout_changes_allowed_and_refused(tmp_path):
+    """Which ZeRO changes resume_changes allows, from a ZeRO-2 checkpoint of 2 ranks: any ranks
+    and any of ZeRO-1/2/3 (Adam); refused, naming the field: crossing with ZeRO-0, Adamax into
+    ZeRO-3 on another layout, and data.streams (fixed when the run was created)."""
     from flowscale.resume import resume_changes
     from flowscale.config import ConfigError, load_config, to_dict
 
     run = tmp_path / "run"
-    _train(run, 2, "engine.zero_stage=2", "engine.grad_accum=2", "train.steps=10", tmp_path=tmp_path)
-    out = _train(run, 1, "engine.zero_stage=1", "engine.grad_accum=4", "train.steps=20", "data.num_workers=2",
-                 tmp_path=tmp_path).stdout
-    assert "resuming step_00000010 written by 2 rank(s) on 1: optimizer state resharded (universal checkpoint)" in out
-    assert "converted step_00000010 to DeepSpeed's universal checkpoint in" in out, out[-2000:]
-    out = _train(run, 4, "engine.zero_stage=2", "engine.grad_accum=1", f"train.steps={STEPS}", tmp_path=tmp_path).stdout
-    assert "resuming step_00000020 written by 1 rank(s) on 4: optimizer state resharded" in out, out[-2000:]
-    loss, weights = _compare(one_rank, run)
-    assert loss < 1e-4 and weights < WEIGHT_TOL, (loss, weights)
+    _train(run, 2, "engine.zero_stage=2", "engine.grad_accum=2", "train.steps=2", tmp_path=tmp_path)
+    ckpt = list_complete(run)[-1]
 
-    ckpt = list_complete(run)[-1]  # ZeRO-2 on 4 ranks
     def cfg(*extra):
-        return to_dict(load_config(None, COMMON + [f"train.run_dir={run}", f"train.steps={STEPS}", *extra]))
-    assert resume_changes(ckpt, cfg("engine.zero_stage=2"), 4) == []
+        return to_dict(load_config(None, COMMON + [f"train.run_dir={run}", "train.steps=2", "engine.grad_accum=2",
+                                                   *extra]))
+    assert resume_changes(ckpt, cfg("engine.zero_stage=2"), 2) == []
     assert resume_changes(ckpt, cfg("engine.zero_stage=1"), 3) == ["engine.zero_stage 2 -> 1"]
-    for stage, ranks in ((3, 4), (3, 2), (0, 4), (0, 1)):
-        with pytest.raises(ConfigError, match="engine.zero_stage"):
+    assert resume_changes(ckpt, cfg("engine.zero_stage=3"), 4) == ["engine.zero_stage 2 -> 3"]
+    for stage, ranks in ((0, 2), (0, 1)):
+        with pytest.raises(ConfigError, match="engine.zero_stage.*not across"):
             resume_changes(ckpt, cfg(f"engine.zero_stage={stage}"), ranks)
-    with pytest.raises(ConfigError, match="data.streams"):  # fixed when the run was created
+    with pytest.raises(ConfigError, match="optim.name='adamax'"):
+        resume_changes(ckpt, cfg("engine.zero_stage=3", "optim.name=adamax"), 4)
+    assert resume_changes(ckpt, cfg("engine.zero_stage=2", "optim.name=adamax"), 4) == ["optim.name 'adam' -> 'adamax'"]
+    with pytest.raises(ConfigError, match="data.streams"):
         resume_changes(ckpt, cfg("engine.zero_stage=2", "data.streams=8"), 4)
