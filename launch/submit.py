@@ -66,6 +66,26 @@ def load_sweep(path: str) -> list[dict]:
     return data
 
 
+def check_resume(cfg, world_size: int) -> list[str]:
+    """What changes when the job continues ``train.run_dir``'s newest checkpoint on ``world_size``
+    ranks (printed, as the job will); raises ConfigError, before anything is submitted, for a
+    change the checkpoint cannot honour (flowscale.resume.resume_changes)."""
+    from flowscale.checkpoint import resolve_latest
+    from flowscale.config import to_dict
+    from flowscale.resume import resume_changes, written_by
+
+    ckpt = resolve_latest(cfg.train.run_dir)
+    if ckpt is None:
+        return []
+    changes = resume_changes(ckpt, to_dict(cfg), world_size)
+    by = written_by(ckpt)
+    if by != world_size:
+        changes = [f"ranks {by} -> {world_size}", *changes]
+    if changes:
+        print(f"the job resumes {ckpt} with: {', '.join(changes)}")
+    return changes
+
+
 def make_executor(folder: Path, nodes: int, gpus_per_node: int, tasks_per_node: int | None, cpus_per_task: int,
                   partition: str | None, time_min: int, account: str | None, constraint: str | None,
                   local: bool, signal_delay_s: int, mem_gb: float | None = None,
@@ -108,6 +128,8 @@ def submit(config_path: str | None, overrides: list[str], nodes: int = 1, gpus_p
         config_path = str(resolve_config(config_path).absolute())
     base = _absolute_run_dir(config_path, list(overrides))
     cfg = load_config(config_path, base)
+    if array is None:  # an existing run on another topology: refused here, not after waiting in the queue
+        check_resume(cfg, nodes * (tasks_per_node or max(gpus_per_node, 1)))
     folder = Path(cfg.train.run_dir) / "submitit"
     ex = make_executor(folder, nodes, gpus_per_node, tasks_per_node, cpus_per_task, partition, time_min, account,
                        constraint, local, signal_delay_s, mem_gb, max_timeouts)

@@ -62,7 +62,7 @@ def test_two_nodes_zero2_train_and_agree(tmp_path, two_node_cluster, monkeypatch
     monkeypatch.setenv("GLOO_SOCKET_IFNAME", "fs0")
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     run_dir = tmp_path / "run"
-    overrides = SMALL + ["train.steps=4", "engine.zero_stage=2", f"train.run_dir={run_dir}"]
+    overrides = SMALL + ["train.steps=4", "engine.zero_stage=2", "data.streams=4", f"train.run_dir={run_dir}"]
     before = link_bytes("fs2-node2")
     # max_timeouts=0: a job that hangs fails at its time limit instead of being requeued.
     (job,) = submit(None, overrides, nodes=2, tasks_per_node=1, time_min=4, max_timeouts=0)
@@ -98,3 +98,26 @@ def test_two_nodes_zero2_train_and_agree(tmp_path, two_node_cluster, monkeypatch
     floor = 4 * n_params * 4 // 2
     received, sent = after[0] - before[0], after[1] - before[1]
     assert received >= floor and sent >= floor, (received, sent, floor)
+
+    # The same run resubmitted on one node: it resumes with its ZeRO-2 state resharded and says so;
+    # a change the checkpoint cannot honour is refused by submit itself, before anything is queued.
+    from flowscale.config import ConfigError
+    from launch.submit import check_resume
+
+    jobs_before = sorted(p.name for p in (run_dir / "submitit").iterdir())
+    with pytest.raises(ConfigError, match="data.batch_size"):
+        submit(None, [*overrides, "data.batch_size=32"], nodes=1, tasks_per_node=1, time_min=4, max_timeouts=0)
+    assert sorted(p.name for p in (run_dir / "submitit").iterdir()) == jobs_before, "nothing was submitted"
+    more = [*overrides, "train.steps=8"]
+    assert check_resume(load_config(None, more), 1) == ["ranks 2 -> 1", "train.steps 4 -> 8"]
+    (job,) = submit(None, more, nodes=1, tasks_per_node=1, time_min=4, max_timeouts=0)
+    try:
+        wait_for(job.done, 300, "the one-node job's results")
+        (result,) = job.results()
+    finally:
+        subprocess.run(["scancel", str(job.job_id)], check=False)
+    log = Path(job.paths.stdout).read_text()
+    assert "resuming step_00000004 written by 2 rank(s) on 1: optimizer state resharded (universal checkpoint)" in log
+    assert result["step"] == 8
+    assert sorted(r["step"] for r in read_metrics(run_dir) if "bpd" in r) == list(range(1, 9)), "every step once"
+
