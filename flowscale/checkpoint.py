@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from .distributed import any_rank, barrier, world_size
-from .resume import UNIVERSAL, written_by
+from .resume import UNIVERSAL, load_whole, written_by
 
 _NAME = re.compile(r"^step_(\d{8})$")
 _DELETING = ".deleting-"  # prefix of a checkpoint being pruned: no longer a step_* directory
@@ -247,10 +247,13 @@ def load(engine, ckpt: Path, rank: int, universal: bool = False) -> tuple[dict, 
     """Load model/optimizer/schedule into ``engine``; returns (client_state, this rank's state).
     ``universal``: from ``ckpt/universal`` (see :func:`flowscale.resume.to_universal`; the engine was built with
     DeepSpeed's ``checkpoint.load_universal``)."""
-    load_path, _ = engine.load_checkpoint(str(ckpt if universal else ckpt.parent), tag=UNIVERSAL if universal
-                                          else ckpt.name, load_optimizer_states=True, load_lr_scheduler_states=True)
-    if load_path is None:
-        raise RuntimeError(f"DeepSpeed could not load {ckpt}")
+    if universal and engine.zero_optimization_stage() == 0:  # DeepSpeed reads universal into ZeRO-1/2/3 only
+        load_whole(engine, ckpt / UNIVERSAL)
+    else:
+        load_path, _ = engine.load_checkpoint(str(ckpt if universal else ckpt.parent), tag=UNIVERSAL if universal
+                                              else ckpt.name, load_optimizer_states=True, load_lr_scheduler_states=True)
+        if load_path is None:
+            raise RuntimeError(f"DeepSpeed could not load {ckpt}")
     client = torch.load(ckpt / "client.pt", map_location="cpu", weights_only=True)
     rank_file = ckpt / f"rank_{rank:05d}.pt"
     if written_by(ckpt) != world_size():  # data.streams (resume_changes allowed it): rank 0 holds every stream's place

@@ -75,12 +75,12 @@ def resume_changes(ckpt: Path, config: dict, world_size: int) -> list[str]:
                           f"data.streams the data position is per rank: resume on {by} ranks, or start a new "
                           f"train.run_dir (its weights: {weights}). Nothing was written")
     (s0, s1) = (saved.get("engine.zero_stage", 0), now.get("engine.zero_stage", 0))
-    if (by != world_size or s0 != s1) and (s0 == 0) != (s1 == 0):
-        raise ConfigError(f"config field 'engine.zero_stage': {ckpt} was written with ZeRO-{s0} on {by} rank(s), this "
-                          f"run has ZeRO-{s1} on {world_size}, and that cannot change on resume: optimizer state moves "
-                          f"between ZeRO-0 layouts and between ZeRO-1/2/3 layouts (DeepSpeed's universal checkpoint), "
-                          f"not across. Resume with {'ZeRO-0' if s0 == 0 else 'ZeRO-1, 2 or 3'}, or start a new "
-                          f"train.run_dir (its weights: {weights}). Nothing was written")
+    if (s0 == 0) != (s1 == 0) and now.get("engine.precision") != "fp32":
+        raise ConfigError(f"config field 'engine.zero_stage': {ckpt} was written with ZeRO-{s0}, this run has "
+                          f"ZeRO-{s1}, and with engine.precision={now.get('engine.precision')!r} optimizer state moves "
+                          f"between ZeRO-1/2/3 layouts only, not to or from ZeRO-0 (fp32 runs may cross). Resume with "
+                          f"{'ZeRO-0' if s0 == 0 else 'ZeRO-1, 2 or 3'}, or start a new train.run_dir (its weights: "
+                          f"{weights}). Nothing was written")
     if s1 == 3 and (by != world_size or s0 != s1) and now.get("optim.name") == "adamax":
         raise ConfigError(f"config field 'engine.zero_stage': DeepSpeed's universal checkpoint restores only Adam's "
                           f"moments into ZeRO-3, and this run uses optim.name='adamax': resume {ckpt} with ZeRO-1 or 2 "
@@ -92,12 +92,16 @@ UNIVERSAL = "universal"  # <ckpt>/universal/: DeepSpeed's topology-free copy of 
 
 
 def needs_universal(ckpt: Path, zero_stage: int, world_size: int) -> bool:
-    """Whether resuming ``ckpt`` with ``zero_stage`` on ``world_size`` ranks goes through
-    DeepSpeed's universal checkpoint (sharded optimizer state on another layout)."""
+    """Whether resuming ``ckpt`` with ``zero_stage`` on ``world_size`` ranks goes through a
+    universal checkpoint: optimizer state on another layout, except ZeRO-0 to ZeRO-0 (whole)."""
+    saved = _saved_stage(ckpt)
+    return not saved == zero_stage == 0 and (saved != zero_stage or written_by(ckpt) != world_size)
+
+
+def _saved_stage(ckpt: Path) -> int:
     import yaml
 
-    saved = yaml.safe_load((ckpt / "config.yaml").read_text()).get("engine", {}).get("zero_stage", 0)
-    return saved in (1, 2, 3) and zero_stage in (1, 2, 3) and (saved != zero_stage or written_by(ckpt) != world_size)
+    return yaml.safe_load((ckpt / "config.yaml").read_text()).get("engine", {}).get("zero_stage", 0)
 
 
 def _for_every_stage(folder: Path) -> None:
@@ -153,11 +157,15 @@ def to_universal(ckpt: Path, rank: int) -> tuple[Path, float]:
         t0 = time.time()
         tmp = ckpt / f".{UNIVERSAL}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        r = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt),
-                            "--output_folder", str(tmp), "--inject_missing_state"], capture_output=True, text=True)
-        if r.returncode != 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise RuntimeError(f"DeepSpeed's ds_to_universal could not convert {ckpt}: {r.stderr.strip()[-500:]}")
+        if _saved_stage(ckpt) == 0:  # whole state: laid out the same way here, no converter needed
+            _universal_from_whole(ckpt, tmp)
+        else:
+            r = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                                str(ckpt), "--output_folder", str(tmp), "--inject_missing_state"],
+                               capture_output=True, text=True)
+            if r.returncode != 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise RuntimeError(f"DeepSpeed's ds_to_universal could not convert {ckpt}: {r.stderr.strip()[-500:]}")
         _for_every_stage(tmp)
         (tmp / "COMPLETE").write_text("ds_to_universal\n")
         shutil.rmtree(out, ignore_errors=True)
@@ -165,3 +173,70 @@ def to_universal(ckpt: Path, rank: int) -> tuple[Path, float]:
         took = time.time() - t0
     barrier()
     return out, took
+
+
+def _universal_from_whole(ckpt: Path, out: Path) -> None:
+    """A ZeRO-0 checkpoint (one model-states file holding the module and the torch optimizer's
+    whole state) in the universal layout: per parameter ``zero/<name>/{fp32,<moment>,step}.pt``,
+    and ``zero/optimizer_state.pt``. Parameters are the module's entries that are not buffers, in
+    the module's order, which is the optimizer's (flowscale.build passes ``flow.parameters()``)."""
+    import collections
+
+    import deepspeed
+    import torch
+
+    states = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    buffers = set(states.get("buffer_names") or ())
+    names = [n for n in states["module"] if n not in buffers]
+    opt = states["optimizer"]
+    group = opt["param_groups"][0]
+    if len(opt["param_groups"]) != 1 or len(group["params"]) != len(names):
+        raise RuntimeError(f"{ckpt}: the optimizer holds {sum(len(g['params']) for g in opt['param_groups'])} "
+                           f"parameters in {len(opt['param_groups'])} group(s) and the module {len(names)}; this "
+                           f"checkpoint cannot be resharded. Resume it with ZeRO-0")
+    step = None
+    for i, name in enumerate(names):
+        d = out / "zero" / name
+        d.mkdir(parents=True)
+        torch.save({"param": states["module"][name].float(), "cat_dim": 0}, d / "fp32.pt")
+        for key, value in opt["state"].get(group["params"][i], {}).items():
+            if key == "step":
+                step = value
+            torch.save(value if key == "step" else {"param": value.float(), "cat_dim": 0}, d / f"{key}.pt")
+    if step is None:
+        raise RuntimeError(f"{ckpt}: the optimizer has taken no step; resume it with ZeRO-0")
+    groups = [{**group, "params": [0]}]
+    torch.save({"param_groups": groups, "optimizer_state_dict": {"state": {0: {"step": step}}, "param_groups": groups},
+                "ds_version": deepspeed.__version__}, out / "zero" / "optimizer_state.pt")
+    states["param_shapes"] = [collections.OrderedDict((n, states["module"][n].shape) for n in names)]
+    torch.save({k: v for k, v in states.items() if k not in ("module", "optimizer")} | {"module": None,
+                "optimizer": None}, out / "mp_rank_00_model_states.pt")
+
+
+def load_whole(engine, folder: Path) -> None:
+    """Load a universal checkpoint into a ZeRO-0 engine (DeepSpeed reads those into ZeRO-1/2/3
+    only): parameters from the fp32 copies, the torch optimizer's moments and step, the LR
+    schedule and the engine's step counters from the model-states file."""
+    import torch
+
+    states = torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    zero = folder / "zero"
+    module, optimizer = engine.module, engine.flowscale_client_optimizer
+
+    def part(name: str, key: str):
+        t = torch.load(zero / name / f"{key}.pt", map_location="cpu", weights_only=False)
+        return t["param"] if isinstance(t, dict) else t
+
+    params = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    state = {}
+    with torch.no_grad():
+        for i, (name, p) in enumerate(params):
+            p.copy_(part(name, "fp32").view_as(p))
+            state[i] = {f.stem: part(name, f.stem) if f.stem == "step" else part(name, f.stem).view_as(p)
+                        for f in (zero / name).glob("*.pt") if f.stem != "fp32"}
+    saved = torch.load(zero / "optimizer_state.pt", map_location="cpu", weights_only=False)["param_groups"][0]
+    optimizer.load_state_dict({"state": state, "param_groups": [{**saved, "params": list(range(len(params)))}]})
+    engine.lr_scheduler.load_state_dict(states["lr_scheduler"])
+    engine.global_steps, engine.global_samples = states["global_steps"], states["global_samples"]
+    engine.skipped_steps = states["skipped_steps"]
+

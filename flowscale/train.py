@@ -143,11 +143,11 @@ def _train(cfg: Config, info: DistInfo, log: RunLogger, resume: bool, chosen: Pa
     init = first_images(cfg.data, cfg.train.init_batch_size)  # ActNorm's data init; resume overwrites it
     if not cfg.data.streams:  # each rank initialises from its share (data.streams: all from all, see build)
         init = init.chunk(info.world_size)[info.rank] if len(init) >= info.world_size else init
-    if universal_from is not None:  # ZeRO-1/2 state on another layout: DeepSpeed's universal checkpoint, made once
+    if universal_from is not None:  # ZeRO state on another layout: DeepSpeed's universal checkpoint, made once
         _, took = resume_io.to_universal(universal_from, info.rank)
         if took:
             log.info(f"converted {universal_from.name} to DeepSpeed's universal checkpoint in {took:.1f} s")
-    run = build_training(cfg, info, init, device, load_universal=universal_from is not None)
+    run = build_training(cfg, info, init, device, load_universal=universal_from is not None and cfg.engine.zero_stage > 0)
     engine, module, ema, dtype, layout = run.engine, run.module, run.ema, run.dtype, run.layout
     shapes = module.latent_shapes(cfg.data.channels, cfg.data.image_size)
 

@@ -48,7 +48,7 @@ def trained(tmp_path_factory):
     ("model.width=16", "model.width"),
     ("data.batch_size=16", "data.batch_size"),
     ("data.seed=1", "data.seed"),
-    ("engine.zero_stage=2", "engine.zero_stage"),
+    ("engine.precision=bf16", "engine.precision"),
 ])
 def test_a_change_that_cannot_be_honoured_is_refused_before_anything_is_written(trained, capsys, override, field):
     before = _snapshot(trained)

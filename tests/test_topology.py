@@ -92,13 +92,17 @@ def test_the_same_trajectory_on_any_number_of_ranks(one_rank, tmp_path, nproc, a
 
 
 def test_switched_2_to_1_to_4_ranks_mid_run_ends_where_the_unswitched_run_ends(one_rank, tmp_path):
+    """ZeRO-0 on 2 ranks -> ZeRO-2 on 1 rank with 2 workers -> ZeRO-0 on 4 ranks: whole optimizer
+    state into DeepSpeed's sharded layout and back (flowscale writes and reads the universal
+    layout for ZeRO-0 itself)."""
     run = tmp_path / "run"
     _train(run, 2, "engine.grad_accum=2", "train.steps=11", tmp_path=tmp_path)
-    out = _train(run, 1, "engine.grad_accum=4", "train.steps=21", "data.num_workers=2", tmp_path=tmp_path).stdout
-    assert "resuming step_00000011 written by 2 rank(s) on 1" in out, out[-2000:]
-    assert "data.num_workers 0 -> 2" in out
+    out = _train(run, 1, "engine.grad_accum=4", "train.steps=21", "data.num_workers=2", "engine.zero_stage=2",
+                 tmp_path=tmp_path).stdout
+    assert "resuming step_00000011 written by 2 rank(s) on 1: optimizer state resharded" in out, out[-2000:]
+    assert "data.num_workers 0 -> 2" in out and "engine.zero_stage 0 -> 2" in out
     out = _train(run, 4, "engine.grad_accum=1", f"train.steps={STEPS}", tmp_path=tmp_path).stdout
-    assert "resuming step_00000021 written by 1 rank(s) on 4" in out, out[-2000:]
+    assert "resuming step_00000021 written by 1 rank(s) on 4: optimizer state resharded" in out, out[-2000:]
     loss, weights = _compare(one_rank, run)
     assert loss < 1e-4 and weights < WEIGHT_TOL, (loss, weights)
     assert not (run / "metrics.superseded.jsonl").exists(), "no step lost or repeated across the switches"
@@ -156,8 +160,8 @@ def test_killed_mid_epoch_on_2_ranks_zero2_resumed_on_1_rank_zero1_then_4_ranks_
 
 def test_zero_layout_changes_allowed_and_refused(tmp_path):
     """Which ZeRO changes resume_changes allows, from a ZeRO-2 checkpoint of 2 ranks: any ranks
-    and any of ZeRO-1/2/3 (Adam); refused, naming the field: crossing with ZeRO-0, Adamax into
-    ZeRO-3 on another layout, and data.streams (fixed when the run was created)."""
+    and any stage (fp32, Adam); refused, naming the field: crossing with ZeRO-0 in bf16, Adamax
+    into ZeRO-3 on another layout, and data.streams (fixed when the run was created)."""
     from flowscale.resume import resume_changes
     from flowscale.config import ConfigError, load_config, to_dict
 
@@ -171,9 +175,13 @@ def test_zero_layout_changes_allowed_and_refused(tmp_path):
     assert resume_changes(ckpt, cfg("engine.zero_stage=2"), 2) == []
     assert resume_changes(ckpt, cfg("engine.zero_stage=1"), 3) == ["engine.zero_stage 2 -> 1"]
     assert resume_changes(ckpt, cfg("engine.zero_stage=3"), 4) == ["engine.zero_stage 2 -> 3"]
-    for stage, ranks in ((0, 2), (0, 1)):
-        with pytest.raises(ConfigError, match="engine.zero_stage.*not across"):
-            resume_changes(ckpt, cfg(f"engine.zero_stage={stage}"), ranks)
+    assert resume_changes(ckpt, cfg("engine.zero_stage=0"), 1) == ["engine.zero_stage 2 -> 0"]  # fp32: whole again
+    bf16 = tmp_path / "bf16"
+    _train(bf16, 1, "engine.zero_stage=1", "engine.grad_accum=4", "engine.precision=bf16", "train.steps=1",
+           tmp_path=tmp_path)
+    with pytest.raises(ConfigError, match="engine.zero_stage.*not to or from ZeRO-0"):
+        resume_changes(list_complete(bf16)[-1], to_dict(load_config(None, COMMON + [
+            f"train.run_dir={bf16}", "train.steps=2", "engine.precision=bf16", "engine.zero_stage=0"])), 1)
     with pytest.raises(ConfigError, match="optim.name='adamax'"):
         resume_changes(ckpt, cfg("engine.zero_stage=3", "optim.name=adamax"), 4)
     assert resume_changes(ckpt, cfg("engine.zero_stage=2", "optim.name=adamax"), 4) == ["optim.name 'adam' -> 'adamax'"]
