@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .base import Flow
+from .base import Flow, accumulate_grads, watched
 
 
 class ActNorm(Flow):
@@ -29,6 +29,8 @@ class ActNorm(Flow):
         channels: C.
         scale: target standard deviation after data-dependent init (Glow uses 1).
     """
+
+    fused_backprop = True  # differentiated by hand, no forward rerun
 
     def __init__(self, channels: int, scale: float = 1.0):
         super().__init__()
@@ -57,6 +59,27 @@ class ActNorm(Flow):
         b, s = self._view(self.bias, z), self._view(self.logs, z)
         x = z * torch.exp(-s).to(z.dtype) - b.to(z.dtype)
         return x, -self._logdet(z)
+
+    def reconstruct_and_backprop(self, z, grad_z, grad_logdet, cond):
+        """Inverse recompute's step through this layer, differentiated by hand (g = dL/dz,
+        s = exp(logs), sums over every dim but the channel's)::
+
+            x = z exp(-logs) - bias        dL/dx = g s
+            dL/dlogs_c = sum g z + H W sum_b dL/dlogdet_b        dL/dbias_c = s_c sum g
+
+        no forward is rerun to be differentiated (the generic path reruns it with a graph)."""
+        if watched(self):
+            return super().reconstruct_and_backprop(z, grad_z, grad_logdet, cond)
+        dims, wide = ([0] if z.dim() == 2 else [0, 2, 3]), torch.promote_types(z.dtype, torch.float32)
+        with torch.no_grad():
+            logs = self._view(self.logs, z)
+            x = z * torch.exp(-logs).to(z.dtype) - self._view(self.bias, z).to(z.dtype)  # as _inverse
+            s = torch.exp(logs).to(z.dtype)
+            grad_x = grad_z * s
+            g_logs = (grad_z * z).sum(dims, dtype=wide) + self._spatial(z) * grad_logdet.sum()
+            g_bias = grad_z.sum(dims, dtype=wide) * s.reshape(-1)
+        accumulate_grads([self.logs, self.bias], [g_logs.view_as(self.logs), g_bias.view_as(self.bias)])
+        return x, grad_x
 
     @torch.no_grad()
     def data_init(self, x: torch.Tensor, all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:

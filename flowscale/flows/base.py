@@ -66,6 +66,25 @@ class Flow(nn.Module):
         return backprop_generic([self], z, grad_z, grad_logdet, cond)
 
 
+def watched(*modules: nn.Module) -> bool:
+    """True when something watches module calls (a global hook, or a hook on one of
+    ``modules``): DeepSpeed ZeRO-3 gathers parameters in forward hooks, the ActNorm init reads
+    inputs in one. A layer's shortcut that uses parameters without calling the module (a
+    hand-written backprop, a folded norm) takes the module path instead."""
+    if nn.modules.module._global_forward_pre_hooks or nn.modules.module._global_forward_hooks:
+        return True
+    return any(m._forward_pre_hooks or m._forward_hooks for m in modules)
+
+
+def accumulate_grads(tensors, grads) -> None:
+    """Backpropagate ``grads`` from ``tensors`` (parameters, or small functions of them such as a
+    1x1 conv's W) into the parameters' ``.grad`` through autograd, so gradient hooks (DeepSpeed's)
+    fire as in any backward. Tensors without a graph (frozen parameters) are skipped."""
+    pairs = [(t, g.to(t.dtype)) for t, g in zip(tensors, grads) if t is not None and t.requires_grad]
+    if pairs:
+        torch.autograd.backward([p for p, _ in pairs], [g for _, g in pairs])
+
+
 def zeros_logdet(x: torch.Tensor) -> torch.Tensor:
     """A [B] log-det of zeros, always float32 or wider (log-dets never live in bf16)."""
     dtype = torch.promote_types(x.dtype, torch.float32)

@@ -143,26 +143,44 @@ class Coupling(Flow):
         gradients. The coupling network is evaluated once, on z_a = x_a, and serves both the
         inverse (x_b from z_b) and the local graph, so this costs one network forward and
         one backward instead of the two forwards of a generic inverse-then-recompute.
+
+        The elementwise part is differentiated by hand, from the output z_b = (x_b + t) s
+        that is already known (s = exp(log_s), g_b = dL/dz_b, g_ld = dL/dlogdet per sample)::
+
+            dL/dx_b = dL/dt = g_b s          dL/dlog_s = g_b z_b + g_ld
+
+        so autograd only runs the network (and the scale function); nothing is merged or
+        multiplied again just to be differentiated.
         """
-        z_a, z_b, b_mask = self._split(z.detach())
-        x_a = z_a.requires_grad_(True)
+        z, grad_z = z.detach(), grad_z.detach()
+        z_a, z_b, b_mask = self._split(z)
+        x_a = z_a.detach().requires_grad_(True)
         with torch.enable_grad():
-            t, log_s = self._params(x_a)
+            h = self.net(x_a).to(x_a.dtype)
+            t = h if self.kind == "additive" else h[:, 0::2]
+            log_s = None if self.kind == "additive" else self._log_scale(h[:, 1::2])
+        g_a, g_b, _ = self._split(grad_z)  # the split's views of dL/dz
+        if b_mask is not None:  # checkerboard: z = x_a + z_b * b_mask, x_a already zero at the transformed positions
+            g_b = g_b * b_mask
         with torch.no_grad():
-            x_b = z_b - t if log_s is None else z_b * torch.exp(-log_s) - t
-        x_b = x_b.requires_grad_(True)
-        with torch.enable_grad():
             if log_s is None:
-                z_re = self._merge(x_a, x_b + t, b_mask)
-                outputs, grads = [z_re], [grad_z]
+                x_b = z_b - t
+                g_t = g_xb = g_b
+                outputs, grads = [t], [g_t]
             else:
-                z_re = self._merge(x_a, (x_b + t) * torch.exp(log_s), b_mask)
-                ld = sum_except_batch(log_s if b_mask is None else log_s * b_mask)
-                outputs, grads = [z_re, ld], [grad_z, grad_logdet.to(ld.dtype)]
+                s = torch.exp(log_s)
+                x_b = z_b * torch.exp(-log_s) - t  # exactly as _inverse
+                g_t = g_xb = g_b * s
+                ld_grad = grad_logdet.to(z.dtype).view(-1, *([1] * (z.dim() - 1)))
+                g_log_s = torch.addcmul(ld_grad, g_b, z_b)
+                if b_mask is not None:
+                    g_log_s = g_log_s * b_mask
+                outputs, grads = [t, log_s], [g_t, g_log_s]
         torch.autograd.backward(outputs, grads)
         with torch.no_grad():
-            x = self._merge(x_a, x_b, b_mask)
-        return x.detach(), self._grad_of_input(x_a.grad, x_b.grad, b_mask)
+            g_a = g_a + x_a.grad
+            x = self._merge(z_a, x_b, b_mask)
+        return x, self._grad_of_input(g_a, g_xb, b_mask)
 
 
 class TanhScale(nn.Module):

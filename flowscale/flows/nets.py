@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .actnorm import ActNorm
+from .base import watched
 
 
 class ZeroConv2d(nn.Module):
@@ -86,9 +87,7 @@ class GlowNet(nn.Module):
         discard it)."""
         if not isinstance(self.norm1, ActNorm):
             return "modules"  # spectral norm: plain biased convs
-        if nn.modules.module._global_forward_pre_hooks or nn.modules.module._global_forward_hooks:
-            return "modules"
-        if any(m._forward_pre_hooks or m._forward_hooks for m in (self.conv1, self.norm1, self.conv2, self.norm2)):
+        if watched(self.conv1, self.norm1, self.conv2, self.norm2):
             return "modules"
         return "folded" if self.fold_norms else "fused"
 

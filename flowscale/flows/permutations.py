@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Flow, zeros_logdet
+from .base import Flow, accumulate_grads, watched, zeros_logdet
 
 
 class ChannelPermutation(Flow):
@@ -69,11 +69,60 @@ def _conv1x1(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return F.conv2d(x, w.to(x.dtype)[:, :, None, None])
 
 
+def _conv1x1_backward(grad_z: torch.Tensor, x: torch.Tensor, w: torch.Tensor):
+    """(dL/dx, dL/dW) of z = W x per pixel, in one convolution-backward call: W^T g and
+    sum over pixels of g x^T (in x's dtype, under the same guards as :func:`_conv1x1`)."""
+    def backward():
+        return torch.ops.aten.convolution_backward(grad_z, x, w.to(x.dtype)[:, :, None, None], None, [1, 1], [0, 0],
+                                                   [1, 1], False, [0, 0], 1, [True, True, False])[:2]
+
+    if x.device.type == "meta":  # shape/FLOP planning (flowscale.plan): no autocast on meta
+        grad_x, grad_w = backward()
+        return grad_x, grad_w[:, :, 0, 0]
+    cudnn = torch.backends.cudnn
+    with torch.autocast(device_type=x.device.type, enabled=False), \
+            cudnn.flags(enabled=cudnn.enabled, benchmark=cudnn.benchmark,
+                        deterministic=cudnn.deterministic, allow_tf32=False):
+        grad_x, grad_w = backward()
+    return grad_x, grad_w[:, :, 0, 0]
+
+
 def _add_bias(z: torch.Tensor, bias: nn.Parameter | None, sign: float = 1.0) -> torch.Tensor:
     return z if bias is None else z + sign * bias.to(z.dtype)
 
 
-class InvConv1x1(Flow):
+class _Conv1x1Flow(Flow):
+    """What the two 1x1 convolutions share: their step of inverse recompute."""
+
+    fused_backprop = True  # differentiated by hand, no forward rerun
+    bias: nn.Parameter | None
+
+    def _weight_graph(self):
+        """(W, log|det W|) with a graph to the parameters; W in float32 or wider."""
+        raise NotImplementedError
+
+    def reconstruct_and_backprop(self, z, grad_z, grad_logdet, cond):
+        """Inverse recompute's step through z = W x (+ b), differentiated by hand: the input
+        x = W^-1 (z - b) as in the inverse, then (dL/dx, dL/dW) from one convolution backward
+        (no forward convolution is rerun to be differentiated), dL/db = sum g and
+        dL/dlog|det W| = H W sum_b dL/dlogdet_b, backpropagated through W's own small graph."""
+        if watched(self):
+            return super().reconstruct_and_backprop(z, grad_z, grad_logdet, cond)
+        with torch.enable_grad():
+            w, log_det = self._weight_graph()
+        with torch.no_grad():
+            x = _conv1x1(_add_bias(z, self.bias, -1.0), torch.linalg.inv(w.detach().double()))
+            grad_x, grad_w = _conv1x1_backward(grad_z, x, w.detach())
+            g_log_det = grad_logdet.sum() * z.shape[2] * z.shape[3]
+        params, grads = [w, log_det], [grad_w, g_log_det]
+        if self.bias is not None:
+            params.append(self.bias)
+            grads.append(grad_z.sum((0, 2, 3), keepdim=True, dtype=torch.promote_types(z.dtype, torch.float32)))
+        accumulate_grads(params, grads)
+        return x, grad_x
+
+
+class InvConv1x1(_Conv1x1Flow):
     """Invertible 1x1 convolution z = W x (+ b) per pixel; logdet = H*W*log|det W| (Glow).
 
     W starts as a random rotation (|det W| = 1). ``bias``: a learned per-channel b, initialised
@@ -89,6 +138,9 @@ class InvConv1x1(Flow):
     def _hw(self, x):
         return x.shape[2] * x.shape[3]
 
+    def _weight_graph(self):
+        return self.weight, torch.linalg.slogdet(self.weight.double())[1]
+
     def _forward(self, x, cond):
         w = self.weight
         z = _add_bias(_conv1x1(x, w), self.bias)
@@ -103,7 +155,7 @@ class InvConv1x1(Flow):
         return x, (-logdet * self._hw(z)).expand(z.shape[0])
 
 
-class InvConv1x1LU(Flow):
+class InvConv1x1LU(_Conv1x1Flow):
     """LU-parameterised 1x1 convolution: W = P L (U + diag(sign * exp(log_s))).
 
     P is fixed, L unit lower-triangular, U strictly upper-triangular; log|det W| = sum(log_s)
@@ -136,6 +188,9 @@ class InvConv1x1LU(Flow):
         lower = self.lower.to(dtype) * self.l_mask.to(dtype) + self.eye.to(dtype)
         upper = self.upper.to(dtype) * self.l_mask.T.to(dtype) + torch.diag(self.sign_s.to(dtype) * torch.exp(log_s))
         return self.p.to(dtype) @ lower @ upper, log_s.sum()
+
+    def _weight_graph(self):
+        return self.weight_and_logdet(torch.float64)
 
     def _forward(self, x, cond):
         w, ld = self.weight_and_logdet(torch.promote_types(x.dtype, torch.float32))
