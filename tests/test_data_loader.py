@@ -261,3 +261,43 @@ def test_workers_live_through_the_job_signals(tmp_path):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
     loader.close()  # the loader stops its workers itself
     assert not any(w.is_alive() for w in workers)
+
+
+def _in_ring(loader, x: torch.Tensor) -> bool:
+    """x is a view of one of the loader's BatchRing slots (not a tensor a worker sent of its own)."""
+    ring = loader._ring.x
+    return ring.data_ptr() <= x.data_ptr() < ring.data_ptr() + ring.numel()
+
+
+@pytest.mark.parametrize("streams", [0, 4])
+def test_batches_in_the_ring_stay_valid_while_held(tmp_path, streams):
+    """Workers write batches into a ring of shared-memory slots; a slot is reused only once the
+    batch in it is let go. Reading batch by batch (each dropped at the next call, as training
+    does), every batch comes from the ring; holding them (more than the ring has slots, and
+    windows of held batches that free slots while the workers run ahead) gives the same pixels
+    and labels, which a slot written under a held batch would change."""
+    write_split(tmp_path / "train", [12] * 4)
+    cfg = data_cfg(tmp_path / "train", batch_size=8, num_workers=2, shuffle_buffer=6, random_flip=True,
+                   streams=streams)
+    n = 30  # 60 samples per rank over a 48-sample split: an epoch boundary and a new shuffle included
+    loader = build_train_loader(cfg)
+    expected, from_ring = [], []
+    for _ in range(n):
+        x, y = next(loader)
+        from_ring.append(_in_ring(loader, x))
+        expected.append((x.clone(), y.clone()))
+        del x, y
+    loader.close()
+    assert all(from_ring), f"batches not written into the ring: {[t for t, r in enumerate(from_ring) if not r]}"
+    assert len({x.numpy().tobytes() for x, _ in expected}) == n
+    for window in (n, 3, 6, 9):
+        loader = build_train_loader(cfg)
+        held, got = [], []
+        for _ in range(n):
+            held.append(next(loader))
+            if len(held) > window:
+                got.append(held.pop(0))
+        got += held
+        loader.close()
+        for t, ((xa, ya), (xb, yb)) in enumerate(zip(expected, got)):
+            assert torch.equal(xa, xb) and torch.equal(ya, yb), f"batch {t}, holding {window} batches"

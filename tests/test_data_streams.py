@@ -75,3 +75,22 @@ def test_topologies_that_do_not_divide_the_streams_are_refused():
     legacy = build_train_loader(_cfg(0, streams=0), rank=0, world_size=1)
     with pytest.raises(ValueError, match="does not fit"):  # a legacy position is not a streams position
         build_train_loader(_cfg(0), rank=0, world_size=1).load_state_dict(legacy.state_dict())
+
+
+def test_batches_held_by_the_caller_stay_the_canonical_ones(reference):
+    """With workers the rank's batch is written by all of them into one slot of a shared ring; a
+    caller holding every batch (the ring full, workers sending their parts instead) or a sliding
+    window of them still gets exactly the canonical batches."""
+    for window in (20, 2, 5):
+        loader = build_train_loader(_cfg(2), rank=0, world_size=1)
+        try:
+            held, got = [], []
+            for _ in range(20):
+                held.append(next(loader)[0])
+                if len(held) > window:
+                    got.append(held.pop(0))
+            got += held
+        finally:
+            loader.close()
+        for t, (a, b) in enumerate(zip(reference, got)):
+            assert torch.equal(a, b), f"global batch {t}, holding {window} batches"

@@ -69,10 +69,11 @@ def encode_sample(key: str, x_hwc: np.ndarray, encoding: str, label: int | None,
     return members
 
 
-_NPY_HEADERS: dict[bytes, tuple[tuple[int, ...], str, bool]] = {}
+_NPY_HEADERS: dict[bytes, tuple[tuple[int, ...], np.dtype, bool, int]] = {}
 
 
 def _decode_npy(data: bytes) -> np.ndarray:
+    """A read-only view of the pixels in ``data`` (no copy: the caller copies them into its batch)."""
     if data[:6] != b"\x93NUMPY":
         raise ValueError("not a .npy file (bad magic)")
     major = data[6]
@@ -84,18 +85,17 @@ def _decode_npy(data: bytes) -> np.ndarray:
     parsed = _NPY_HEADERS.get(header)
     if parsed is None:  # parse each distinct header once: they repeat for every sample
         d = ast.literal_eval(header.decode("latin1"))
-        parsed = (tuple(d["shape"]), d["descr"], d["fortran_order"])
+        dtype = np.dtype(d["descr"])
+        if dtype.hasobject:
+            raise ValueError("object arrays are not images")
+        shape = tuple(d["shape"])
+        parsed = (shape, dtype, d["fortran_order"], int(np.prod(shape)))
         _NPY_HEADERS[header] = parsed
-    shape, descr, fortran = parsed
-    dtype = np.dtype(descr)
-    if dtype.hasobject:
-        raise ValueError("object arrays are not images")
-    body = data[start + hlen:]
-    n = int(np.prod(shape)) * dtype.itemsize
-    if len(body) != n:
-        raise ValueError(f"truncated .npy: {len(body)} bytes of pixels, header says {n}")
-    arr = np.frombuffer(body, dtype=dtype).reshape(shape, order="F" if fortran else "C")
-    return arr
+    shape, dtype, fortran, count = parsed
+    body = len(data) - start - hlen
+    if body != count * dtype.itemsize:
+        raise ValueError(f"truncated .npy: {body} bytes of pixels, header says {count * dtype.itemsize}")
+    return np.frombuffer(data, dtype=dtype, count=count, offset=start + hlen).reshape(shape, order="F" if fortran else "C")
 
 
 _MODE_WORDS = {"I;16": "16-bit", "I;16B": "16-bit", "I;16L": "16-bit", "I": "32-bit integer", "F": "float",
