@@ -193,7 +193,7 @@ def level_inputs(flow, x):
     inputs, h = [], x
     with torch.no_grad():
         for level in flow.levels:
-            h, _ = level.squeeze(h)
+            h = level.layout(level.squeeze(h)[0])
             inputs.append(h)
             h, _ = level.steps(h)
             if level.split:

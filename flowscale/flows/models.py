@@ -138,7 +138,7 @@ def build_flow(cfg: ModelConfig, channels: int, image_size: int) -> MultiScaleFl
             if cfg.split_prior == "learned":
                 prior = SplitPrior(c - c // 2, c // 2)
             c = c - c // 2
-        levels.append(Level(steps, prior, split))
+        levels.append(Level(steps, prior, split, channels_last=cfg.net != "vit"))
     learn_top = cfg.learn_top or cfg.num_classes > 0
     top = TopPrior(c, learn=bool(cfg.learn_top), num_classes=cfg.num_classes) if learn_top else None
     return MultiScaleFlow(levels, top)
