@@ -298,6 +298,14 @@ def test_batches_in_the_ring_stay_valid_while_held(tmp_path, streams):
             if len(held) > window:
                 got.append(held.pop(0))
         got += held
-        loader.close()
         for t, ((xa, ya), (xb, yb)) in enumerate(zip(expected, got)):
             assert torch.equal(xa, xb) and torch.equal(ya, yb), f"batch {t}, holding {window} batches"
+        del held, got, xa, ya, xb, yb
+        # once let go, every slot serves again (after the batches the workers made while they were held)
+        after = []
+        for _ in range(12):
+            x, _ = next(loader)
+            after.append(_in_ring(loader, x))
+            del x
+        loader.close()
+        assert all(after[-4:]), f"holding {window} batches: after it, from the ring: {after}"

@@ -175,8 +175,7 @@ class ShardLoader:
                         ring.y[n % ring.K, j * rows:(j + 1) * rows]) if isinstance(x, int) else (x, y)
                        for j, (x, y, _) in enumerate(parts)])
         x, y = torch.cat(xs), None if ys[0] is None else torch.cat(ys)
-        if any(isinstance(x, int) for x, _, _ in parts):
-            ring.release(n)  # copied out
+        ring.passed(n)
         return x, y
 
     def _take(self, x, y) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -184,6 +183,8 @@ class ShardLoader:
         n = self._n
         self._n += 1
         if not isinstance(x, int):
+            if self._ring is not None:
+                self._ring.passed(n)
             return x, y
         self._check_slot(x, n)
         return self._ring.take(n)

@@ -142,17 +142,20 @@ class BatchRing:
     segment of its own (an shm file, fd passing, a fresh mapping whose pages fault in on both
     sides), no copy into it, and, with canonical streams, no join of the workers' parts.
 
-    Slot k may take batch n once its last batch, n - K, is released: ``released[k] >= n - K``.
-    The training process hands batch n out as a view of slot n mod K and releases it when the
+    The training process hands batch n out as a view of its slot and lets the slot go when the
     last reference to that view is gone, so a batch stays valid as long as it is held. A worker
-    that finds its slot still held (a caller keeping many batches) makes a batch of its own,
-    handed over the usual way."""
+    may write batch n into slot k = n mod K once ``released[k] >= n - K``: the training process
+    has seen every earlier batch of the slot (n - K, n - 2K, ...) and holds none of them.
+    Otherwise (a caller keeping many batches) it makes a batch of its own, handed over the
+    usual way, and the slot's turn passes."""
 
     def __init__(self, slots: int, batch_size: int, image_shape: tuple[int, int, int], labels: bool):
         self.K = slots
         self.x = torch.empty((slots, batch_size, *image_shape), dtype=torch.uint8).share_memory_()
         self.y = torch.empty((slots, batch_size), dtype=torch.int64).share_memory_() if labels else None
         self.released = torch.arange(-slots, 0, dtype=torch.int64).share_memory_()
+        self._latest = list(range(-slots, 0))  # training process: the last batch seen per slot, and whether
+        self._held = [False] * slots  # the caller holds it
 
     def claim(self, n: int, rows: slice) -> tuple[np.ndarray, np.ndarray | None] | None:
         """Worker side: the ``rows`` of slot n mod K to write batch n into, or None while the slot is held."""
@@ -162,15 +165,23 @@ class BatchRing:
         return self.x.numpy()[k, rows], None if self.y is None else self.y.numpy()[k, rows]
 
     def take(self, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Training-process side: batch n as (x view of its slot, y copy), released when x is let go."""
+        """Training-process side: batch n, written into its slot, as (x view of the slot, y copy)."""
         k = n % self.K
         view = self.x.numpy()[k]  # a new array object per batch: its lifetime is the batch's
-        weakref.finalize(view, self.release, n)
+        self._latest[k], self._held[k] = n, True
+        weakref.finalize(view, self._let_go, k)
         return torch.from_numpy(view), None if self.y is None else self.y[k].clone()
 
-    def release(self, n: int) -> None:
-        """Slot n mod K is free for batch n + K."""
-        self.released.numpy()[n % self.K] = n
+    def passed(self, n: int) -> None:
+        """Training-process side: batch n came without its slot (or was copied out of it)."""
+        k = n % self.K
+        self._latest[k] = n
+        if not self._held[k]:
+            self.released.numpy()[k] = n
+
+    def _let_go(self, k: int) -> None:
+        self._held[k] = False
+        self.released.numpy()[k] = self._latest[k]
 
 
 def _ignore_job_signals(worker_id: int) -> None:
