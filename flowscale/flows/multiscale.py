@@ -66,10 +66,13 @@ class Level(nn.Module):
 
     def layout(self, h: torch.Tensor) -> torch.Tensor:
         """``h`` (the squeezed input of the steps) channels-last where that is faster: on the
-        CPU, for convolutional steps on grids of CPU_CHANNELS_LAST_MIN_PIXELS or more."""
-        if self.channels_last and h.device.type == "cpu" and h.shape[2] * h.shape[3] >= CPU_CHANNELS_LAST_MIN_PIXELS:
+        CPU, for convolutional steps on grids of CPU_CHANNELS_LAST_MIN_PIXELS or more; NCHW on
+        smaller ones (the squeeze of a channels-last level's output would stay channels-last)."""
+        if not (self.channels_last and h.device.type == "cpu"):
+            return h
+        if h.shape[2] * h.shape[3] >= CPU_CHANNELS_LAST_MIN_PIXELS:
             return h.contiguous(memory_format=torch.channels_last)
-        return h
+        return h.contiguous()
 
 
 class MultiScaleFlow(Flow):
