@@ -214,3 +214,34 @@ def test_parameters_are_contiguous():
 def test_squeeze_rejects_odd_sizes():
     with pytest.raises(ValueError, match="even"):
         Squeeze()(torch.zeros(1, 3, 5, 4))
+
+
+def test_channels_last_levels_compute_the_same_and_save_the_same():
+    """On the CPU, convolutional levels on 16x16 grids and more run channels-last (Level.layout):
+    a memory layout only, so bits/dim, gradients and the bytes saved for backward are those of
+    the NCHW run."""
+    import copy
+
+    from flowscale.bench.memory import saved_activation_bytes
+    from flowscale.loss import flow_bpd_dequantized
+
+    flow = small_flow("glow", levels=3, steps=2, width=8, size=32, dtype=torch.float32)
+    nchw = copy.deepcopy(flow)
+    for level in nchw.levels:
+        level.channels_last = False
+    x = torch.rand(2, 3, 32, 32, dtype=torch.float32) - 0.5
+    h = flow.levels[0].layout(flow.levels[0].squeeze(x)[0])  # 12 x 16 x 16
+    assert h.is_contiguous(memory_format=torch.channels_last) and not h.is_contiguous()
+    small = flow.levels[1].layout(torch.rand(2, 6, 16, 16).contiguous(memory_format=torch.channels_last)[:, :, ::2, ::2])
+    assert small.is_contiguous()  # 8 x 8: NCHW again
+    results = []
+    for model in (flow, nchw):
+        model.zero_grad(set_to_none=True)
+        nbytes, loss = saved_activation_bytes(lambda: flow_bpd_dequantized(model, x, 8)[0].sum(),
+                                              exclude=list(model.parameters()))
+        loss.backward()
+        results.append((nbytes, loss.item(), [p.grad.clone() for p in model.parameters()]))
+    (b1, l1, g1), (b2, l2, g2) = results
+    assert b1 == b2 and abs(l1 - l2) <= 1e-6 * abs(l2)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

@@ -9,12 +9,16 @@ import torch
 
 from flowscale.bench.memory import saved_activation_bytes
 from flowscale.cli import main as cli_main
-from flowscale.flows.base import FlowSequence
-from flowscale.flows.permutations import InvConv1x1
+from flowscale.flows.actnorm import ActNorm
+from flowscale.flows.base import FlowSequence, backprop_generic
+from flowscale.flows.couplings import Coupling
+from flowscale.flows.jet import SpatialCoupling
+from flowscale.flows.nets import glow_net
+from flowscale.flows.permutations import InvConv1x1, InvConv1x1LU
 from flowscale.inverse_checkpoint import (InvertibleSequence, check_and_flag, checkpoint_steps, inverse_checkpoint,
                                           reconstruction_errors)
 from flowscale.loss import flow_bpd_dequantized
-from helpers import assert_same_loss_and_gradients, loss_and_grads, small_flow, worst_relative_difference
+from helpers import assert_same_loss_and_gradients, loss_and_grads, perturb_, small_flow, worst_relative_difference
 
 
 CASES = [  # (preset, overrides, perturbation scale): scales chosen so bits/dim stay finite but far from init
@@ -53,6 +57,57 @@ def test_far_from_identity(preset, extra, scale):
         if level.split:
             h = h.chunk(2, dim=1)[0]
     assert len(moved) == 24 and min(moved) > 0.01, moved
+
+
+LAYERS = {  # layers whose step of inverse recompute is written by hand (their own reconstruct_and_backprop)
+    "actnorm": lambda: ActNorm(6),
+    "invconv_bias": lambda: InvConv1x1(6, seed=1, bias=True),
+    "invconv_lu_bias": lambda: InvConv1x1LU(6, seed=1, max_log_s=2.0, bias=True),
+    "affine_channel": lambda: Coupling(6, glow_net(8)),
+    "affine_checkerboard_tanh": lambda: Coupling(6, glow_net(8), mask="checkerboard", parity=1, scale_fn="tanh"),
+    "additive_checkerboard": lambda: Coupling(6, glow_net(8), kind="additive", mask="checkerboard"),
+    "additive_channel": lambda: Coupling(6, glow_net(8), kind="additive", parity=1),
+    "spatial_vstripes": lambda: SpatialCoupling(6, glow_net(8), "vstripes", parity=1),
+}
+
+
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_hand_written_backprop_equals_the_generic_path(name):
+    """Each hand-written step (no forward rerun) against the generic one (invert, rerun forward
+    with a graph, autograd): the same reconstructed input, input gradient and parameter gradients."""
+    torch.manual_seed(0)
+    layer = perturb_(LAYERS[name]().double(), 0.3, seed=1)
+    assert type(layer).fused_backprop
+    x = torch.randn(3, 6, 4, 4, dtype=torch.float64)
+    with torch.no_grad():
+        z, _ = layer(x)
+    g = torch.Generator().manual_seed(3)
+    grad_z, grad_ld = torch.randn(z.shape, generator=g, dtype=z.dtype), torch.randn(3, generator=g, dtype=z.dtype)
+    out = []
+    for run in (layer.reconstruct_and_backprop, lambda *a: backprop_generic([layer], *a)):
+        layer.zero_grad(set_to_none=True)
+        x_rec, grad_x = run(z, grad_z, grad_ld, None)
+        out.append((x_rec, grad_x, {n: p.grad.clone() for n, p in layer.named_parameters()}))
+    (x1, gx1, g1), (x2, gx2, g2) = out
+    assert g1.keys() == g2.keys() and len(g1) == len(list(layer.parameters()))  # every parameter got its gradient
+    torch.testing.assert_close(x1, x, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(x1, x2, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gx1, gx2, rtol=1e-10, atol=1e-12)
+    assert worst_relative_difference(g2, g1) < 1e-10
+
+
+def test_hand_written_backprop_makes_module_calls_when_watched():
+    """A hook on the layer (DeepSpeed ZeRO-3 gathers parameters in one) sends it down the generic
+    path, which inverts and reruns it through module calls."""
+    layer = perturb_(ActNorm(6).double(), 0.3)
+    calls = []
+    handle = layer.register_forward_pre_hook(lambda m, args, kwargs: calls.append(kwargs.get("reverse", False)),
+                                             with_kwargs=True)
+    z = torch.randn(2, 6, 4, 4, dtype=torch.float64)
+    layer.reconstruct_and_backprop(z, torch.ones_like(z), torch.ones(2, dtype=torch.float64), None)
+    handle.remove()
+    assert calls == [True, False]  # the inverse, then the forward with a graph
+    assert layer.logs.grad is not None and layer.bias.grad is not None
 
 
 def test_gradient_accumulation_matches():
