@@ -45,8 +45,9 @@ def _write_inputs(root: Path, size: int, n: int) -> dict[str, Path]:
     return out
 
 
-def _rate(make, n_batches: int, batch_size: int) -> float:
-    """Images/s of the reader ``make()`` builds, over ``n_batches`` after its first."""
+def _rate(make, n_batches: int, batch_size: int, seconds: float = 0.0) -> float:
+    """Images/s of the reader ``make()`` builds, over ``n_batches`` after its first (more, whole
+    multiples of ``n_batches``, until ``seconds`` have passed)."""
     import itertools
 
     import torch
@@ -63,16 +64,18 @@ def _rate(make, n_batches: int, batch_size: int) -> float:
     try:
         first = next(it)  # start-up (worker processes, first reads) is not timed
         sink = torch.empty_like(first[0] if isinstance(first, (tuple, list)) else first)
-        t0 = time.perf_counter()
-        for _ in range(n_batches):
-            x = next(it)
-            x = x[0] if isinstance(x, (tuple, list)) else x
-            assert x.shape[0] == batch_size
-            # Read it once, as training does (a copy to the GPU): a batch from a worker can arrive in shared
-            # memory whose pages are mapped only when touched. A copy, not a reduction: torch's uint8 sum
-            # runs at ~0.3-0.5 GB/s and would time itself (40 ms per 256 px batch), not the loader.
-            sink.copy_(x)
-        return n_batches * batch_size / (time.perf_counter() - t0)
+        t0, done = time.perf_counter(), 0
+        while done == 0 or time.perf_counter() - t0 < seconds:
+            for _ in range(n_batches):
+                x = next(it)
+                x = x[0] if isinstance(x, (tuple, list)) else x
+                assert x.shape[0] == batch_size
+                # Read it once, as training does (a copy to the GPU): a batch from a worker can arrive in shared
+                # memory whose pages are mapped only when touched. A copy, not a reduction: torch's uint8 sum
+                # runs at ~0.3-0.5 GB/s and would time itself (40 ms per 256 px batch), not the loader.
+                sink.copy_(x)
+            done += n_batches
+        return done * batch_size / (time.perf_counter() - t0)
     finally:
         torch.set_num_threads(threads)
         if hasattr(reader, "close"):
@@ -81,7 +84,7 @@ def _rate(make, n_batches: int, batch_size: int) -> float:
 
 
 def measure(size: int, n: int, workers: int, batch_size: int, tmp: Path, streams: int = 16, passes: int = 2,
-            repeats: int = 3) -> dict[str, float]:
+            repeats: int = 3, seconds: float = 2.0) -> dict[str, float]:
     """Median images/s of each reader over ``repeats`` rounds; in a round each reader reads ``passes``
     passes over the images in turn, so the readers share whatever else loads the machine."""
     import statistics
@@ -111,7 +114,7 @@ def measure(size: int, n: int, workers: int, batch_size: int, tmp: Path, streams
     rates: dict[str, list[float]] = {k: [] for k in readers}
     for _ in range(repeats):
         for k, make in readers.items():
-            rates[k].append(_rate(make, passes * (n // batch_size), batch_size))
+            rates[k].append(_rate(make, passes * (n // batch_size), batch_size, seconds))
     return {k: statistics.median(v) for k, v in rates.items()}
 
 
@@ -122,11 +125,11 @@ def run(ns) -> int:
     with tempfile.TemporaryDirectory(dir=ns.dir) as d:
         for size in ns.sizes:
             n = ns.images if size <= 64 else max(ns.batch_size * 4, ns.images // 4)
-            r = measure(size, n, ns.workers, ns.batch_size, Path(d), ns.streams, ns.passes, ns.repeats)
+            r = measure(size, n, ns.workers, ns.batch_size, Path(d), ns.streams, ns.passes, ns.repeats, ns.seconds)
             rows.append((size, n, r))
             print(f"{size}px done", flush=True)
-    print(f"\nloader throughput, images/s ({ns.workers} worker(s), batch {ns.batch_size}, {ns.passes} passes after the "
-          f"first batch, median of {ns.repeats} alternating rounds; {os.cpu_count()} CPU cores, "
+    print(f"\nloader throughput, images/s ({ns.workers} worker(s), batch {ns.batch_size}, whole multiples of {ns.passes} "
+          f"passes for at least {ns.seconds:g} s after the first batch, median of {ns.repeats} alternating rounds; {os.cpu_count()} CPU cores, "
           f"{platform.processor() or platform.machine()}):\n")
     head = ("| size | images | ImageFolder+PIL | shards PNG | shards npy | PNG / ImageFolder | npy / ImageFolder | "
             "prep's default (auto) / ImageFolder |")
@@ -155,6 +158,8 @@ def add_parser(subparsers) -> None:
                    help="also time npy shards with data.streams=S, alternating with the default order (0: skip; "
                         "default 16)")
     p.add_argument("--passes", type=int, default=2, help="passes over the images timed per reader and round (default 2)")
+    p.add_argument("--seconds", type=float, default=2.0,
+                   help="time each reader for at least this long, in whole multiples of --passes (default 2)")
     p.add_argument("--repeats", type=int, default=3,
                    help="rounds, each timing every reader in turn; the table gives medians (default 3)")
     p.add_argument("--dir", default=None, help="where to write the temporary inputs (default: the system temp dir)")

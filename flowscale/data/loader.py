@@ -88,7 +88,8 @@ class ShardLoader:
         self.positions: list[tuple[int, int]] = [(0, 0)] * self.W
         self.batches = 0
         self._it = None
-        self._n, self._ring = 0, None  # batches taken from this DataLoader, the workers' BatchRing
+        self._n, self._ring, self._parts = 0, None, []  # batches taken from this DataLoader, the workers' BatchRing,
+        # and (data.streams) batches the workers sent ahead, each as its parts
         self._workers: list = []
         self.policy = BadDataPolicy(data_cfg.bad_data, data_cfg.max_skipped, split.where)
         self._note_bad_shards(echo=rank == 0)
@@ -102,16 +103,15 @@ class ShardLoader:
         self.policy.take_met()
 
     def _iterator(self):
-        self._n, self._ring = 0, None
+        self._n, self._ring, self._parts = 0, None, []
         if self.num_workers:
             # Batches a worker can be writing while the caller holds batch n (and n - 1, until the assignment
-            # of n lets it go): the DataLoader asks for prefetch_factor items per worker ahead, an item being a
-            # batch (data.streams=0) or a worker's part of one (streams). One slot to spare.
-            ahead = self.PREFETCH if self.S else self.PREFETCH * self.W
-            self._ring = BatchRing(ahead + 3, self.batch_size, self.split.image_shape, self.split.manifest.labels)
+            # of n lets it go): the DataLoader asks for PREFETCH items per worker ahead, an item being a batch
+            # (data.streams=0) or a worker's parts of W batches (streams). One slot to spare.
+            self._ring = BatchRing(self.PREFETCH * self.W + 3, self.batch_size, self.split.image_shape, self.split.manifest.labels)
         if self.S:
             ds = _Streams(self.split, self.cfg, self.seed, self.my_streams, self.W, self.cfg.batch_size // self.S,
-                          dict(self.stream_pos), dict(self.policy.bad), self._ring)
+                          dict(self.stream_pos), dict(self.policy.bad), self._ring, group=self.W)
         else:
             ds = _Stream(self.split, self.cfg, self.seed, self.rank, self.W, self.world_size, self.batch_size,
                          list(self.positions), self.batches % self.W, dict(self.policy.bad), self._ring)
@@ -152,7 +152,9 @@ class ShardLoader:
         return self._take(x, y)
 
     def _next_streams(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        parts = [next(self._it) for _ in range(self.W)]  # one item per worker, in worker order
+        if not self._parts:  # one item per worker, in worker order, each its parts of the next W batches
+            self._parts = list(zip(*[next(self._it) for _ in range(self.W)]))[::-1]
+        parts = self._parts.pop()  # batch n's part from every worker
         for j, (_, _, (w, positions, met)) in enumerate(parts):
             if w != j:
                 raise RuntimeError(f"loader batch {self.batches}: part {j} came from worker {w}")

@@ -10,6 +10,7 @@ several canonical streams per worker (``data.streams``). :mod:`.loader` is the m
 
 from __future__ import annotations
 
+import os
 import signal
 import weakref
 from typing import Iterator
@@ -84,8 +85,8 @@ class _StreamReader:
         """Write the next len(x) samples into ``x`` (uint8 [b, C, H, W]) and their labels into ``y``
         (int64 [b], or None); returns (epoch, t, met) after them. ``met``: the bad data first met
         while filling, as :attr:`.reader.BadDataPolicy.met` lists it."""
-        split, counts, i = self.split, self.split.counts, 0
-        while i < len(x):
+        split, counts, decode, flip, i, b = self.split, self.split.counts, self.decode, self.cfg.random_flip, 0, len(x)
+        while i < b:
             if self.plan is None:
                 self.plan = EpochPlan(counts, self.epoch, self.seed, self.g, self.G, self.cfg.shuffle_buffer)
                 self.reader = _PlanReader(split, self.plan, self.t, self.policy)
@@ -100,11 +101,11 @@ class _StreamReader:
                 continue
             s, idx, key, members = item
             try:
-                xi, yi = self.decode(members)
+                xi, yi = decode(members)
             except ValueError as e:
                 self.policy.sample(split.urls[s], split.manifest.shards[s].name, key, idx, str(e))
                 continue
-            if self.cfg.random_flip:
+            if flip:
                 if s not in self.flips:  # a function of (seed, epoch, shard, index): independent of ranks/workers
                     self.flips[s] = seeds.numpy_rng(self.seed, "flip", self.epoch, s).random(counts[s]) < 0.5
                 if self.flips[s][idx]:
@@ -113,7 +114,7 @@ class _StreamReader:
             if y is not None:
                 y[i] = yi
             i += 1
-        return self.epoch, self.t, self.policy.take_met()
+        return self.epoch, self.t, self.policy.take_met() if self.policy.met else []
 
 
 def _batch_arrays(b: int, split: Split) -> tuple[np.ndarray, np.ndarray | None]:
@@ -157,12 +158,23 @@ class BatchRing:
         self._latest = list(range(-slots, 0))  # training process: the last batch seen per slot, and whether
         self._held = [False] * slots  # the caller holds it
 
+    def _arrays(self) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+        # numpy views of the shared tensors, made once per process (not pickled: a spawned worker makes its own)
+        if getattr(self, "_pid", None) != os.getpid():
+            self._pid = os.getpid()
+            self._np = self.x.numpy(), None if self.y is None else self.y.numpy(), self.released.numpy()
+        return self._np
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k not in ("_pid", "_np")}
+
     def claim(self, n: int, rows: slice) -> tuple[np.ndarray, np.ndarray | None] | None:
         """Worker side: the ``rows`` of slot n mod K to write batch n into, or None while the slot is held."""
+        x, y, released = self._arrays()
         k = n % self.K
-        if int(self.released.numpy()[k]) < n - self.K:
+        if released[k] < n - self.K:
             return None
-        return self.x.numpy()[k, rows], None if self.y is None else self.y.numpy()[k, rows]
+        return x[k, rows], None if y is None else y[k, rows]
 
     def take(self, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Training-process side: batch n, written into its slot, as (x view of the slot, y copy)."""
@@ -231,12 +243,15 @@ class _Streams(torch.utils.data.IterableDataset):
     streams in stream order (stream g is :class:`_StreamReader` g of S) into its rows of the
     rank's batch: rows [i k b, (i + 1) k b) for k streams per worker. With a :class:`BatchRing`
     the rows are those of the batch's slot, so the workers build the rank's batch together in
-    place; without one (a slot still held, or no workers) the training process joins the parts."""
+    place; without one (a slot still held, or no workers) the training process joins the parts.
+    A DataLoader item is a worker's parts of ``group`` consecutive batches (the loader uses
+    group = W), so a batch costs one item, as with data.streams=0, not one per worker: on a
+    busy CPU the DataLoader's per-item work in both processes is what a W-fold count costs."""
 
     def __init__(self, split: Split, data_cfg, seed: int, streams: list[int], num_workers: int, b: int,
-                 starts: dict[int, tuple[int, int]], known: dict, ring: BatchRing | None = None):
+                 starts: dict[int, tuple[int, int]], known: dict, ring: BatchRing | None = None, group: int = 1):
         self.split, self.cfg, self.seed, self.streams, self.W = split, data_cfg, seed, streams, num_workers
-        self.b, self.starts, self.known, self.ring = b, starts, known, ring
+        self.b, self.starts, self.known, self.ring, self.group = b, starts, known, ring, group
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -248,15 +263,18 @@ class _Streams(torch.utils.data.IterableDataset):
         n = 0
         try:
             while True:
-                slot = None if self.ring is None else self.ring.claim(n, slice(i * k * b, (i + 1) * k * b))
-                x, y = _batch_arrays(k * b, self.split) if slot is None else slot
-                positions, met = [], []
-                for j, (g, reader) in enumerate(zip(mine, readers)):
-                    epoch, t, m = reader.fill(x[j * b:(j + 1) * b], None if y is None else y[j * b:(j + 1) * b])
-                    positions.append((g, epoch, t))
-                    met += m
-                yield (*_handed_over(n, slot, x, y), (i, positions, met))
-                n += 1
+                parts = []
+                for _ in range(self.group):
+                    slot = None if self.ring is None else self.ring.claim(n, slice(i * k * b, (i + 1) * k * b))
+                    x, y = _batch_arrays(k * b, self.split) if slot is None else slot
+                    positions, met = [], []
+                    for j, (g, reader) in enumerate(zip(mine, readers)):
+                        epoch, t, m = reader.fill(x[j * b:(j + 1) * b], None if y is None else y[j * b:(j + 1) * b])
+                        positions.append((g, epoch, t))
+                        met += m
+                    parts.append((*_handed_over(n, slot, x, y), (i, positions, met)))
+                    n += 1
+                yield parts
         finally:
             for reader in readers:
                 reader.close()
