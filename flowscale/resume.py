@@ -94,11 +94,12 @@ UNIVERSAL = "universal"  # <ckpt>/universal/: DeepSpeed's topology-free copy of 
 def needs_universal(ckpt: Path, zero_stage: int, world_size: int) -> bool:
     """Whether resuming ``ckpt`` with ``zero_stage`` on ``world_size`` ranks goes through a
     universal checkpoint: optimizer state on another layout, except ZeRO-0 to ZeRO-0 (whole)."""
-    saved = _saved_stage(ckpt)
+    saved = saved_stage(ckpt)
     return not saved == zero_stage == 0 and (saved != zero_stage or written_by(ckpt) != world_size)
 
 
-def _saved_stage(ckpt: Path) -> int:
+def saved_stage(ckpt: Path) -> int:
+    """The ZeRO stage ``ckpt`` was written with (its config.yaml)."""
     import yaml
 
     return yaml.safe_load((ckpt / "config.yaml").read_text()).get("engine", {}).get("zero_stage", 0)
@@ -157,7 +158,7 @@ def to_universal(ckpt: Path, rank: int) -> tuple[Path, float]:
         t0 = time.time()
         tmp = ckpt / f".{UNIVERSAL}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        if _saved_stage(ckpt) == 0:  # whole state: laid out the same way here, no converter needed
+        if saved_stage(ckpt) == 0:  # whole state: laid out the same way here, no converter needed
             _universal_from_whole(ckpt, tmp)
         else:
             r = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",

@@ -83,7 +83,8 @@ def main(cfg: Config, resume: bool = True, resume_from: str | Path | None = None
         universal = ckpt is not None and resume_io.needs_universal(ckpt, cfg.engine.zero_stage, info.world_size)
         written_by = resume_io.written_by(ckpt) if ckpt is not None else info.world_size
         if written_by != info.world_size or universal:  # allowed by resume_changes
-            log.info(f"resuming {ckpt.name} written by {written_by} rank(s) on {info.world_size}: optimizer state "
+            log.info(f"resuming {ckpt.name} written by {written_by} rank(s) (ZeRO-{resume_io.saved_stage(ckpt)}) on "
+                     f"{info.world_size} (ZeRO-{cfg.engine.zero_stage}): optimizer state "
                      f"{'resharded (universal checkpoint)' if universal else 'whole (ZeRO-0)'}, "
                      f"every data stream's position kept")
         if info.is_main:

@@ -117,7 +117,7 @@ def test_two_nodes_zero2_train_and_agree(tmp_path, two_node_cluster, monkeypatch
     finally:
         subprocess.run(["scancel", str(job.job_id)], check=False)
     log = Path(job.paths.stdout).read_text()
-    assert "resuming step_00000004 written by 2 rank(s) on 1: optimizer state resharded (universal checkpoint)" in log
+    assert "resuming step_00000004 written by 2 rank(s) (ZeRO-2) on 1 (ZeRO-2): optimizer state resharded (universal checkpoint)" in log
     assert result["step"] == 8
     assert sorted(r["step"] for r in read_metrics(run_dir) if "bpd" in r) == list(range(1, 9)), "every step once"
 

@@ -99,10 +99,10 @@ def test_switched_2_to_1_to_4_ranks_mid_run_ends_where_the_unswitched_run_ends(o
     _train(run, 2, "engine.grad_accum=2", "train.steps=11", tmp_path=tmp_path)
     out = _train(run, 1, "engine.grad_accum=4", "train.steps=21", "data.num_workers=2", "engine.zero_stage=2",
                  tmp_path=tmp_path).stdout
-    assert "resuming step_00000011 written by 2 rank(s) on 1: optimizer state resharded" in out, out[-2000:]
+    assert "resuming step_00000011 written by 2 rank(s) (ZeRO-0) on 1 (ZeRO-2): optimizer state resharded" in out, out[-2000:]
     assert "data.num_workers 0 -> 2" in out and "engine.zero_stage 0 -> 2" in out
     out = _train(run, 4, "engine.grad_accum=1", f"train.steps={STEPS}", tmp_path=tmp_path).stdout
-    assert "resuming step_00000021 written by 1 rank(s) on 4: optimizer state resharded" in out, out[-2000:]
+    assert "resuming step_00000021 written by 1 rank(s) (ZeRO-2) on 4 (ZeRO-0): optimizer state resharded" in out, out[-2000:]
     loss, weights = _compare(one_rank, run)
     assert loss < 1e-4 and weights < WEIGHT_TOL, (loss, weights)
     assert not (run / "metrics.superseded.jsonl").exists(), "no step lost or repeated across the switches"
@@ -130,11 +130,11 @@ def test_killed_mid_epoch_on_2_ranks_zero2_resumed_on_1_rank_zero1_then_4_ranks_
     out = _train(run, 1, "engine.zero_stage=1", "engine.grad_accum=4", "train.steps=20", "data.num_workers=2", *audit,
                  tmp_path=tmp_path).stdout
     assert "removed 1 unfinished checkpoint directory left by an interrupted run: step_00000015" in out, out[-2000:]
-    assert "resuming step_00000010 written by 2 rank(s) on 1: optimizer state resharded (universal checkpoint)" in out
+    assert "resuming step_00000010 written by 2 rank(s) (ZeRO-2) on 1 (ZeRO-1): optimizer state resharded (universal checkpoint)" in out
     assert "5 metrics records after step 10 (not in the checkpoint) moved to metrics.superseded.jsonl" in out
     out = _train(run, 4, "engine.zero_stage=3", "engine.grad_accum=1", f"train.steps={STEPS}", *audit,
                  tmp_path=tmp_path).stdout
-    assert "resuming step_00000020 written by 1 rank(s) on 4: optimizer state resharded" in out, out[-2000:]
+    assert "resuming step_00000020 written by 1 rank(s) (ZeRO-1) on 4 (ZeRO-3): optimizer state resharded" in out, out[-2000:]
 
     loss, weights = _compare(one_rank, run)
     assert loss < 1e-4 and weights < WEIGHT_TOL, (loss, weights)
