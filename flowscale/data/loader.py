@@ -9,7 +9,10 @@ per (epoch, shard) from the seed ("flip" in :mod:`flowscale.seeds`) and indexed 
 sample's place in its shard, so they do not depend on the number of ranks or workers.
 
 Workers run as torch DataLoader processes that build whole batches; the DataLoader hands them
-out round-robin, so batch n of a rank came from worker n mod num_workers. The loader records
+out round-robin, so batch n of a rank came from worker n mod num_workers. They decode each
+sample straight into a slot of a :class:`.workers.BatchRing` in shared memory and send only
+the batch number; the batch handed out is a view of the slot, which is reused once the
+caller lets go of it (a caller keeping batches gets batches the workers made apart). The loader records
 each batch's end position per worker; ``state_dict()`` is that list. Shards are read through
 :class:`.reader.ShardCursor`, which holds them to the manifest; bad data goes to
 :class:`.reader.BadDataPolicy`.
