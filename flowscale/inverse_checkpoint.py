@@ -12,7 +12,11 @@ and keeps only the chain's output; backward walks the chain from the end:
         dL/dz_{k-1} = dL/dx_k;  z_{k-1} = x_k
 
 The total log-det is the sum of the steps', so its output gradient (one value per sample)
-flows into every step's log-det unchanged. Activation memory is then one step's graph plus
+flows into every step's log-det unchanged. Each step does this through its layers'
+``reconstruct_and_backprop`` (:mod:`flowscale.flows.base`): a coupling rebuilds the graph of its
+network only, once for the inverse and the backward; ActNorm and the 1x1 convolutions are
+differentiated by hand, so besides inverting those per-pixel layers the only work repeated is
+the coupling networks' forward (the cost floor: one extra forward pass). Activation memory is then one step's graph plus
 each level's output, flat in K. Inverse and recompute both go through ``module(...)``, so
 hooks (DeepSpeed ZeRO-3 parameter gathering) fire, and the autocast state of the forward is
 replayed in backward, so bf16 autocast works.

@@ -21,8 +21,11 @@ contract too, with a default that every layer inherits::
 
 rebuilds the input x = f^{-1}(z) from the output and backpropagates through f at x,
 accumulating parameter gradients. The default inverts without a graph, reruns ``forward`` with
-one and calls autograd; a layer that can share work between the two (a coupling evaluates its
-network once for both) overrides it and sets ``fused_backprop = True``. ``store_activations``
+one and calls autograd; a layer that can share work between the two overrides it and sets
+``fused_backprop = True`` (a coupling evaluates its network once for both; ActNorm and the 1x1
+convs are differentiated by hand, with no forward rerun). Overrides pass parameter gradients
+through autograd (:func:`accumulate_grads`) and take the default path while a hook watches the
+layer (:func:`watched`). ``store_activations``
 is the runtime flag (set by the reconstruction-health check) that makes inverse recompute keep
 this layer's activations instead of trusting its inverse.
 """
