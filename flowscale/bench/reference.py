@@ -7,7 +7,9 @@ n_flow, n_block, affine, conv_lu)`` is built at the same architecture as flowsca
 preset with LU 1x1 convs (32x32x3, L levels, K steps, hidden width), the parameter counts are
 printed and must agree to 1% (else the command refuses: the two would not be the same model).
 
-Every step is ``zero_grad -> loss -> backward -> Adam step`` at fp32 on the same uint8 batch,
+Every step is ``zero_grad -> loss -> backward -> Adam step`` at fp32 on the same uint8 batch
+(each side's own Adam: flowscale's training optimizer, torch's fused Adam; the reference's
+train.py's ``torch.optim.Adam``),
 dequantised with the same noise stream and scored with flowscale's bits/dim
 (:func:`flowscale.loss.bits_per_dim`). flowscale's two models come from the one setup
 function every run uses (:func:`flowscale.build.build_initialized_flow`, same seed, with and
@@ -361,7 +363,8 @@ def run(args) -> int:
         rows.append(row)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"Glow 32x32x3, L={args.levels}, width {args.width}, affine coupling, LU 1x1 conv, batch {args.batch}, fp32, "
-          f"forward + backward + Adam; reference {args.ref or '(none)'}; {machine}; torch {torch.__version__}; "
+          f"forward + backward + Adam (flowscale fused, reference torch.optim.Adam as in its train.py); reference "
+          f"{args.ref or '(none)'}; {machine}; torch {torch.__version__}; "
           f"median of {args.repeats} alternating steps after {args.warmup} warm-up; "
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load average {load:.1f} at the end")
     print()
