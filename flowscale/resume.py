@@ -161,12 +161,22 @@ def to_universal(ckpt: Path, rank: int) -> tuple[Path, float]:
         if saved_stage(ckpt) == 0:  # whole state: laid out the same way here, no converter needed
             _universal_from_whole(ckpt, tmp)
         else:
-            r = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
-                                str(ckpt), "--output_folder", str(tmp), "--inject_missing_state"],
-                               capture_output=True, text=True)
+            # DeepSpeed's converter knows Adam's moments by name only: Adamax's exp_inf goes in as exp_avg_sq
+            # (through a copy of the optimizer files; the checkpoint is not touched) and comes out renamed back.
+            renamed = _adamax_as_adam(ckpt) if _saved_optimizer(ckpt) == "adamax" else None
+            try:
+                r = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                                    str(renamed or ckpt), "--output_folder", str(tmp), "--inject_missing_state"],
+                                   capture_output=True, text=True)
+            finally:
+                if renamed is not None:
+                    shutil.rmtree(renamed, ignore_errors=True)
             if r.returncode != 0:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise RuntimeError(f"DeepSpeed's ds_to_universal could not convert {ckpt}: {r.stderr.strip()[-500:]}")
+            if renamed is not None:
+                for f in tmp.glob("zero/*/exp_avg_sq.pt"):
+                    f.rename(f.with_name("exp_inf.pt"))
         _for_every_stage(tmp)
         (tmp / "COMPLETE").write_text("ds_to_universal\n")
         shutil.rmtree(out, ignore_errors=True)
@@ -174,6 +184,33 @@ def to_universal(ckpt: Path, rank: int) -> tuple[Path, float]:
         took = time.time() - t0
     barrier()
     return out, took
+
+
+def _saved_optimizer(ckpt: Path) -> str:
+    import yaml
+
+    return yaml.safe_load((ckpt / "config.yaml").read_text()).get("optim", {}).get("name", "adam")
+
+
+def _adamax_as_adam(ckpt: Path) -> Path:
+    """A folder inside ``ckpt`` (removed with it) that reads like it to ds_to_universal, its
+    optimizer files copied with every ``exp_inf`` (Adamax's infinity norm) named ``exp_avg_sq``."""
+    import torch
+
+    def rename(obj):
+        if isinstance(obj, dict):
+            return {("exp_avg_sq" if k == "exp_inf" else k): rename(v) for k, v in obj.items()}
+        return obj
+
+    out = ckpt / ".adamax-input"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir()
+    for f in ckpt.iterdir():
+        if f.name.endswith("optim_states.pt"):
+            torch.save(rename(torch.load(f, map_location="cpu", weights_only=False)), out / f.name)
+        elif f.is_file():
+            (out / f.name).symlink_to(f.resolve())
+    return out
 
 
 def _universal_from_whole(ckpt: Path, out: Path) -> None:

@@ -158,6 +158,24 @@ def test_killed_mid_epoch_on_2_ranks_zero2_resumed_on_1_rank_zero1_then_4_ranks_
     assert f'"branch_point":{{"run_id":"{wandb_id}","step":10}}'.encode() in logs
 
 
+def test_adamax_state_resharded_zero2_to_zero1_to_zero0(tmp_path):
+    """DeepSpeed's converter knows only Adam's moments by name; Adamax's infinity norm (exp_inf)
+    crosses 2 ranks ZeRO-2 -> 1 rank ZeRO-1 -> 2 ranks ZeRO-0 all the same (a lost exp_inf would
+    restart it at |g| and move the trajectory far beyond the tolerance)."""
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    _train(ref, 1, "optim.name=adamax", "engine.grad_accum=4", f"train.steps={STEPS}", tmp_path=tmp_path)
+    _train(run, 2, "optim.name=adamax", "engine.zero_stage=2", "engine.grad_accum=2", "train.steps=10",
+           tmp_path=tmp_path)
+    out = _train(run, 1, "optim.name=adamax", "engine.zero_stage=1", "engine.grad_accum=4", "train.steps=20",
+                 tmp_path=tmp_path).stdout
+    assert "written by 2 rank(s) (ZeRO-2) on 1 (ZeRO-1): optimizer state resharded" in out, out[-2000:]
+    assert sorted(p.name for p in (list_complete(run)[0] / "universal" / "zero" / "top_prior.logs").iterdir()) == \
+        ["exp_avg.pt", "exp_inf.pt", "fp32.pt", "step.pt"]
+    _train(run, 2, "optim.name=adamax", "engine.grad_accum=2", f"train.steps={STEPS}", tmp_path=tmp_path)
+    loss, weights = _compare(ref, run)
+    assert loss < 1e-4 and weights < WEIGHT_TOL, (loss, weights)
+
+
 def test_zero_layout_changes_allowed_and_refused(tmp_path):
     """Which ZeRO changes resume_changes allows, from a ZeRO-2 checkpoint of 2 ranks: any ranks
     and any stage (fp32, Adam); refused, naming the field: crossing with ZeRO-0 in bf16, Adamax
