@@ -72,6 +72,7 @@ def _compare(a: Path, b: Path) -> tuple[float, float]:
     loss = max(abs(la[k] - lb[k]) / abs(la[k]) for k in la)
     wa, wb = _weights(a), _weights(b)
     weights = max((wa[k] - wb[k]).abs().max().item() for k in wa if wa[k].is_floating_point())
+    print(f"{b.parent.name}: per-step bits/dim max relative difference {loss:.2e}, final weights {weights:.2e}")
     return loss, weights
 
 
