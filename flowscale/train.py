@@ -168,7 +168,8 @@ def _train(cfg: Config, info: DistInfo, log: RunLogger, resume: bool, chosen: Pa
             ema.load_state_dict(ckpt_io.load_ema(path, client))
         log.info(f"resumed from {path} at step {step}")
     else:
-        log.info(f"initialised {run.n_actnorm} ActNorm layers from {len(init) * info.world_size} images")
+        images = len(init) if cfg.data.streams else len(init) * info.world_size  # streams: every rank, the whole batch
+        log.info(f"initialised {run.n_actnorm} ActNorm layers from {images} images")
     # Records past the step training continues from (a crash after the last checkpoint, or an
     # older checkpoint chosen) are moved aside: every step appears once in metrics.jsonl.
     moved = log.rewind(step if found is not None else -1)
