@@ -10,6 +10,8 @@ backprop relies on.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -53,37 +55,36 @@ def _random_rotation(channels: int, seed: int) -> torch.Tensor:
     return q
 
 
-def _conv1x1(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """Per-pixel matrix product in x's dtype, outside autocast and without TF32.
+def _exact(x: torch.Tensor):
+    """Per-pixel matrix products in x's dtype, outside autocast and without TF32.
 
     cuDNN runs float32 convolutions in TF32 (10-bit mantissa) by default on Ampere and newer
     GPUs; W x and W^-1 z would then each lose ~1e-3 relative accuracy and the inverse
     reconstruction would drift step after step (seen on an H100 at K=32 as NaN weights).
     """
     if x.device.type == "meta":  # shape/memory planning (flowscale.plan): no autocast on meta
-        return F.conv2d(x, w.to(x.dtype)[:, :, None, None])
+        return contextlib.nullcontext()
     cudnn = torch.backends.cudnn
-    with torch.autocast(device_type=x.device.type, enabled=False), \
-            cudnn.flags(enabled=cudnn.enabled, benchmark=cudnn.benchmark,
-                        deterministic=cudnn.deterministic, allow_tf32=False):
+    guards = contextlib.ExitStack()
+    guards.enter_context(torch.autocast(device_type=x.device.type, enabled=False))
+    guards.enter_context(cudnn.flags(enabled=cudnn.enabled, benchmark=cudnn.benchmark,
+                                     deterministic=cudnn.deterministic, allow_tf32=False))
+    return guards
+
+
+def _conv1x1(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """z = W x per pixel, under :func:`_exact`."""
+    with _exact(x):
         return F.conv2d(x, w.to(x.dtype)[:, :, None, None])
 
 
 def _conv1x1_backward(grad_z: torch.Tensor, x: torch.Tensor, w: torch.Tensor):
     """(dL/dx, dL/dW) of z = W x per pixel, in one convolution-backward call: W^T g and
-    sum over pixels of g x^T (in x's dtype, under the same guards as :func:`_conv1x1`)."""
-    def backward():
-        return torch.ops.aten.convolution_backward(grad_z, x, w.to(x.dtype)[:, :, None, None], None, [1, 1], [0, 0],
-                                                   [1, 1], False, [0, 0], 1, [True, True, False])[:2]
-
-    if x.device.type == "meta":  # shape/FLOP planning (flowscale.plan): no autocast on meta
-        grad_x, grad_w = backward()
-        return grad_x, grad_w[:, :, 0, 0]
-    cudnn = torch.backends.cudnn
-    with torch.autocast(device_type=x.device.type, enabled=False), \
-            cudnn.flags(enabled=cudnn.enabled, benchmark=cudnn.benchmark,
-                        deterministic=cudnn.deterministic, allow_tf32=False):
-        grad_x, grad_w = backward()
+    sum over pixels of g x^T (in x's dtype, under :func:`_exact`)."""
+    with _exact(x):
+        grad_x, grad_w = torch.ops.aten.convolution_backward(grad_z, x, w.to(x.dtype)[:, :, None, None], None,
+                                                             [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
+                                                             [True, True, False])[:2]
     return grad_x, grad_w[:, :, 0, 0]
 
 
