@@ -39,6 +39,13 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def saved_config(ckpt: Path) -> dict:
+    """The config ``ckpt`` was written with (its config.yaml), flattened to dotted fields."""
+    import yaml
+
+    return _flat(yaml.safe_load((ckpt / "config.yaml").read_text()))
+
+
 def written_by(ckpt: Path) -> int:
     """The number of ranks that wrote a complete checkpoint."""
     return int(json.loads((ckpt / "COMPLETE").read_text())["world_size"])
@@ -50,11 +57,9 @@ def resume_changes(ckpt: Path, config: dict, world_size: int) -> list[str]:
     ``"field old -> new"``. Raises ConfigError naming the first field that may not change, and
     the way out. Reads only config.yaml and COMPLETE (no pickles): every rank can call it
     before anything is written."""
-    import yaml
-
     from .config import ConfigError
 
-    saved = _flat(yaml.safe_load((ckpt / "config.yaml").read_text()))
+    saved = saved_config(ckpt)
     now = _flat(config)
 
     def norm(v):
@@ -100,12 +105,10 @@ def needs_universal(ckpt: Path, zero_stage: int, world_size: int) -> bool:
 
 def saved_stage(ckpt: Path) -> int:
     """The ZeRO stage ``ckpt`` was written with (its config.yaml)."""
-    import yaml
-
-    return yaml.safe_load((ckpt / "config.yaml").read_text()).get("engine", {}).get("zero_stage", 0)
+    return saved_config(ckpt).get("engine.zero_stage", 0)
 
 
-def _for_every_stage(folder: Path) -> None:
+def _for_every_stage(folder: Path, from_zero3: bool) -> None:
     """Make a folder that ds_to_universal wrote from one ZeRO layout loadable by every stage.
 
     DeepSpeed 0.19 reads a universal checkpoint differently per target stage: ZeRO-1/2 want
@@ -114,8 +117,8 @@ def _for_every_stage(folder: Path) -> None:
     ``zero_pp_rank_0_mp_rank_00_model_states.pt`` and the step in that file's
     ``optimizer_state_dict``, and ZeRO-1/2 read each moment as a shaped ``{"param": ...}`` where
     the converter of a ZeRO-3 checkpoint writes a flat tensor. The converter writes only what its
-    source stage's own loader reads.
-    Adds what is missing; the tensors are DeepSpeed's, untouched."""
+    source stage's own loader reads. Adds what is missing; the values are DeepSpeed's, and only
+    a ZeRO-3 source's moments (``from_zero3``) are read and written again."""
     import os
 
     import deepspeed
@@ -123,8 +126,8 @@ def _for_every_stage(folder: Path) -> None:
 
     zero = folder / "zero"
     sd = torch.load(zero / "optimizer_state.pt", map_location="cpu", weights_only=False)
-    per_param = sorted(zero.glob("*/step.pt"))
-    step = (torch.load(per_param[0], map_location="cpu", weights_only=False) if per_param
+    per_param = next(zero.glob("*/step.pt"), None)  # every parameter's step is the same
+    step = (torch.load(per_param, map_location="cpu", weights_only=False) if per_param is not None
             else sd["optimizer_state_dict"]["state"][0]["step"])
     sd.setdefault("optimizer_state_dict", {"state": {0: {"step": step}}, "param_groups": sd["param_groups"]})
     sd.setdefault("ds_version", deepspeed.__version__)
@@ -132,15 +135,15 @@ def _for_every_stage(folder: Path) -> None:
     # The model-states file holds no weights a universal load reads (those come from zero/), only
     # the engine's counters, the LR schedule and the parameter shapes: one copy serves under both names.
     source = sorted(folder.glob("*model_states.pt"))[0]
-    shapes = {name: shape for group in torch.load(source, map_location="cpu", weights_only=False)["param_shapes"]
-              for name, shape in group.items()}
-    for d in (d for d in zero.iterdir() if d.is_dir()):
-        if not (d / "step.pt").exists():
+    if from_zero3:  # its converter writes no step.pt and flat tensors; ZeRO-1/2's loader reads shaped dicts
+        shapes = {name: shape for group in torch.load(source, map_location="cpu", weights_only=False)["param_shapes"]
+                  for name, shape in group.items()}
+        for d in (d for d in zero.iterdir() if d.is_dir()):
             torch.save(step, d / "step.pt")
-        for f in d.glob("*.pt"):  # ZeRO-3's converter writes flat tensors, ZeRO-1/2's loader reads shaped dicts
-            t = torch.load(f, map_location="cpu", weights_only=False)
-            if f.name != "step.pt" and isinstance(t, torch.Tensor):
-                torch.save({"param": t.view(shapes[d.name]), "cat_dim": 0}, f)
+            for f in d.glob("*.pt"):
+                t = torch.load(f, map_location="cpu", weights_only=False)
+                if f.name != "step.pt" and isinstance(t, torch.Tensor):
+                    torch.save({"param": t.view(shapes[d.name]), "cat_dim": 0}, f)
     for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"):
         if not (folder / name).exists():
             os.link(source, folder / name)
@@ -158,12 +161,14 @@ def to_universal(ckpt: Path, rank: int) -> tuple[Path, float]:
         t0 = time.time()
         tmp = ckpt / f".{UNIVERSAL}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        if saved_stage(ckpt) == 0:  # whole state: laid out the same way here, no converter needed
+        saved = saved_config(ckpt)
+        source_stage = saved.get("engine.zero_stage", 0)
+        if source_stage == 0:  # whole state: laid out the same way here, no converter needed
             _universal_from_whole(ckpt, tmp)
         else:
             # DeepSpeed's converter knows Adam's moments by name only: Adamax's exp_inf goes in as exp_avg_sq
             # (through a copy of the optimizer files; the checkpoint is not touched) and comes out renamed back.
-            renamed = _adamax_as_adam(ckpt) if _saved_optimizer(ckpt) == "adamax" else None
+            renamed = _adamax_as_adam(ckpt) if saved.get("optim.name") == "adamax" else None
             try:
                 r = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
                                     str(renamed or ckpt), "--output_folder", str(tmp), "--inject_missing_state"],
@@ -177,19 +182,13 @@ def to_universal(ckpt: Path, rank: int) -> tuple[Path, float]:
             if renamed is not None:
                 for f in tmp.glob("zero/*/exp_avg_sq.pt"):
                     f.rename(f.with_name("exp_inf.pt"))
-        _for_every_stage(tmp)
+        _for_every_stage(tmp, from_zero3=source_stage == 3)
         (tmp / "COMPLETE").write_text("ds_to_universal\n")
         shutil.rmtree(out, ignore_errors=True)
         tmp.rename(out)
         took = time.time() - t0
     barrier()
     return out, took
-
-
-def _saved_optimizer(ckpt: Path) -> str:
-    import yaml
-
-    return yaml.safe_load((ckpt / "config.yaml").read_text()).get("optim", {}).get("name", "adam")
 
 
 def _adamax_as_adam(ckpt: Path) -> Path:

@@ -112,8 +112,8 @@ def test_switched_2_to_1_to_4_ranks_mid_run_ends_where_the_unswitched_run_ends(o
 def test_killed_mid_epoch_on_2_ranks_zero2_resumed_on_1_rank_zero1_then_4_ranks_zero3(one_rank, tmp_path):
     """The issue's switch: 2 ranks under ZeRO-2, rank 1 SIGKILLed inside the save of step 15
     (mid-epoch: an epoch is 8 steps), the run resumed from step 10 on 1 rank with ZeRO-1 and 2
-    loader workers, then on 4 ranks with ZeRO-3. Optimizer state crosses both layouts through
-    DeepSpeed's universal checkpoint. Data coverage is counted from sample keys
+    loader workers, then on 4 ranks with ZeRO-3, then on 1 rank with ZeRO-2 from step 25.
+    Optimizer state crosses every layout through DeepSpeed's universal checkpoint. Data coverage is counted from sample keys
     (train.record_batches, matched against the shards): every image exactly once per epoch, and
     the steps redone after the kill saw the very batches the killed run saw."""
     from flowscale.audit import batch_keys, read_batches
@@ -133,9 +133,12 @@ def test_killed_mid_epoch_on_2_ranks_zero2_resumed_on_1_rank_zero1_then_4_ranks_
     assert "removed 1 unfinished checkpoint directory left by an interrupted run: step_00000015" in out, out[-2000:]
     assert "resuming step_00000010 written by 2 rank(s) (ZeRO-2) on 1 (ZeRO-1): optimizer state resharded (universal checkpoint)" in out
     assert "5 metrics records after step 10 (not in the checkpoint) moved to metrics.superseded.jsonl" in out
-    out = _train(run, 4, "engine.zero_stage=3", "engine.grad_accum=1", f"train.steps={STEPS}", *audit,
+    out = _train(run, 4, "engine.zero_stage=3", "engine.grad_accum=1", "train.steps=25", *audit,
                  tmp_path=tmp_path).stdout
     assert "resuming step_00000020 written by 1 rank(s) (ZeRO-1) on 4 (ZeRO-3): optimizer state resharded" in out, out[-2000:]
+    out = _train(run, 1, "engine.zero_stage=2", "engine.grad_accum=4", f"train.steps={STEPS}", *audit,
+                 tmp_path=tmp_path).stdout  # and out of ZeRO-3 again
+    assert "resuming step_00000025 written by 4 rank(s) (ZeRO-3) on 1 (ZeRO-2): optimizer state resharded" in out, out[-2000:]
 
     loss, weights = _compare(one_rank, run)
     assert loss < 1e-4 and weights < WEIGHT_TOL, (loss, weights)
