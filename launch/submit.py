@@ -86,6 +86,11 @@ def check_resume(cfg, world_size: int) -> list[str]:
     return changes
 
 
+def tasks_per_node_of(tasks_per_node: int | None, gpus_per_node: int) -> int:
+    """Slurm tasks per node: as given, else one per GPU (one on a CPU node)."""
+    return tasks_per_node or max(gpus_per_node, 1)
+
+
 def make_executor(folder: Path, nodes: int, gpus_per_node: int, tasks_per_node: int | None, cpus_per_task: int,
                   partition: str | None, time_min: int, account: str | None, constraint: str | None,
                   local: bool, signal_delay_s: int, mem_gb: float | None = None,
@@ -95,7 +100,7 @@ def make_executor(folder: Path, nodes: int, gpus_per_node: int, tasks_per_node: 
     # submitit gives up after 3 time-limit requeues by default: a week on a 24 h partition needs 7.
     ex = submitit.AutoExecutor(folder=str(folder), cluster="local" if local else None,
                                **({} if local else dict(slurm_max_num_timeout=max_timeouts)))
-    tasks = tasks_per_node or max(gpus_per_node, 1)
+    tasks = tasks_per_node_of(tasks_per_node, gpus_per_node)
     params = dict(nodes=nodes, tasks_per_node=tasks, cpus_per_task=cpus_per_task, timeout_min=time_min,
                   name="flowscale")
     if gpus_per_node:
@@ -129,7 +134,7 @@ def submit(config_path: str | None, overrides: list[str], nodes: int = 1, gpus_p
     base = _absolute_run_dir(config_path, list(overrides))
     cfg = load_config(config_path, base)
     if array is None:  # an existing run on another topology: refused here, not after waiting in the queue
-        check_resume(cfg, nodes * (tasks_per_node or max(gpus_per_node, 1)))
+        check_resume(cfg, nodes * tasks_per_node_of(tasks_per_node, gpus_per_node))
     folder = Path(cfg.train.run_dir) / "submitit"
     ex = make_executor(folder, nodes, gpus_per_node, tasks_per_node, cpus_per_task, partition, time_min, account,
                        constraint, local, signal_delay_s, mem_gb, max_timeouts)
@@ -156,8 +161,8 @@ def sbatch_preview(config_path: str | None, overrides: list[str], nodes: int = 1
     base = _absolute_run_dir(config_path, list(overrides))
     folder = Path(load_config(config_path, base).train.run_dir) / "submitit"
     ex = SlurmExecutor(folder=str(folder))
-    params = dict(nodes=nodes, ntasks_per_node=tasks_per_node or max(gpus_per_node, 1), cpus_per_task=cpus_per_task,
-                  time=time_min, signal_delay_s=signal_delay_s, job_name="flowscale")
+    params = dict(nodes=nodes, ntasks_per_node=tasks_per_node_of(tasks_per_node, gpus_per_node),
+                  cpus_per_task=cpus_per_task, time=time_min, signal_delay_s=signal_delay_s, job_name="flowscale")
     if gpus_per_node:
         params["gpus_per_node"] = gpus_per_node
     for k, v in (("partition", partition), ("account", account), ("constraint", constraint)):
