@@ -259,8 +259,9 @@ def load(engine, ckpt: Path, rank: int, universal: bool = False) -> tuple[dict, 
     if written_by(ckpt) != world_size():  # data.streams (resume_changes allowed it): rank 0 holds every stream's place
         rank_file = ckpt / "rank_00000.pt"
     if not rank_file.is_file():
-        raise RuntimeError(f"{rank_file} is missing: was {ckpt} written by a run with a different number of ranks? "
-                           f"Resume with the same world size, or start a new run_dir from its model.safetensors")
+        raise RuntimeError(f"{rank_file} is missing from {ckpt}, which is marked complete: it was copied or edited "
+                           f"in part. Resume from another checkpoint (--resume PATH), or start a new run_dir from "
+                           f"its model.safetensors")
     return client, torch.load(rank_file, map_location="cpu", weights_only=True)
 
 
