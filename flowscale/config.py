@@ -323,6 +323,31 @@ class EngineConfig:
     when the launcher set it (torchrun sets 1), else the CPUs of this process's affinity mask
     (at most SLURM_CPUS_PER_TASK; divided among the node's tasks when they share one mask) less
     one per data.num_workers, at least 1. The choice is printed once at start."""
+    overlap_comm: Optional[bool] = None
+    """ZeRO-1/2/3: reduce (and, at ZeRO-3, gather) in the background while backward computes.
+    null = DeepSpeed's recommendation for the stage: true at ZeRO-2 (its ZeRO-2 tutorial) and
+    ZeRO-3 (its default there), false at ZeRO-1. Costs 4.5x reduce_bucket_size of buffers at
+    ZeRO-2. Ignored at ZeRO-0 (plain all-reduce after backward)."""
+    contiguous_gradients: Optional[bool] = None
+    """ZeRO-1/2/3: copy each gradient into one pre-allocated buffer as it is produced (no
+    fragmentation at the backward peak). null = true, DeepSpeed's default and recommendation."""
+    reduce_bucket_size: Optional[int] = None
+    """ZeRO-1/2/3: elements reduced at a time (the gradient bucket, w bytes per element). null =
+    DeepSpeed's default 5e8; smaller buckets start communication earlier and hold less memory,
+    at more collective calls."""
+    allgather_bucket_size: Optional[int] = None
+    """ZeRO-1/2: elements all-gathered at a time after the step (updated parameter partitions).
+    null = DeepSpeed's default 5e8."""
+    prefetch_bucket_size: Optional[int] = None
+    """ZeRO-3: parameter elements gathered ahead of their use (stage3_prefetch_bucket_size); 0 =
+    no prefetching. null = DeepSpeed's default 5e7."""
+    param_persistence_threshold: Optional[int] = None
+    """ZeRO-3: parameters of at most this many elements stay whole on every rank instead of being
+    gathered at each use (stage3_param_persistence_threshold); 0 = partition everything. null =
+    DeepSpeed's default 1e5."""
+    max_live_parameters: Optional[int] = None
+    """ZeRO-3: at most this many gathered parameter elements are held at once
+    (stage3_max_live_parameters). null = DeepSpeed's default 1e9."""
     compile: bool = False
     """torch.compile each coupling network in place, after the ActNorm init (parameter names and
     checkpoints unchanged; inverse recompute runs the compiled networks in its backward too). The
@@ -337,6 +362,12 @@ class EngineConfig:
         _check(self.zero_stage in (0, 1, 2, 3), "engine.zero_stage", f"must be 0, 1, 2 or 3, got {self.zero_stage}")
         _at_least(self, "engine", grad_accum=1, max_bad_steps=1)
         _check(self.threads >= 0, "engine.threads", f"must be >= 0 (0 = automatic), got {self.threads}")
+        for name in ("reduce_bucket_size", "allgather_bucket_size", "max_live_parameters"):
+            v = getattr(self, name)
+            _check(v is None or v >= 1, f"engine.{name}", f"must be >= 1 element or null (DeepSpeed's default), got {v}")
+        for name in ("prefetch_bucket_size", "param_persistence_threshold"):
+            v = getattr(self, name)
+            _check(v is None or v >= 0, f"engine.{name}", f"must be >= 0 or null (DeepSpeed's default), got {v}")
 
 
 @dataclass
@@ -476,13 +507,6 @@ class Config:
                "memory.checkpoint_steps=true to save activation memory")
         _check(not (self.memory.inverse_recompute and self.memory.checkpoint_steps), "memory.checkpoint_steps",
                "choose one of memory.inverse_recompute and memory.checkpoint_steps")
-        # The recompute backpropagates layer by layer in re-entrant autograd calls; ZeRO-2's
-        # per-parameter gradient hooks then reduce a partition twice and DeepSpeed aborts
-        # ("gradient computed twice"), and ZeRO-3 releases parameters the inner backward needs.
-        _check(not (self.memory.inverse_recompute and self.engine.zero_stage >= 2), "memory.inverse_recompute",
-               f"not supported with engine.zero_stage={self.engine.zero_stage} yet (DeepSpeed's ZeRO-2/3 gradient "
-               f"hooks break on the recompute's layer-by-layer backward); use engine.zero_stage=1 (optimizer state "
-               f"sharded; `flowscale plan` shows what fits) or 0, or plain autograd")
 
 
 # -- loading ---------------------------------------------------------------------------------

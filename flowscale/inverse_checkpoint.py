@@ -54,15 +54,22 @@ def _autocast_state(device_type: str):
 class _InverseRecompute(torch.autograd.Function):
     """Runs ``steps`` forward without a graph; backward reconstructs inputs via inverses.
 
-    Inputs: (x, cond, anchor, *params). ``anchor`` is an empty tensor that requires grad so
-    the output is part of the graph even when neither x nor any parameter is (data input of
-    the first level under frozen weights); ``params`` are listed so autograd orders this
-    node correctly, but their gradients are accumulated directly by the inner backward, as in
-    reentrant activation checkpointing (and DeepSpeed's gradient hooks fire there).
+    Inputs: (x, cond, anchor, steps). ``anchor`` is an empty tensor that requires grad so the
+    output is part of the graph even when x is not (the data input of the first level).
+
+    The chain's parameters are deliberately NOT inputs of this node (as in re-entrant
+    activation checkpointing): their gradients are accumulated by the inner backward of
+    ``reconstruct_and_backprop``, which creates and runs each parameter's AccumulateGrad node
+    exactly once per backward. Listing them as inputs would make the outer backward run those
+    nodes a second time with no gradient, firing post-accumulate-grad hooks twice (DeepSpeed
+    ZeRO-1/2 then reduces a gradient twice and asserts), and would build the nodes while
+    ZeRO-3 has the parameters partitioned (shape [0]), breaking the inner graph's shape checks.
+    Ordering is still right: the inner backward runs when the outer one reaches this node,
+    i.e. after everything downstream of the chain's output has been backpropagated.
     """
 
     @staticmethod
-    def forward(ctx, x, cond, anchor, steps, *params):
+    def forward(ctx, x, cond, anchor, steps):
         ctx.steps = steps
         ctx.cond = cond
         ctx.autocast = _autocast_state(x.device.type)
@@ -84,7 +91,7 @@ class _InverseRecompute(torch.autograd.Function):
             for step in reversed(ctx.steps):  # the contract's hook: fused where the layer has one
                 z, grad_z = step.reconstruct_and_backprop(z, grad_z, grad_logdet, ctx.cond)
         grad_x = grad_z if ctx.x_requires_grad else None
-        return (grad_x, None, None, None) + (None,) * (len(ctx.needs_input_grad) - 4)
+        return grad_x, None, None, None
 
 
 class InvertibleSequence(FlowSequence):
@@ -115,9 +122,8 @@ class InvertibleSequence(FlowSequence):
         logdet = zeros_logdet(x)
         for ok, steps in self._segments():
             if ok:
-                params = [p for s in steps for p in s.parameters() if p.requires_grad]
                 anchor = torch.empty(0, device=x.device, requires_grad=True)
-                x, ld = _InverseRecompute.apply(x, cond, anchor, steps, *params)
+                x, ld = _InverseRecompute.apply(x, cond, anchor, steps)
             else:
                 x, ld = run_chain(steps, x, cond)
             logdet = logdet + ld

@@ -40,8 +40,10 @@ def _levels_for(size: int) -> int:
     return {32: 3, 64: 4, 128: 5, 256: 6}.get(size, 3)
 
 
-def saved_activation_bytes(fn, exclude=()) -> int:
-    """Bytes of distinct storages saved for backward while running ``fn()`` (excluding ``exclude``)."""
+def saved_activation_bytes(fn, exclude=(), module=None) -> int:
+    """Bytes of distinct storages saved for backward while running ``fn()`` (excluding ``exclude``,
+    and the parameters of ``module`` as they are when saved: ZeRO-3 gathers them into new
+    storages during the forward)."""
     import torch
 
     skip = {t.untyped_storage().data_ptr() for t in exclude}
@@ -50,6 +52,8 @@ def saved_activation_bytes(fn, exclude=()) -> int:
     def pack(t):
         st = t.untyped_storage()
         ptr = st.data_ptr()
+        if module is not None and any(p.data.untyped_storage().data_ptr() == ptr for p in module.parameters()):
+            return t
         if ptr not in skip:
             seen[ptr] = max(seen.get(ptr, 0), st.nbytes())
         return t
