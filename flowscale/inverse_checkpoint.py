@@ -131,20 +131,21 @@ class InvertibleSequence(FlowSequence):
 
 
 def inverse_checkpoint(flow: nn.Module, enabled: bool = True, levels: list[int] | None = None) -> nn.Module:
-    """Switch each level's step chain (``flow.levels[i].steps``) to inverse recompute.
+    """Switch each of ``flow``'s chains of steps (:meth:`Flow.step_chains`: a multi-scale flow's
+    levels) to inverse recompute; a flow that declares no chains is refused by name.
 
-    ``levels``: indices of the levels to convert (None = all). Works in place and returns
+    ``levels``: indices of the chains to convert (None = all). Works in place and returns
     ``flow``; parameters, buffers and state-dict keys are unchanged, so checkpoints load
     either way. ``enabled=False`` returns ``flow`` untouched.
     """
     if not enabled:
         return flow
-    for i, level in enumerate(flow.levels):
+    for i, holder in enumerate(flow.require_chains("inverse recompute (memory.inverse_recompute)")):
         if levels is not None and i not in levels:
             continue
-        if type(level.steps) is FlowSequence:
-            level.steps = InvertibleSequence(level.steps)
-        level.steps.recompute = True
+        if type(holder.steps) is FlowSequence:
+            holder.steps = InvertibleSequence(holder.steps)
+        holder.steps.recompute = True
     return flow
 
 
@@ -179,10 +180,10 @@ class CheckpointedSequence(FlowSequence):
 
 
 def checkpoint_steps(flow: nn.Module) -> nn.Module:
-    """Switch every level's step chain to per-step ``torch.utils.checkpoint`` (in place)."""
-    for level in flow.levels:
-        if type(level.steps) is FlowSequence:
-            level.steps = CheckpointedSequence(level.steps)
+    """Switch every chain of steps to per-step ``torch.utils.checkpoint`` (in place)."""
+    for holder in flow.require_chains("memory.checkpoint_steps"):
+        if type(holder.steps) is FlowSequence:
+            holder.steps = CheckpointedSequence(holder.steps)
     return flow
 
 
@@ -195,31 +196,26 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @torch.no_grad()
 def reconstruction_errors(flow: nn.Module, x: torch.Tensor, cond: torch.Tensor | None = None) -> dict:
-    """Relative reconstruction errors ``|x - f^{-1}(f(x))| / |x|`` on a batch.
+    """Relative reconstruction errors ``|x - f^{-1}(f(x))| / |x|`` on a batch, along
+    :meth:`Flow.walk`.
 
-    Returns {"level": [per-level error of the whole chain], "step": [[per-step errors] per level]}.
+    Returns {"level": [per-chain error of the whole chain], "step": [[per-step errors] per chain]}.
     """
-    out = {"level": [], "step": []}
-    h = x
-    for level in flow.levels:
-        h, _ = level.squeeze(h)
-        z = h
-        per_step, inputs = [], []
-        for step in level.steps:
-            inputs.append(z)
+
+    def measure(i, chain, h, cond):
+        z, per_step = h, []
+        for step in chain:
             z_next, _ = step(z, cond=cond)
             back, _ = step(z_next, cond=cond, reverse=True)
             per_step.append(_rel_err(z, back))
             z = z_next
         back = z
-        for step in reversed(list(level.steps)):
+        for step in reversed(list(chain)):
             back, _ = step(back, cond=cond, reverse=True)
-        out["level"].append(_rel_err(h, back))
-        out["step"].append(per_step)
-        h = z
-        if level.split:
-            h, _ = h.chunk(2, dim=1)
-    return out
+        return z, None, (_rel_err(h, back), per_step)
+
+    passes = list(flow.walk(x, cond, run=measure))
+    return {"level": [p.extra[0] for p in passes], "step": [p.extra[1] for p in passes]}
 
 
 @torch.no_grad()
@@ -232,8 +228,8 @@ def check_and_flag(flow: nn.Module, x: torch.Tensor, max_error: float, cond: tor
     """
     errs = reconstruction_errors(flow, x, cond)
     flagged = 0
-    for level, per_step in zip(flow.levels, errs["step"]):
-        for step, e in zip(level.steps, per_step):
+    for holder, per_step in zip(flow.require_chains("the reconstruction check"), errs["step"]):
+        for step, e in zip(holder.steps, per_step):
             bad = not (e <= max_error)  # NaN counts as bad
             step.store_activations = bad
             flagged += bad

@@ -264,3 +264,34 @@ def test_bench_memory_command(tmp_path, capsys):
     by = {(r["k"], r["mode"]): r["saved_bytes"] for r in rows}
     assert by[(4, "inverse")] < by[(4, "plain")]
     assert (tmp_path / "memory.png").stat().st_size > 1000
+
+
+def test_the_wrappers_refuse_a_flow_without_declared_chains_by_name():
+    """The multi-scale walk is part of the contract (Flow.step_chains / Flow.walk); a flow that
+    declares none (here a bare chain of steps) is refused with its class name."""
+    from flowscale.flows.base import FlowSequence
+    from flowscale.inverse_checkpoint import checkpoint_steps
+
+    bare = FlowSequence(list(small_flow("glow", levels=1, steps=2).levels[0].steps))
+    for wrap in (inverse_checkpoint, checkpoint_steps):
+        with pytest.raises(TypeError, match="FlowSequence declares none"):
+            wrap(bare)
+    with pytest.raises(TypeError, match="FlowSequence declares no chains"):
+        next(bare.walk(torch.zeros(1, 12, 2, 2)))
+
+
+def test_walk_is_the_forward_path():
+    """Every user of the walk sees what the forward pass computes: the chains' inputs and outputs
+    along walk() give the flow's own latents and log-det (priors added outside the walk)."""
+    flow = small_flow("glow", levels=3, steps=2, width=8, size=16, scale=0.2)
+    x = torch.rand(3, 3, 16, 16, dtype=torch.float64) - 0.5
+    eps, logdet = flow(x)
+    passes = list(flow.walk(x))
+    assert [p.index for p in passes] == [0, 1, 2] and passes[-1].z2 is None
+    total = sum(p.logdet for p in passes)
+    for p in passes:
+        if p.z2 is not None:
+            total = total + p.holder.prior(p.z2, cond=p.h)[1]
+    total = total + flow.top_prior(passes[-1].h, cond=None)[1]
+    assert torch.allclose(total, logdet, rtol=0, atol=1e-10)
+    assert torch.equal(flow.top_prior(passes[-1].h, cond=None)[0], eps[-1])
