@@ -222,7 +222,7 @@ def test_channels_last_levels_compute_the_same_and_save_the_same():
     the NCHW run."""
     import copy
 
-    from flowscale.bench.memory import saved_activation_bytes
+    from flowscale.inverse_checkpoint import saved_activation_bytes
     from flowscale.loss import flow_bpd_dequantized
 
     flow = small_flow("glow", levels=3, steps=2, width=8, size=32, dtype=torch.float32)

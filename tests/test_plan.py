@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from flowscale.bench.memory import saved_activation_bytes
+from flowscale.inverse_checkpoint import saved_activation_bytes
 from flowscale.config import Config, DataConfig, ModelConfig, load_config
 from flowscale.engine import model_dtype
 from flowscale.flows.actnorm import initialize_actnorm

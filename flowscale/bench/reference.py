@@ -177,7 +177,7 @@ def time_alternating(cases: dict, repeats: int, warmup: int) -> dict:
 
 def saved_mib(cases: dict) -> dict:
     """MiB of activations each case saves for backward in one forward (parameters excluded)."""
-    from .memory import saved_activation_bytes
+    from ..inverse_checkpoint import saved_activation_bytes
 
     out = {}
     for case, (model, opt, loss_fn) in cases.items():

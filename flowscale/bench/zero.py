@@ -127,7 +127,7 @@ def run_case(case: str, args, info, reference: dict | None) -> dict:
         def measured_loss(model, x, y, u=None, g=None):
             if saved:  # the first micro-batch only
                 return loss_fn(model, x, y, u, g)
-            from .memory import saved_activation_bytes
+            from ..inverse_checkpoint import saved_activation_bytes
 
             n, out = saved_activation_bytes(lambda: loss_fn(model, x, y, u, g), module=module)
             saved.append(n)
