@@ -72,6 +72,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--resolution", type=int, default=None,
                    help="center-crop and box-resize to this size (default: all images must be one square size)")
     p.add_argument("--no-shuffle", action="store_true", help="keep path order (default: shuffle with --seed)")
+    p.add_argument("--channels", default="auto", choices=["auto", "1", "3"],
+                   help="1 = grayscale, 3 = RGB; auto = 1 when the first 64 files (path order) are all grayscale, "
+                        "else 3. Images of the other kind are converted, counted in the manifest (default: auto)")
     p.add_argument("--attributes", default=None, metavar="CSV",
                    help="per-image binary attributes: a CSV with header 'file,<name>,...' (file = path relative to "
                         "SRC, file name or stem; values 1/0, 1/-1, true/false, yes/no), stored as <key>.attr")
@@ -122,13 +125,15 @@ def _run(ns) -> int:
     elif ns.source == "ilsvrc":
         plans = sources.plan_ilsvrc(src, ns.resolution, ns.seed, Path(ns.val_labels) if ns.val_labels else None)
     else:
-        plans = sources.plan_folder(src, ns.split, ns.resolution, ns.seed, not ns.no_shuffle, _path(ns.attributes))
+        plans = sources.plan_folder(src, ns.split, ns.resolution, ns.seed, not ns.no_shuffle, _path(ns.attributes),
+                                    None if ns.channels == "auto" else int(ns.channels))
     if ns.source.startswith("imagenet"):
         print(f"data_prep: note: {sources.VARIANT_NOTE}", file=sys.stderr)
     for split, plan in plans.items():
         path = convert_split(plan, ns.out, ns.prefix, split, ns.encoding, parse_size(ns.shard_size),
                              ns.samples_per_shard, ns.workers, ns.bad_input, progress=not ns.no_progress)
-        print(f"{split}: {len(plan.items)} inputs -> {path} (variant {plan.variant}, {plan.resolution}px"
+        print(f"{split}: {len(plan.items)} inputs -> {path} (variant {plan.variant}, {plan.resolution}px, "
+              f"{plan.channels} channel{'s' if plan.channels > 1 else ''}"
               + (f", {len(plan.attributes)} attributes" if plan.attributes else "") + ")")
     return 0
 
@@ -138,11 +143,11 @@ def _verify(ns) -> int:
     from .verify import verify
 
     problems, rows = verify(ns.paths, ns.workers, full=not ns.quick, progress=not ns.no_progress)
-    print("| manifest | split | variant | px | encoding | shards | samples | labels | ok |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| manifest | split | variant | px | channels | encoding | shards | samples | labels | ok |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['manifest']} | {r['split']} | {r['variant']} | {r['resolution']} | {r['encoding']} | "
-              f"{r['shards']} | {r['samples']} | {r['labels']} | {'yes' if r['ok'] else 'NO'} |")
+        print(f"| {r['manifest']} | {r['split']} | {r['variant']} | {r['resolution']} | {r['channels']} | "
+              f"{r['encoding']} | {r['shards']} | {r['samples']} | {r['labels']} | {'yes' if r['ok'] else 'NO'} |")
     if len({r["variant"] for r in rows}) > 1:
         print("note: these manifests hold different variants; bits/dim are not comparable across them")
     for p in problems:
