@@ -8,6 +8,10 @@ import sys
 from pathlib import Path
 
 EXAMPLES = """examples:
+  flowscale prep fashion-mnist /usr/share/datasets/fashion-mnist /data/shards/fmnist  # Debian dataset-fashion-mnist
+  flowscale prep mnist /data/mnist /data/shards/mnist   # train-images-idx3-ubyte.gz ... t10k-labels-idx1-ubyte.gz
+  flowscale prep cifar10 /data/cifar-10-python.tar.gz /data/shards/cifar10   # or the extracted cifar-10-batches-py/
+  flowscale prep cifar100 /data/cifar-100-python /data/shards/cifar100
   flowscale prep celebahq /data/celeba-hq-1024 /data/shards/celebahq256 --resolution 256
   flowscale prep celebahq /data/celeba-tfr /data/shards/celebahq256-glow --resolution 256
   flowscale prep imagenet-oord /data/imagenet64 /data/shards/in64-oord     # train_64x64/ valid_64x64/
@@ -32,6 +36,12 @@ def _common(p: argparse.ArgumentParser, prefix: str) -> None:
     p.add_argument("--bad-input", default="error", choices=["error", "skip"],
                    help="an input that cannot be decoded: stop (error) or leave it out, counted in the manifest")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _limit(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--limit", type=int, default=None, metavar="N",
+                   help="convert only the first N images of each split (a quick trial; said in the manifest, and "
+                        "test bits/dim on a part of the test split are not the published measure)")
 
 
 def add_parsers(sub) -> None:
@@ -80,6 +90,24 @@ def add_parsers(sub) -> None:
                         "SRC, file name or stem; values 1/0, 1/-1, true/false, yes/no), stored as <key>.attr")
     p.set_defaults(func=_run, source="folder")
 
+    for name, what in (("mnist", "MNIST"), ("fashion-mnist", "Fashion-MNIST")):
+        p = sub.add_parser(name, help=f"{what}: the official IDX files (train-/t10k- images and labels, .gz or raw); "
+                                      f"28x28 grayscale, labels kept")
+        _common(p, name)
+        p.add_argument("--pad-to", type=int, default=None, metavar="PX",
+                       help="zero-pad the 28px images to PX (e.g. 32, for model.levels=3+; 28 allows 2 levels). "
+                            "Default: keep 28x28, the size of the published bits/dim (D = 784); padded bits/dim "
+                            "count the padding and are not comparable with them (variant NAME-padPX)")
+        _limit(p)
+        p.set_defaults(func=_run, source=name)
+
+    for name, what in (("cifar10", "CIFAR-10: data_batch_1..5 + test_batch"),
+                       ("cifar100", "CIFAR-100: train + test, the 100 fine labels")):
+        p = sub.add_parser(name, help=f"{what} (the python version: its .tar.gz or extracted folder); 32x32 RGB")
+        _common(p, name)
+        _limit(p)
+        p.set_defaults(func=_run, source=name)
+
     p = sub.add_parser("verify", help="re-read shards: counts, decodability, sizes, checksums against the manifest")
     p.add_argument("paths", nargs="+", help="manifest.json files, split directories or shard roots")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel shard checks")
@@ -124,6 +152,14 @@ def _run(ns) -> int:
         plans = sources.plan_imagenet_batches(src)
     elif ns.source == "ilsvrc":
         plans = sources.plan_ilsvrc(src, ns.resolution, ns.seed, Path(ns.val_labels) if ns.val_labels else None)
+    elif ns.source in ("mnist", "fashion-mnist"):
+        from .classic import plan_idx
+
+        plans = plan_idx(src, ns.source, ns.seed, ns.pad_to, ns.limit)
+    elif ns.source in ("cifar10", "cifar100"):
+        from .classic import plan_cifar
+
+        plans = plan_cifar(src, ns.source, ns.seed, ns.limit)
     else:
         plans = sources.plan_folder(src, ns.split, ns.resolution, ns.seed, not ns.no_shuffle, _path(ns.attributes),
                                     None if ns.channels == "auto" else int(ns.channels))
