@@ -7,6 +7,8 @@ import os
 import sys
 from pathlib import Path
 
+from flowscale.data.codec import RAW_UP_TO
+
 EXAMPLES = """examples:
   flowscale prep fashion-mnist /usr/share/datasets/fashion-mnist /data/shards/fmnist  # Debian dataset-fashion-mnist
   flowscale prep mnist /data/mnist /data/shards/mnist   # train-images-idx3-ubyte.gz ... t10k-labels-idx1-ubyte.gz
@@ -27,7 +29,8 @@ def _common(p: argparse.ArgumentParser, prefix: str) -> None:
     p.add_argument("out", help="output root; each split goes to OUT/<split>/ with its manifest.json")
     p.add_argument("--prefix", default=prefix, help=f"shard name prefix: PREFIX-<split>-000000.tar (default: {prefix})")
     p.add_argument("--encoding", default="auto", choices=["auto", "png", "npy"],
-                   help="lossless pixel format; auto = npy (raw, fastest to decode) up to 64px, png above")
+                   help=f"lossless pixel format; auto = npy (raw, fastest to decode) up to {RAW_UP_TO}px, png "
+                        f"above")
     p.add_argument("--shard-size", default="256MB", help="target shard size (default: 256MB)")
     p.add_argument("--samples-per-shard", type=int, default=None, help="fixed samples per shard (overrides --shard-size)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1,

@@ -304,3 +304,10 @@ def test_auto_encoding_is_raw_up_to_256_px(tmp_path, size, expected):
     m2, px, _ = read_split(tmp_path / "out" / "train", size)
     assert len(px) == 2 and all(v.shape == (size, size, 3) for v in px.values())
 
+
+def test_help_states_the_auto_encoding_threshold(capsys):
+    from flowscale.data.codec import RAW_UP_TO
+
+    with pytest.raises(SystemExit):
+        prep(["folder", "--help"])
+    assert f"npy (raw, fastest to decode) up to {RAW_UP_TO}px" in " ".join(capsys.readouterr().out.split())
