@@ -7,7 +7,13 @@ import os
 import sys
 from pathlib import Path
 
+from flowscale.data.codec import RAW_UP_TO
+
 EXAMPLES = """examples:
+  flowscale prep fashion-mnist /usr/share/datasets/fashion-mnist /data/shards/fmnist  # Debian dataset-fashion-mnist
+  flowscale prep mnist /data/mnist /data/shards/mnist   # train-images-idx3-ubyte.gz ... t10k-labels-idx1-ubyte.gz
+  flowscale prep cifar10 /data/cifar-10-python.tar.gz /data/shards/cifar10   # or the extracted cifar-10-batches-py/
+  flowscale prep cifar100 /data/cifar-100-python /data/shards/cifar100
   flowscale prep celebahq /data/celeba-hq-1024 /data/shards/celebahq256 --resolution 256
   flowscale prep celebahq /data/celeba-tfr /data/shards/celebahq256-glow --resolution 256
   flowscale prep imagenet-oord /data/imagenet64 /data/shards/in64-oord     # train_64x64/ valid_64x64/
@@ -23,7 +29,8 @@ def _common(p: argparse.ArgumentParser, prefix: str) -> None:
     p.add_argument("out", help="output root; each split goes to OUT/<split>/ with its manifest.json")
     p.add_argument("--prefix", default=prefix, help=f"shard name prefix: PREFIX-<split>-000000.tar (default: {prefix})")
     p.add_argument("--encoding", default="auto", choices=["auto", "png", "npy"],
-                   help="lossless pixel format; auto = npy (raw, fastest to decode) up to 64px, png above")
+                   help=f"lossless pixel format; auto = npy (raw, fastest to decode) up to {RAW_UP_TO}px, png "
+                        f"above")
     p.add_argument("--shard-size", default="256MB", help="target shard size (default: 256MB)")
     p.add_argument("--samples-per-shard", type=int, default=None, help="fixed samples per shard (overrides --shard-size)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
@@ -32,6 +39,12 @@ def _common(p: argparse.ArgumentParser, prefix: str) -> None:
     p.add_argument("--bad-input", default="error", choices=["error", "skip"],
                    help="an input that cannot be decoded: stop (error) or leave it out, counted in the manifest")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _limit(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--limit", type=int, default=None, metavar="N",
+                   help="convert only the first N images of each split (a quick trial; said in the manifest, and "
+                        "test bits/dim on a part of the test split are not the published measure)")
 
 
 def add_parsers(sub) -> None:
@@ -72,10 +85,31 @@ def add_parsers(sub) -> None:
     p.add_argument("--resolution", type=int, default=None,
                    help="center-crop and box-resize to this size (default: all images must be one square size)")
     p.add_argument("--no-shuffle", action="store_true", help="keep path order (default: shuffle with --seed)")
+    p.add_argument("--channels", default="auto", choices=["auto", "1", "3"],
+                   help="1 = grayscale, 3 = RGB; auto = 1 when the first 64 files (path order) are all grayscale, "
+                        "else 3. Images of the other kind are converted, counted in the manifest (default: auto)")
     p.add_argument("--attributes", default=None, metavar="CSV",
                    help="per-image binary attributes: a CSV with header 'file,<name>,...' (file = path relative to "
                         "SRC, file name or stem; values 1/0, 1/-1, true/false, yes/no), stored as <key>.attr")
     p.set_defaults(func=_run, source="folder")
+
+    for name, what in (("mnist", "MNIST"), ("fashion-mnist", "Fashion-MNIST")):
+        p = sub.add_parser(name, help=f"{what}: the official IDX files (train-/t10k- images and labels, .gz or raw); "
+                                      f"28x28 grayscale, labels kept")
+        _common(p, name)
+        p.add_argument("--pad-to", type=int, default=None, metavar="PX",
+                       help="zero-pad the 28px images to PX (e.g. 32, for model.levels=3+; 28 allows 2 levels). "
+                            "Default: keep 28x28, the size of the published bits/dim (D = 784); padded bits/dim "
+                            "count the padding and are not comparable with them (variant NAME-padPX)")
+        _limit(p)
+        p.set_defaults(func=_run, source=name)
+
+    for name, what in (("cifar10", "CIFAR-10: data_batch_1..5 + test_batch"),
+                       ("cifar100", "CIFAR-100: train + test, the 100 fine labels")):
+        p = sub.add_parser(name, help=f"{what} (the python version: its .tar.gz or extracted folder); 32x32 RGB")
+        _common(p, name)
+        _limit(p)
+        p.set_defaults(func=_run, source=name)
 
     p = sub.add_parser("verify", help="re-read shards: counts, decodability, sizes, checksums against the manifest")
     p.add_argument("paths", nargs="+", help="manifest.json files, split directories or shard roots")
@@ -121,14 +155,24 @@ def _run(ns) -> int:
         plans = sources.plan_imagenet_batches(src)
     elif ns.source == "ilsvrc":
         plans = sources.plan_ilsvrc(src, ns.resolution, ns.seed, Path(ns.val_labels) if ns.val_labels else None)
+    elif ns.source in ("mnist", "fashion-mnist"):
+        from .classic import plan_idx
+
+        plans = plan_idx(src, ns.source, ns.seed, ns.pad_to, ns.limit)
+    elif ns.source in ("cifar10", "cifar100"):
+        from .classic import plan_cifar
+
+        plans = plan_cifar(src, ns.source, ns.seed, ns.limit)
     else:
-        plans = sources.plan_folder(src, ns.split, ns.resolution, ns.seed, not ns.no_shuffle, _path(ns.attributes))
+        plans = sources.plan_folder(src, ns.split, ns.resolution, ns.seed, not ns.no_shuffle, _path(ns.attributes),
+                                    None if ns.channels == "auto" else int(ns.channels))
     if ns.source.startswith("imagenet"):
         print(f"data_prep: note: {sources.VARIANT_NOTE}", file=sys.stderr)
     for split, plan in plans.items():
         path = convert_split(plan, ns.out, ns.prefix, split, ns.encoding, parse_size(ns.shard_size),
                              ns.samples_per_shard, ns.workers, ns.bad_input, progress=not ns.no_progress)
-        print(f"{split}: {len(plan.items)} inputs -> {path} (variant {plan.variant}, {plan.resolution}px"
+        print(f"{split}: {len(plan.items)} inputs -> {path} (variant {plan.variant}, {plan.resolution}px, "
+              f"{plan.channels} channel{'s' if plan.channels > 1 else ''}"
               + (f", {len(plan.attributes)} attributes" if plan.attributes else "") + ")")
     return 0
 
@@ -138,11 +182,11 @@ def _verify(ns) -> int:
     from .verify import verify
 
     problems, rows = verify(ns.paths, ns.workers, full=not ns.quick, progress=not ns.no_progress)
-    print("| manifest | split | variant | px | encoding | shards | samples | labels | ok |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| manifest | split | variant | px | channels | encoding | shards | samples | labels | ok |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['manifest']} | {r['split']} | {r['variant']} | {r['resolution']} | {r['encoding']} | "
-              f"{r['shards']} | {r['samples']} | {r['labels']} | {'yes' if r['ok'] else 'NO'} |")
+        print(f"| {r['manifest']} | {r['split']} | {r['variant']} | {r['resolution']} | {r['channels']} | "
+              f"{r['encoding']} | {r['shards']} | {r['samples']} | {r['labels']} | {'yes' if r['ok'] else 'NO'} |")
     if len({r["variant"] for r in rows}) > 1:
         print("note: these manifests hold different variants; bits/dim are not comparable across them")
     for p in problems:

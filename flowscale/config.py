@@ -229,7 +229,8 @@ class DataConfig:
     image_size: int = 32
     """Height = width of training images in pixels."""
     channels: int = 3
-    """Image channels (3 = RGB)."""
+    """Image channels: 3 = RGB, 1 = grayscale (MNIST, Fashion-MNIST). Must equal the shards'
+    manifest ``channels``; bits/dim count D = channels x image_size^2."""
     n_bits: int = 8
     """Bits per colour channel after reduction x -> floor(x / 2^(8 - n_bits)); Glow's CelebA-HQ runs use 5."""
     batch_size: int = 32

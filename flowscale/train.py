@@ -38,6 +38,7 @@ from .logging import RunLogger
 from .loss import sample_noise, training_loss
 from .preemption import PreemptionGuard
 from .data.quantize import preprocess
+from .data.splits import resolve_split
 from .sample import sample_grid
 
 
@@ -87,6 +88,8 @@ def main(cfg: Config, resume: bool = True, resume_from: str | Path | None = None
                      f"{info.world_size} (ZeRO-{cfg.engine.zero_stage}): optimizer state "
                      f"{'resharded (universal checkpoint)' if universal else 'whole (ZeRO-0)'}, "
                      f"every data stream's position kept")
+        for split in ("train", "test"):  # data unlike the config (channels, size) is refused before any write
+            resolve_split(cfg.data, split)
         if info.is_main:
             lock = _prepare_run_dir(cfg, resume, chosen, log)
         barrier()
