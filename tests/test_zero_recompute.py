@@ -19,6 +19,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+
+import pytest
 
 from conftest import free_port
 
@@ -48,3 +51,31 @@ def test_inverse_recompute_on_every_zero_setting(tmp_path, monkeypatch, capsys):
         plain = rows[f"{stage}-bf16-plain"]["grad_err_global"]
         inverse = next(r for c, r in rows.items() if c.startswith(f"{stage}-bf16-inverse"))["grad_err_global"]
         assert 0 < inverse <= 2 * plain, (stage, inverse, plain)
+
+
+@pytest.mark.slow
+def test_every_preset_stage_precision_and_memory_mode_trains_or_is_refused(tmp_path, monkeypatch, capsys):
+    """6 presets x ZeRO 0-3 x fp32/bf16 x plain/inverse_recompute/checkpoint_steps, one step each
+    on 2 ranks in one process group (~65 s on 2 cores): each trains (finite loss, no skipped
+    step, one gradient-hook firing per parameter, the reconstruction check run collectively
+    with inverse recompute) or is refused when its config is read, naming the field. The
+    refused set is the README's list: TarFlow with inverse recompute (its inverse is
+    sequential over the tokens)."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    out = tmp_path / "rows.json"
+    args = argparse.Namespace(cases=None, matrix=True, depths=[2], steps=1, width=8, size=8, batch=8, nproc=2,
+                              json=str(out), port=free_port())
+    assert zero.run(args) == 0, capsys.readouterr().err[-3000:]
+    rows = json.loads(out.read_text())
+    assert len(rows) == 6 * 4 * 2 * 3
+    refused = {r["case"] for r in rows if "refused" in r}
+    assert refused == {f"tarflow:{s}-{p}-inverse" for s in range(4) for p in ("fp32", "bf16")}, refused
+    for r in rows:
+        if "refused" in r:
+            assert r["refused"].startswith("config field 'memory.inverse_recompute': not supported with "
+                                           "model.preset=tarflow"), r
+            continue
+        assert "error" not in r and r["skipped"] == 0, r
+        assert r["hooks_min"] == r["hooks_max"] == 1, r
+        assert all(math.isfinite(v) for v in r["losses"]), r
+        assert ("recon_stored_steps" in r) == r["case"].endswith("-inverse"), r

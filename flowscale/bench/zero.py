@@ -14,13 +14,19 @@ For each case it reports:
     saved@K      bytes saved for backward by the first micro-batch's forward at each depth K
                  of ``--depths`` (parameters excluded), measured under the engine
 
-A case is ``STAGE-PRECISION-MODE`` plus optional ``+setting`` suffixes:
+A case is ``[PRESET:]STAGE-PRECISION-MODE`` (preset glow unless named) plus optional
+``+setting`` suffixes:
 ``+accum2`` (engine.grad_accum=2), ``+overlap`` / ``+nooverlap``, ``+nocontig``,
 ``+bucket1k`` (reduce and allgather buckets of 1000 elements), ``+persist0`` (ZeRO-3
 partitions every parameter), ``+prefetch0`` (ZeRO-3 without prefetching). MODE is ``plain``,
 ``inverse`` (memory.inverse_recompute) or ``ckpt`` (memory.checkpoint_steps).
 
+``--matrix`` runs every preset x ZeRO stage x precision x memory mode for one step each: each
+combination trains, or is refused when its config is read (the row says the field and why).
+With inverse recompute the training loop's reconstruction check runs too (collective).
+
     flowscale bench zero                        # the default cases, a markdown table
+    flowscale bench zero --matrix --depths 2 --steps 1
     flowscale bench zero --cases 2-fp32-inverse 3-bf16-inverse+persist0 --json out.json
 """
 
@@ -55,11 +61,34 @@ SETTINGS = {
 MODES = {"plain": [], "inverse": ["memory.inverse_recompute=true"], "ckpt": ["memory.checkpoint_steps=true"]}
 
 
+PRESETS = ("nice", "realnvp", "glow", "dlf", "jet", "tarflow")
+PRESET_SHAPE = {"jet": ["model.patch_size=4", "model.vit_heads=2", "model.vit_depth=1"],
+                "tarflow": ["model.patch_size=4", "model.vit_heads=2", "model.vit_depth=1"]}
+"""Tiny transformer flows: 8x8 images in 2x2 tokens of 4x4 patches."""
+
+
+def matrix_cases() -> list[str]:
+    """Every preset x ZeRO stage x precision x memory mode, ZeRO-0 plain fp32 Glow first."""
+    cases = ["glow:0-fp32-plain"]
+    for preset in PRESETS:
+        for stage in range(4):
+            for precision in ("fp32", "bf16"):
+                for mode in MODES:
+                    case = f"{preset}:{stage}-{precision}-{mode}"
+                    if case not in cases:
+                        cases.append(case)
+    return cases
+
+
 def case_overrides(case: str, k: int, width: int, size: int, batch: int) -> list[str]:
-    """The config overrides of a case name (see the module docstring)."""
+    """The config overrides of a case name ``[PRESET:]STAGE-PRECISION-MODE[+setting...]`` (see
+    the module docstring; the preset defaults to glow)."""
+    preset, _, case = case.rpartition(":")
+    preset = preset or "glow"
     head, *extras = case.split("+")
     stage, precision, mode = head.split("-")
-    out = ["model.preset=glow", "model.levels=2", f"model.steps={k}", f"model.width={width}",
+    out = [f"model.preset={preset}", "model.levels=2", f"model.steps={k}", f"model.width={width}",
+           *PRESET_SHAPE.get(preset, []),
            f"data.image_size={size}", f"data.batch_size={batch}", f"engine.zero_stage={stage}",
            f"engine.precision={precision}", "optim.lr=1e-3", "optim.warmup_steps=0", "optim.grad_clip=0",
            "wandb.mode=disabled", "train.progress=false", *MODES[mode]]
@@ -89,14 +118,19 @@ def run_case(case: str, args, info, reference: dict | None) -> dict:
     import torch
 
     from ..build import build_training
-    from ..config import load_config
+    from ..config import ConfigError, load_config
+    from ..distributed import max_over_ranks
     from ..engine import train_step
+    from ..inverse_checkpoint import UnstableSteps, reconstruction_tolerance
     from ..loss import sample_noise, training_loss
 
     row = {"case": case}
     per_depth = {}
     for k in args.depths:
-        cfg = load_config(None, case_overrides(case, k, args.width, args.size, args.batch))
+        try:
+            cfg = load_config(None, case_overrides(case, k, args.width, args.size, args.batch))
+        except ConfigError as e:  # refused when the config is read: the field and the reason
+            return {"case": case, "refused": str(e)}, None
         c, s = cfg.data.channels, cfg.data.image_size
         g = torch.Generator().manual_seed(1234)
         images = torch.randint(0, 256, (args.steps, args.batch, c, s, s), dtype=torch.uint8, generator=g)
@@ -141,12 +175,18 @@ def run_case(case: str, args, info, reference: dict | None) -> dict:
             u, _ = sample_noise(cfg.train.seed, t, rows, (c, s, s))
             m = train_step(engine, (x, None, u), measured_loss)
             losses.append(float(m["loss"]))
+        if cfg.memory.inverse_recompute:  # the training loop's reconstruction check, collective as there
+            unstable = UnstableSteps(reconstruction_tolerance(None, run.dtype), "store", run.layout["micro"], True)
+            health, _ = unstable.check(module, (images[0][rows.start:rows.stop].float() / 256 - 0.5).to(run.dtype),
+                                       0, reduce=max_over_ranks)
+            row["recon_stored_steps"] = health["recon_stored_steps"]
         for h in handles:
             h.remove()
         engine.backward, engine.step = backward, step
         flat = [n for f in firings for n in f]
         per_depth[k] = {"saved": saved[0], "hooks": (min(flat), max(flat)), "losses": losses, "grads": grads,
                         "params": len(firings[0]), "skipped": m["skipped"]}
+        row["skipped"] = max(row.get("skipped", 0), m["skipped"])
         engine.destroy()
         del engine, run, module
     first = per_depth[args.depths[0]]
@@ -154,7 +194,7 @@ def run_case(case: str, args, info, reference: dict | None) -> dict:
                hooks_max=max(d["hooks"][1] for d in per_depth.values()),
                params=first["params"], losses=first["losses"],
                saved={str(k): d["saved"] for k, d in per_depth.items()})
-    if reference is not None:
+    if reference is not None and reference["grads"].keys() == first["grads"].keys():
         ref = reference["grads"]
         errs = [((first["grads"][n] - ref[n]).norm() / ref[n].norm().clamp_min(1e-30)).item() for n in ref]
         total = (sum(((first["grads"][n] - ref[n]) ** 2).sum() for n in ref) ** 0.5
@@ -197,9 +237,12 @@ def format_table(rows: list[dict], depths) -> str:
             "per backward | " + " | ".join(f"saved @K={k}" for k in depths) + " |")
     lines = [head, "|" + "---|" * (5 + len(depths))]
     for r in rows:
-        if "error" in r:
-            lines.append(f"| {r['case']} | error: {r['error']} |" + " |" * (3 + len(depths)))
+        if "error" in r or "refused" in r:
+            what = f"error: {r['error']}" if "error" in r else f"refused: {r['refused']}"
+            lines.append(f"| {r['case']} | {what} |" + " |" * (3 + len(depths)))
             continue
+        if "grad_err" not in r:  # another preset than the reference: trained, not compared
+            r = {**r, "grad_err": float("nan"), "grad_err_global": float("nan"), "loss_err": float("nan")}
         saved = " | ".join(f"{r['saved'][str(k)]:,} B" for k in depths)
         lines.append(f"| {r['case']} | {r['grad_err']:.2e} | {r['grad_err_global']:.2e} | {r['loss_err']:.2e} | "
                      f"{r['hooks_min']}-{r['hooks_max']} ({r['params']} params) | {saved} |")
@@ -207,6 +250,8 @@ def format_table(rows: list[dict], depths) -> str:
 
 
 def run(args) -> int:
+    if getattr(args, "matrix", False):
+        args.cases = matrix_cases()
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "rows.json")
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc}",
@@ -231,8 +276,10 @@ def run(args) -> int:
 
 
 def _add_args(p) -> None:
-    p.add_argument("--cases", nargs="+", default=list(DEFAULT_CASES), help="STAGE-PRECISION-MODE[+setting...] "
+    p.add_argument("--cases", nargs="+", default=list(DEFAULT_CASES), help="[PRESET:]STAGE-PRECISION-MODE[+setting...] "
                    "(see `python -m flowscale.bench.zero --help`); the first is the reference")
+    p.add_argument("--matrix", action="store_true", help="every preset x ZeRO stage x precision x memory mode "
+                   "(replaces --cases): trains or is refused when the config is read")
     p.add_argument("--depths", nargs="+", type=int, default=[2, 8], help="flow steps per level K; the gradients "
                    "and losses are measured at the first, saved bytes at each (default: 2 8)")
     p.add_argument("--steps", type=int, default=3, help="optimizer steps per case (default: 3)")
