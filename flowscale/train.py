@@ -27,6 +27,7 @@ from .audit import BATCHES, record_batch, rewind_batches
 from .build import build_training, pick_device
 from .config import Config, to_dict, to_yaml
 from .data import build_train_loader, eval_split, first_images
+from .data.splits import resolve_split
 from .distributed import (DistInfo, all_equal, all_gather_objects, barrier, cleanup, cpu_threads, init_distributed,
                           rank0_decides, rng_state, set_rng_state)
 from .engine import train_step
@@ -87,6 +88,9 @@ def main(cfg: Config, resume: bool = True, resume_from: str | Path | None = None
                      f"{info.world_size} (ZeRO-{cfg.engine.zero_stage}): optimizer state "
                      f"{'resharded (universal checkpoint)' if universal else 'whole (ZeRO-0)'}, "
                      f"every data stream's position kept")
+        if cfg.data.dataset == "shards":  # a manifest that is no manifest (a .tar, foreign shards): refused now
+            for split in ("train", "test"):
+                resolve_split(cfg.data, split)
         if info.is_main:
             lock = _prepare_run_dir(cfg, resume, chosen, log)
         barrier()
@@ -211,7 +215,8 @@ def _train(cfg: Config, info: DistInfo, log: RunLogger, resume: bool, chosen: Pa
                 module.eval()
                 path = run_dir / "samples" / f"step_{step:08d}.png"
                 sample_grid(module, shapes, cfg.data.n_bits, t.temperatures, path, seed=cfg.train.seed,
-                            device=device, write=info.is_main, dtype=dtype, denoise_std=cfg.data.noise_std)
+                            device=device, write=info.is_main, dtype=dtype, denoise_std=cfg.data.noise_std,
+                            num_classes=cfg.model.num_classes)
                 out["samples"] = str(path)
                 log.images(step, {"samples": str(path)})
         return out
