@@ -8,6 +8,8 @@ converted silently.
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 from PIL import Image
 
@@ -32,13 +34,18 @@ def to_rgb(img: Image.Image) -> tuple[np.ndarray, list[str]]:
     return np.asarray(img, dtype=np.uint8), notes
 
 
-def load_file(path: str) -> tuple[np.ndarray, list[str]]:
+def load_file(path: str, data: bytes | None = None) -> tuple[np.ndarray, list[str]]:
     """An image file (any format PIL reads, or .npy of uint8 [3, H, W] / [1, 3, H, W] / [H, W, 3])
-    -> (uint8 [H, W, 3], conversion notes)."""
-    with open(path, "rb") as f:
-        head = f.read(6)
+    -> (uint8 [H, W, 3], conversion notes). ``data``: the file's bytes when they are not on disk
+    (a tar member); ``path`` then only names it (messages, the extension check)."""
+    src = path if data is None else io.BytesIO(data)
+    if data is None:
+        with open(path, "rb") as f:
+            head = f.read(6)
+    else:
+        head = data[:6]
     if head == b"\x93NUMPY":
-        arr = np.load(path, allow_pickle=False)
+        arr = np.load(src, allow_pickle=False)
         if arr.ndim == 4 and arr.shape[0] == 1:
             arr = arr[0]
         if arr.ndim == 3 and arr.shape[0] == 3 and arr.shape[2] != 3:
@@ -46,7 +53,7 @@ def load_file(path: str) -> tuple[np.ndarray, list[str]]:
         if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
             raise ValueError(f"{path}: expected uint8 CHW/HWC RGB pixels, got {arr.dtype} {arr.shape}")
         return np.ascontiguousarray(arr), []
-    with Image.open(path) as img:
+    with Image.open(src) as img:
         img.load()
         x, notes = to_rgb(img)
         suffix = "." + path.rsplit(".", 1)[-1].lower() if "." in path else ""

@@ -83,6 +83,8 @@ def load_item(item: tuple, resolution: int, resize: str) -> tuple[np.ndarray, li
     notes: list[str] = []
     if kind == "file":
         x, notes = load_file(where)
+    elif kind == "bytes":  # an image held in memory, e.g. a tar member: where = (name, data)
+        x, notes = load_file(*where)
     elif kind == "tfr":
         path, offset, length = where
         ex = parse_example(read_record(path, offset, length))
