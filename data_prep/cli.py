@@ -119,7 +119,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--label-field", default=None, metavar="FIELD",
                    help="labels from this field of each sample's .json (e.g. label; a.b for nested fields) instead "
                         "of .cls; values must be integers >= 0")
-    p.add_argument("--no-labels", action="store_true", help="store no labels (default: .cls when the first sample has one)")
+    p.add_argument("--no-labels", action="store_true",
+                   help="store no labels (default: .cls when the first sample has one)")
     p.add_argument("--num-classes", type=int, default=None,
                    help="labels lie in [0, N) (a larger one is bad input); default: the largest label + 1")
     p.add_argument("--variant", default=None,
@@ -192,8 +193,8 @@ def _run_webdataset(ns) -> int:
     path, m = convert_webdataset(ns.src, ns.out, ns.split, ns.prefix, ns.resolution, ns.encoding, ns.label_field,
                                  ns.no_labels, ns.num_classes, ns.variant, ns.workers, ns.bad_input,
                                  progress=not ns.no_progress)
-    print(f"{ns.split}: {m.source['source_shards']} source shards -> {m.num_samples} samples in {len(m.shards)} shards, "
-          f"{path} (variant {m.variant}, {m.resolution}px, "
+    print(f"{ns.split}: {m.source['source_shards']} source shards -> {m.num_samples} samples in {len(m.shards)} "
+          f"shards, {path} (variant {m.variant}, {m.resolution}px, "
           + (f"labels from {m.source['labels']}, {m.num_classes} classes" if m.labels else "no labels")
           + (f", {m.source['skipped_inputs']} bad inputs skipped" if m.source["skipped_inputs"] else "") + ")")
     return 0

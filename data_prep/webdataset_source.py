@@ -253,7 +253,8 @@ def peek(url: str) -> tuple[str, dict[str, bytes], np.ndarray]:
 def convert_webdataset(src: str, out: str | Path, split: str = "train", prefix: str = "wds",
                        resolution: int | None = None, encoding: str = "auto", label_field: str | None = None,
                        no_labels: bool = False, num_classes: int | None = None, variant: str | None = None,
-                       workers: int | None = None, bad_input: str = "error", progress: bool = True) -> tuple[Path, Manifest]:
+                       workers: int | None = None, bad_input: str = "error",
+                       progress: bool = True) -> tuple[Path, Manifest]:
     """Convert the webdataset shards ``src`` into ``out/split/``; returns (manifest path, manifest).
 
     ``resolution``: center-crop and box-resize every image to it (default: every image must be
@@ -291,8 +292,8 @@ def convert_webdataset(src: str, out: str | Path, split: str = "train", prefix: 
     def complete(k: int) -> bool:
         if not record(k).is_file():
             return False
-        r = json.loads(record(k).read_text())
-        return r["count"] == 0 or ((split_dir / names[k]).is_file() and (split_dir / names[k]).stat().st_size == r["bytes"])
+        r, shard = json.loads(record(k).read_text()), split_dir / names[k]
+        return r["count"] == 0 or (shard.is_file() and shard.stat().st_size == r["bytes"])
 
     todo = [k for k in range(len(urls)) if not complete(k)]
     tasks = [(urls[k], str(split_dir / names[k]), opts) for k in todo]

@@ -196,7 +196,8 @@ def resolve_split(data_cfg, split: str) -> Split:
         if not loc:
             raise ConfigError(f"config field 'data.{field}': required for data.dataset=shards (a manifest.json, "
                               f"its split directory, or a URL)")
-        src = load_split(loc, getattr(data_cfg, f"{split}_shards"), data_cfg.bad_data, split, data_cfg.image_size, field)
+        src = load_split(loc, getattr(data_cfg, f"{split}_shards"), data_cfg.bad_data, split, data_cfg.image_size,
+                         field)
     m = src.manifest
     if m.resolution != data_cfg.image_size:
         raise ConfigError(f"config field 'data.image_size': {data_cfg.image_size}, but {src.where} holds "
