@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import UnidentifiedImageError
 
 from flowscale.data.codec import encode_sample
 from flowscale.data.manifest import Manifest, ShardEntry, shard_name, write_manifest
@@ -192,7 +193,7 @@ def convert_shard(task: tuple[str, str, Options]) -> dict:
                 label = sample_label(members, opts)
                 x, notes, _ = load_item((key, "bytes", (name, data), label), opts.resolution, opts.resize)
             except Exception as e:  # undecodable or missing image, bad label: per --bad-input, with its name
-                if bad(f"{url}, sample {key!r}: {e if isinstance(e, ValueError) else f'{type(e).__name__}: {e}'}"):
+                if bad(f"{url}, sample {key!r}: {_reason(e)}"):
                     break
                 continue
             out = output_key(key)
@@ -219,6 +220,13 @@ def convert_shard(task: tuple[str, str, Options]) -> dict:
     return _done(rec)
 
 
+def _reason(e: Exception) -> str:
+    """Why a sample failed, in words that do not depend on the run (PIL names a BytesIO by its address)."""
+    if isinstance(e, UnidentifiedImageError):
+        return "not an image in a format PIL reads (UnidentifiedImageError)"
+    return str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
+
+
 def _done(rec: dict) -> dict:
     rec["notes"], rec["unused"] = dict(sorted(rec["notes"].items())), dict(sorted(rec["unused"].items()))
     return rec
@@ -239,7 +247,7 @@ def peek(url: str) -> tuple[str, dict[str, bytes], np.ndarray]:
             try:
                 return key, members, load_file(f"{url}#{key}", image_member(key, members)[1])[0]
             except Exception as e:  # the next sample may do; the conversion handles this one per --bad-input
-                why = f"sample {key!r}: {e}"
+                why = f"sample {key!r}: {_reason(e)}"
     except (EOFError, ValueError, OSError) as e:
         raise ValueError(f"{url}: not a readable tar ({e})") from None
     finally:

@@ -5,11 +5,14 @@ training with one line that gives the command which converts them."""
 
 from __future__ import annotations
 
+import functools
+import http.server
 import io
 import json
 import re
 import shlex
 import tarfile
+import threading
 
 import numpy as np
 import pytest
@@ -156,7 +159,7 @@ def test_img2dataset_and_hf_layouts_convert_and_train(tmp_path, capsys, single_p
     assert (run_dir / "samples" / "step_00000002.png").is_file()
 
 
-def test_pipe_source_and_bad_inputs(tmp_path, capsys):
+def test_pipe_and_http_sources_and_bad_inputs(tmp_path, capsys):
     good = {f"s{i:03d}": encoded(photo(i, 8, 8), "PNG") for i in range(6)}
     corrupt = encoded(photo(9, 8, 8), "JPEG")[:40] + b"\x00" * 50  # a JPEG header, then nothing decodable
     (tmp_path / "src").mkdir()
@@ -185,6 +188,17 @@ def test_pipe_source_and_bad_inputs(tmp_path, capsys):
     assert list(got) == list(good) and [y for _, y in got.values()] == list(range(6))
     for k, png in good.items():
         np.testing.assert_array_equal(got[k][0], np.asarray(Image.open(io.BytesIO(png))))
+    # The same shards over http (a local server): byte-identical output.
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path / "src"))
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            url = f"http://127.0.0.1:{server.server_address[1]}/part-{{00..01}}.tar"
+            assert prep(["webdataset", url, str(tmp_path / "c"), "--bad-input", "skip", "--no-progress"]) == 0
+        finally:
+            server.shutdown()
+    for name in ("wds-train-000000.tar", "wds-train-000001.tar"):
+        assert (tmp_path / "c" / "train" / name).read_bytes() == (tmp_path / "b" / "train" / name).read_bytes()
     # Re-running resumes (nothing to do, same manifest); other options in the same folder are refused.
     before = (tmp_path / "b" / "train" / "manifest.json").read_bytes()
     assert prep(["webdataset", src, str(tmp_path / "b"), "--bad-input", "skip", "--no-progress"]) == 0
