@@ -10,6 +10,10 @@ from pathlib import Path
 from flowscale.data.codec import RAW_UP_TO
 
 EXAMPLES = """examples:
+  flowscale prep fashion-mnist /usr/share/datasets/fashion-mnist /data/shards/fmnist  # Debian dataset-fashion-mnist
+  flowscale prep mnist /data/mnist /data/shards/mnist   # train-images-idx3-ubyte.gz ... t10k-labels-idx1-ubyte.gz
+  flowscale prep cifar10 /data/cifar-10-python.tar.gz /data/shards/cifar10   # or the extracted cifar-10-batches-py/
+  flowscale prep cifar100 /data/cifar-100-python /data/shards/cifar100
   flowscale prep celebahq /data/celeba-hq-1024 /data/shards/celebahq256 --resolution 256
   flowscale prep celebahq /data/celeba-tfr /data/shards/celebahq256-glow --resolution 256
   flowscale prep imagenet-oord /data/imagenet64 /data/shards/in64-oord     # train_64x64/ valid_64x64/
@@ -28,10 +32,10 @@ WEBDATASET_HELP = """Convert existing webdataset shards into flowscale shards wi
 
 SRC: a folder of .tar shards, a .tar path, a brace pattern ('/d/{0000..0099}.tar'), http(s)
 URLs or 'pipe:' commands, several joined by '::' (as data.train_shards). Quote patterns.
-Each sample's image is its first .jpg/.jpeg/.png/.webp/.npy member (decoded by content,
-conversions to 8-bit RGB counted in the manifest); its label the integer in .cls (used when
-the first sample has one) or in a .json field (--label-field). Other members (img2dataset's
-.txt captions and .json metadata) are left out. Layouts:
+Each sample's image is its first .jpg/.jpeg/.png/.webp/.npy member (decoded by content;
+1 or 3 channels, --channels; conversions counted in the manifest); its label the integer in
+.cls (used when the first sample has one) or in a .json field (--label-field). Other members
+(img2dataset's .txt captions and .json metadata) are left out. Layouts:
   img2dataset   000000000.jpg + .txt + .json, 00000_stats.json beside the tars: no labels, or --label-field
   HF/timm       <key>.jpg + .cls + .json, _info.json: labels from .cls (one folder holds every split:
                 give one split's shards as a pattern, with --split)
@@ -49,7 +53,8 @@ def _common(p: argparse.ArgumentParser, prefix: str, reshard: bool = True) -> No
     p.add_argument("out", help="output root; each split goes to OUT/<split>/ with its manifest.json")
     p.add_argument("--prefix", default=prefix, help=f"shard name prefix: PREFIX-<split>-000000.tar (default: {prefix})")
     p.add_argument("--encoding", default="auto", choices=["auto", "png", "npy"],
-                   help=f"lossless pixel format; auto = npy (raw, fastest to decode) up to {RAW_UP_TO}px, png above")
+                   help=f"lossless pixel format; auto = npy (raw, fastest to decode) up to {RAW_UP_TO}px, png "
+                        f"above")
     if reshard:
         p.add_argument("--shard-size", default="256MB", help="target shard size (default: 256MB)")
         p.add_argument("--samples-per-shard", type=int, default=None,
@@ -62,6 +67,12 @@ def _common(p: argparse.ArgumentParser, prefix: str, reshard: bool = True) -> No
     p.add_argument("--bad-input", default="error", choices=["error", "skip"],
                    help="an input that cannot be decoded: stop (error) or leave it out, counted in the manifest")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _limit(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--limit", type=int, default=None, metavar="N",
+                   help="convert only the first N images of each split (a quick trial; said in the manifest, and "
+                        "test bits/dim on a part of the test split are not the published measure)")
 
 
 def add_parsers(sub) -> None:
@@ -102,10 +113,31 @@ def add_parsers(sub) -> None:
     p.add_argument("--resolution", type=int, default=None,
                    help="center-crop and box-resize to this size (default: all images must be one square size)")
     p.add_argument("--no-shuffle", action="store_true", help="keep path order (default: shuffle with --seed)")
+    p.add_argument("--channels", default="auto", choices=["auto", "1", "3"],
+                   help="1 = grayscale, 3 = RGB; auto = 1 when the first 64 files (path order) are all grayscale, "
+                        "else 3. Images of the other kind are converted, counted in the manifest (default: auto)")
     p.add_argument("--attributes", default=None, metavar="CSV",
                    help="per-image binary attributes: a CSV with header 'file,<name>,...' (file = path relative to "
                         "SRC, file name or stem; values 1/0, 1/-1, true/false, yes/no), stored as <key>.attr")
     p.set_defaults(func=_run, source="folder")
+
+    for name, what in (("mnist", "MNIST"), ("fashion-mnist", "Fashion-MNIST")):
+        p = sub.add_parser(name, help=f"{what}: the official IDX files (train-/t10k- images and labels, .gz or raw); "
+                                      f"28x28 grayscale, labels kept")
+        _common(p, name)
+        p.add_argument("--pad-to", type=int, default=None, metavar="PX",
+                       help="zero-pad the 28px images to PX (e.g. 32, for model.levels=3+; 28 allows 2 levels). "
+                            "Default: keep 28x28, the size of the published bits/dim (D = 784); padded bits/dim "
+                            "count the padding and are not comparable with them (variant NAME-padPX)")
+        _limit(p)
+        p.set_defaults(func=_run, source=name)
+
+    for name, what in (("cifar10", "CIFAR-10: data_batch_1..5 + test_batch"),
+                       ("cifar100", "CIFAR-100: train + test, the 100 fine labels")):
+        p = sub.add_parser(name, help=f"{what} (the python version: its .tar.gz or extracted folder); 32x32 RGB")
+        _common(p, name)
+        _limit(p)
+        p.set_defaults(func=_run, source=name)
 
     p = sub.add_parser("webdataset", formatter_class=argparse.RawDescriptionHelpFormatter,
                        help="existing webdataset shards (img2dataset, HF/timm, any): jpg/png/webp/npy images, "
@@ -123,6 +155,10 @@ def add_parsers(sub) -> None:
                    help="store no labels (default: .cls when the first sample has one)")
     p.add_argument("--num-classes", type=int, default=None,
                    help="labels lie in [0, N) (a larger one is bad input); default: the largest label + 1")
+    p.add_argument("--channels", default="auto", choices=["auto", "1", "3"],
+                   help="1 = grayscale, 3 = RGB; auto = 1 when the decodable images among the first shard's first 64 "
+                        "samples are all grayscale, else 3. Images of the other kind are converted, counted in the "
+                        "manifest (default: auto)")
     p.add_argument("--variant", default=None,
                    help="dataset variant recorded in the manifest (bits/dim compare within one variant; "
                         "default: <source folder>-<resolution>px)")
@@ -172,14 +208,24 @@ def _run(ns) -> int:
         plans = sources.plan_imagenet_batches(src)
     elif ns.source == "ilsvrc":
         plans = sources.plan_ilsvrc(src, ns.resolution, ns.seed, Path(ns.val_labels) if ns.val_labels else None)
+    elif ns.source in ("mnist", "fashion-mnist"):
+        from .classic import plan_idx
+
+        plans = plan_idx(src, ns.source, ns.seed, ns.pad_to, ns.limit)
+    elif ns.source in ("cifar10", "cifar100"):
+        from .classic import plan_cifar
+
+        plans = plan_cifar(src, ns.source, ns.seed, ns.limit)
     else:
-        plans = sources.plan_folder(src, ns.split, ns.resolution, ns.seed, not ns.no_shuffle, _path(ns.attributes))
+        plans = sources.plan_folder(src, ns.split, ns.resolution, ns.seed, not ns.no_shuffle, _path(ns.attributes),
+                                    None if ns.channels == "auto" else int(ns.channels))
     if ns.source.startswith("imagenet"):
         print(f"data_prep: note: {sources.VARIANT_NOTE}", file=sys.stderr)
     for split, plan in plans.items():
         path = convert_split(plan, ns.out, ns.prefix, split, ns.encoding, parse_size(ns.shard_size),
                              ns.samples_per_shard, ns.workers, ns.bad_input, progress=not ns.no_progress)
-        print(f"{split}: {len(plan.items)} inputs -> {path} (variant {plan.variant}, {plan.resolution}px"
+        print(f"{split}: {len(plan.items)} inputs -> {path} (variant {plan.variant}, {plan.resolution}px, "
+              f"{plan.channels} channel{'s' if plan.channels > 1 else ''}"
               + (f", {len(plan.attributes)} attributes" if plan.attributes else "") + ")")
     return 0
 
@@ -192,9 +238,11 @@ def _run_webdataset(ns) -> int:
         raise ValueError("--label-field and --no-labels contradict each other; give one")
     path, m = convert_webdataset(ns.src, ns.out, ns.split, ns.prefix, ns.resolution, ns.encoding, ns.label_field,
                                  ns.no_labels, ns.num_classes, ns.variant, ns.workers, ns.bad_input,
-                                 progress=not ns.no_progress)
+                                 progress=not ns.no_progress,
+                                 channels=None if ns.channels == "auto" else int(ns.channels))
     print(f"{ns.split}: {m.source['source_shards']} source shards -> {m.num_samples} samples in {len(m.shards)} "
-          f"shards, {path} (variant {m.variant}, {m.resolution}px, "
+          f"shards, {path} (variant {m.variant}, {m.resolution}px, {m.channels} "
+          f"channel{'s' if m.channels > 1 else ''}, "
           + (f"labels from {m.source['labels']}, {m.num_classes} classes" if m.labels else "no labels")
           + (f", {m.source['skipped_inputs']} bad inputs skipped" if m.source["skipped_inputs"] else "") + ")")
     return 0
@@ -205,11 +253,11 @@ def _verify(ns) -> int:
     from .verify import verify
 
     problems, rows = verify(ns.paths, ns.workers, full=not ns.quick, progress=not ns.no_progress)
-    print("| manifest | split | variant | px | encoding | shards | samples | labels | ok |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| manifest | split | variant | px | channels | encoding | shards | samples | labels | ok |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['manifest']} | {r['split']} | {r['variant']} | {r['resolution']} | {r['encoding']} | "
-              f"{r['shards']} | {r['samples']} | {r['labels']} | {'yes' if r['ok'] else 'NO'} |")
+        print(f"| {r['manifest']} | {r['split']} | {r['variant']} | {r['resolution']} | {r['channels']} | "
+              f"{r['encoding']} | {r['shards']} | {r['samples']} | {r['labels']} | {'yes' if r['ok'] else 'NO'} |")
     if len({r["variant"] for r in rows}) > 1:
         print("note: these manifests hold different variants; bits/dim are not comparable across them")
     for p in problems:

@@ -38,10 +38,15 @@ def parse_size(text: str) -> int:
     return int(float(t))
 
 
+def _task(plan: SplitPlan, item: tuple, encoding: str) -> tuple:
+    """What a worker needs to encode ``item`` (small and picklable)."""
+    return item, plan.resolution, plan.resize, plan.channels, encoding, len(plan.attributes)
+
+
 def _encode(task):
-    item, resolution, resize, encoding, n_attr = task
+    item, resolution, resize, channels, encoding, n_attr = task
     try:
-        x, notes, attributes = load_item(item, resolution, resize)
+        x, notes, attributes = load_item(item, resolution, resize, channels)
         if n_attr and (attributes is None or len(attributes) != n_attr):
             raise ValueError(f"{0 if attributes is None else len(attributes)} attributes, the split has {n_attr}")
         return item[0], encode_sample(item[0], x, encoding, item[3], attributes if n_attr else None), notes, None
@@ -58,7 +63,9 @@ def choose_encoding(encoding: str, resolution: int) -> str:
 def _fingerprint(plan: SplitPlan, prefix: str, split: str, encoding: str, spp: int) -> str:
     h = hashlib.sha256()
     h.update(json.dumps([prefix, split, encoding, spp, plan.resolution, plan.resize, plan.variant]
-                        + ([plan.attributes] if plan.attributes else [])).encode())
+                        + ([plan.attributes] if plan.attributes else [])
+                        # channels only when 1, so that RGB conversions begun before it keep their fingerprint
+                        + ([plan.channels] if plan.channels != 3 else [])).encode())
     for it in plan.items:
         h.update(json.dumps(list(it)).encode())
     return h.hexdigest()
@@ -77,7 +84,7 @@ def convert_split(plan: SplitPlan, out: str | Path, prefix: str, split: str, enc
     if not items:
         raise ValueError(f"split {split!r} has no items")
     if samples_per_shard is None:  # deterministic estimate from the first items
-        probe = [_encode((it, plan.resolution, plan.resize, encoding, len(plan.attributes))) for it in items[:16]]
+        probe = [_encode(_task(plan, it, encoding)) for it in items[:16]]
         sizes = [sum(len(d) for _, d in r[1]) for r in probe if r[1] is not None]
         per = (sum(sizes) / len(sizes) if sizes else 4096) + TAR_OVERHEAD
         samples_per_shard = max(1, int(shard_bytes // per))
@@ -110,7 +117,7 @@ def convert_split(plan: SplitPlan, out: str | Path, prefix: str, split: str, enc
     chunk = 32 if plan.resolution <= 64 else 2
     try:
         for k in todo:
-            tasks = [(it, plan.resolution, plan.resize, encoding, len(plan.attributes)) for it in groups[k]]
+            tasks = [_task(plan, it, encoding) for it in groups[k]]
             results = pool.imap(_encode, tasks, chunksize=chunk) if pool else map(_encode, tasks)
             writer = TarWriter(split_dir / names[k])
             notes, skipped, keys = Counter(), [], []
@@ -153,8 +160,9 @@ def convert_split(plan: SplitPlan, out: str | Path, prefix: str, split: str, enc
                   skipped_inputs=len(skipped), samples_per_shard=spp)
     if skipped:
         source["skipped_examples"] = skipped[:20]
-    m = Manifest(dataset=plan.dataset, variant=plan.variant, split=split, resolution=plan.resolution, channels=3,
-                 encoding=encoding, num_samples=sum(e.count for e in entries), labels=plan.labels,
+    m = Manifest(dataset=plan.dataset, variant=plan.variant, split=split, resolution=plan.resolution,
+                 channels=plan.channels, encoding=encoding, num_samples=sum(e.count for e in entries),
+                 labels=plan.labels,
                  num_classes=len(plan.classes) if plan.labels else 0, classes=plan.classes if plan.labels else [],
                  split_rule=plan.split_rule, source=source, attributes=list(plan.attributes), shards=entries)
     return write_manifest(m, split_dir)

@@ -2,7 +2,8 @@
 
 An item is a small picklable tuple ``(key, kind, where, label)``, or ``(key, kind, where, label,
 attributes)`` with a '0'/'1' attribute string (:mod:`.attributes`); :func:`load_item` runs in the
-converter's worker processes and returns uint8 [H, W, 3] pixels at the target resolution.
+converter's worker processes and returns uint8 [H, W, C] pixels at the target resolution, C being
+the split's channels (1 grayscale, 3 RGB).
 Each ``plan_*`` function returns ``{split: SplitPlan}``: the items in their shard order plus
 what the manifest records about the split (variant, split rule, labels, source form).
 """
@@ -20,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .attributes import CELEBA_ATTRIBUTES, bits_from_ints, celebahq_attributes, lookup_file, read_csv_attributes
-from .images import IMAGE_SUFFIXES, center_square, load_file, resize_box
+from .images import IMAGE_SUFFIXES, center_square, file_channels, load_file, match_channels, pad_square, resize_box
 from .tfrecord import parse_example, read_record, record_offsets
 
 OORD_COUNTS = {"train": 1_281_149, "valid": 49_999}
@@ -36,13 +37,16 @@ class SplitPlan:
     variant: str
     resolution: int
     resize: str
-    """none | box | center-crop+box"""
+    """none | box | center-crop+box | pad (zero padding up to the resolution)"""
     split_rule: str
     labels: bool = False
     classes: list[str] = field(default_factory=list)
     source: dict = field(default_factory=dict)
     attributes: list[str] = field(default_factory=list)
     """Names of the per-sample binary attributes (stored as <key>.attr); empty = none."""
+    channels: int = 3
+    """1 (grayscale) or 3 (RGB): every item is stored with this many; an item with the other
+    count is converted with a note (L->RGB, RGB->L) counted in the manifest."""
 
 
 def sanitize(s: str) -> str:
@@ -76,15 +80,16 @@ def _batch_file(path: str) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(d["data"]), np.asarray(d["labels"])
 
 
-def load_item(item: tuple, resolution: int, resize: str) -> tuple[np.ndarray, list[str], str | None]:
-    """(uint8 [H, W, 3] pixels, conversion notes, '0'/'1' attributes or None) of one item."""
+def load_item(item: tuple, resolution: int, resize: str,
+              channels: int = 3) -> tuple[np.ndarray, list[str], str | None]:
+    """(uint8 [H, W, channels] pixels, conversion notes, '0'/'1' attributes or None) of one item."""
     key, kind, where, label = item[:4]
     attributes = item[4] if len(item) > 4 else None
     notes: list[str] = []
     if kind == "file":
-        x, notes = load_file(where)
+        x, notes = load_file(where, channels)
     elif kind == "bytes":  # an image held in memory, e.g. a tar member: where = (name, data)
-        x, notes = load_file(*where)
+        x, notes = load_file(where[0], channels, where[1])
     elif kind == "tfr":
         path, offset, length = where
         ex = parse_example(read_record(path, offset, length))
@@ -102,8 +107,16 @@ def load_item(item: tuple, resolution: int, resize: str) -> tuple[np.ndarray, li
         data, _ = _batch_file(path)
         r = int(round((data.shape[1] // 3) ** 0.5))
         x = data[index].reshape(3, r, r).transpose(1, 2, 0)  # channel-planar rows
+    elif kind in ("idx", "cifar"):
+        from . import classic  # here: classic builds on this module's SplitPlan
+
+        x = classic.load(kind, where)
     else:
         raise ValueError(f"unknown item kind {kind!r}")
+    x, more = match_channels(x, channels)
+    notes += more
+    if resize == "pad":
+        return pad_square(x, resolution), notes, attributes
     if resize == "center-crop+box":
         x = center_square(x)
     elif x.shape[0] != x.shape[1]:
@@ -303,11 +316,24 @@ def plan_ilsvrc(src: Path, resolution: int, seed: int, val_labels: Path | None) 
 
 # -- any folder ------------------------------------------------------------------------------
 
+FOLDER_CHANNEL_PROBE = 64
+"""``prep folder --channels auto``: 1 channel when the first this-many files (in path order) are
+all grayscale, else 3 (a few grayscale photos in an RGB set, as ILSVRC has, become RGB)."""
+
+
+def folder_channels(files: list[Path]) -> int:
+    """The channels ``--channels auto`` picks for these files (see FOLDER_CHANNEL_PROBE)."""
+    return 1 if all(file_channels(str(p)) == 1 for p in files[:FOLDER_CHANNEL_PROBE]) else 3
+
+
 def plan_folder(src: Path, split: str, resolution: int | None, seed: int, shuffle: bool,
-                attributes_csv: Path | None = None) -> dict[str, SplitPlan]:
+                attributes_csv: Path | None = None, channels: int | None = None) -> dict[str, SplitPlan]:
+    """One split of all images under ``src``; ``channels`` None = :func:`folder_channels`."""
     files = _image_files(src)
     if not files:
         raise FileNotFoundError(f"{src}: no image files")
+    probed = channels is None
+    channels = folder_channels(files) if probed else channels
     subdirs = sorted({p.relative_to(src).parts[0] for p in files if len(p.relative_to(src).parts) > 1})
     labeled = bool(subdirs) and all(len(p.relative_to(src).parts) > 1 for p in files)
     cls = {c: i for i, c in enumerate(subdirs)} if labeled else {}
@@ -330,8 +356,11 @@ def plan_folder(src: Path, split: str, resolution: int | None, seed: int, shuffl
         resize = "center-crop+box"
     if shuffle:
         items = shuffled(items, seed)
-    source = {"form": "image folder", "path": str(src), "order": f"shuffled, seed {seed}" if shuffle else "path"}
+    source = {"form": "image folder", "path": str(src), "order": f"shuffled, seed {seed}" if shuffle else "path",
+              "channels": (f"auto: {channels}, the first {min(len(files), FOLDER_CHANNEL_PROBE)} files being "
+                           f"{'all grayscale' if channels == 1 else 'not all grayscale'}") if probed else "--channels"}
     if names:
         source["attributes"] = str(attributes_csv)
     return {split: SplitPlan(items, "folder", sanitize(src.name), resolution, resize, f"all of {src}",
-                             labels=labeled, classes=subdirs if labeled else [], source=source, attributes=names)}
+                             labels=labeled, classes=subdirs if labeled else [], source=source, attributes=names,
+                             channels=channels)}

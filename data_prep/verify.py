@@ -97,6 +97,6 @@ def verify(paths: list[str], workers: int = 1, full: bool = True, progress: bool
             pool.join()
         problems.extend(f"{mpath}: {p}" for p in found)
         rows.append({"manifest": str(mpath), "split": m.split, "dataset": m.dataset, "variant": m.variant,
-                     "resolution": m.resolution, "encoding": m.encoding, "shards": len(m.shards),
-                     "samples": m.num_samples, "labels": m.labels, "ok": not found})
+                     "resolution": m.resolution, "channels": m.channels, "encoding": m.encoding,
+                     "shards": len(m.shards), "samples": m.num_samples, "labels": m.labels, "ok": not found})
     return problems, rows

@@ -49,7 +49,8 @@ from .sources import load_item, sanitize
 IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp", "npy")
 """Member extensions read as the image, in this order of preference."""
 PEEK = 64
-"""Samples of the first shard read to find the resolution and whether there are .cls labels."""
+"""Samples of the first shard read to find the resolution, whether there are .cls labels, and (with
+``--channels auto``) whether the images are grayscale: 1 channel when all those that decode are."""
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,8 @@ class Options:
     resolution: int
     resize: str
     """none (every image must be resolution px square) | center-crop+box"""
+    channels: int
+    """1 or 3: images of the other kind are converted (L->RGB, RGB->L), counted in the manifest"""
     encoding: str
     labels: str
     """'' (none) | 'cls' | 'json' (the field label_field of the .json member)"""
@@ -191,7 +194,8 @@ def convert_shard(task: tuple[str, str, Options]) -> dict:
             try:
                 name, data = image_member(key, members)
                 label = sample_label(members, opts)
-                x, notes, _ = load_item((key, "bytes", (name, data), label), opts.resolution, opts.resize)
+                x, notes, _ = load_item((key, "bytes", (name, data), label), opts.resolution, opts.resize,
+                                        opts.channels)
             except Exception as e:  # undecodable or missing image, bad label: per --bad-input, with its name
                 if bad(f"{url}, sample {key!r}: {_reason(e)}"):
                     break
@@ -232,11 +236,12 @@ def _done(rec: dict) -> dict:
     return rec
 
 
-def peek(url: str) -> tuple[str, dict[str, bytes], np.ndarray]:
-    """(key, members, uint8 [H, W, 3] pixels) of the first sample of ``url`` whose image decodes,
-    among its first PEEK: what the options left to the data (resolution, .cls labels) follow from."""
+def peek(url: str) -> tuple[str, dict[str, bytes], np.ndarray, int, int]:
+    """What the options left to the data follow from, read from the first PEEK samples of ``url``:
+    (key, members, uint8 [H, W, C] pixels) of the first whose image decodes, 1 if every image that
+    decodes there is grayscale else 3, and how many decoded."""
     f, seekable = open_shard(url)
-    why = "it holds no samples"
+    first, gray, n, why = None, True, 0, "it holds no samples"
     try:
         reader = SampleReader(f, seekable)
         for _ in range(PEEK):
@@ -245,34 +250,43 @@ def peek(url: str) -> tuple[str, dict[str, bytes], np.ndarray]:
                 break
             key, members = got[0], _lower(got[1])
             try:
-                return key, members, load_file(f"{url}#{key}", image_member(key, members)[1])[0]
+                x = load_file(f"{url}#{key}", None, image_member(key, members)[1])[0]
             except Exception as e:  # the next sample may do; the conversion handles this one per --bad-input
                 why = f"sample {key!r}: {_reason(e)}"
+                continue
+            first, gray, n = first or (key, members, x), gray and x.shape[2] == 1, n + 1
     except (EOFError, ValueError, OSError) as e:
-        raise ValueError(f"{url}: not a readable tar ({e})") from None
+        if first is None:
+            raise ValueError(f"{url}: not a readable tar ({e})") from None
     finally:
         try:
             f.close()
         except OSError:
             pass
-    raise ValueError(f"{url}: no decodable image in its first samples, so no size or labels to go by ({why})")
+    if first is None:
+        raise ValueError(f"{url}: no decodable image in its first samples, so no size or labels to go by ({why})")
+    return *first, 1 if gray else 3, n
 
 
 def convert_webdataset(src: str, out: str | Path, split: str = "train", prefix: str = "wds",
                        resolution: int | None = None, encoding: str = "auto", label_field: str | None = None,
                        no_labels: bool = False, num_classes: int | None = None, variant: str | None = None,
-                       workers: int | None = None, bad_input: str = "error",
-                       progress: bool = True) -> tuple[Path, Manifest]:
+                       workers: int | None = None, bad_input: str = "error", progress: bool = True,
+                       channels: int | None = None) -> tuple[Path, Manifest]:
     """Convert the webdataset shards ``src`` into ``out/split/``; returns (manifest path, manifest).
 
     ``resolution``: center-crop and box-resize every image to it (default: every image must be
     square, of the first image's size). Labels: ``label_field`` names a .json field (dots for
     nesting); otherwise .cls when the first sample has one (``no_labels``: none). ``num_classes``:
-    the label range [0, num_classes) (default: the largest label + 1)."""
+    the label range [0, num_classes) (default: the largest label + 1). ``channels``: 1 or 3, None =
+    1 when the images among the first shard's first PEEK samples are all grayscale."""
     from tqdm import tqdm
 
     urls = source_urls(src)
-    key, members, first = peek(urls[0])
+    key, members, first, native, probed = peek(urls[0])
+    channels_rule = "--channels" if channels else (f"auto: {native}, the first {probed} images of {urls[0]} being "
+                                                   f"{'all grayscale' if native == 1 else 'not all grayscale'}")
+    channels = channels or native
     labels = "" if no_labels else "json" if label_field else "cls" if "cls" in members else ""
     if resolution is None:
         if first.shape[0] != first.shape[1]:
@@ -281,8 +295,8 @@ def convert_webdataset(src: str, out: str | Path, split: str = "train", prefix: 
         resolution, resize = first.shape[0], "none"
     else:
         resize = "center-crop+box"
-    opts = Options(resolution, resize, choose_encoding(encoding, resolution), labels, label_field or "",
-                   num_classes, bad_input)
+    opts = Options(resolution, resize, channels, choose_encoding(encoding, resolution), labels,
+                   label_field or "", num_classes, bad_input)
 
     split_dir = Path(out) / split
     split_dir.mkdir(parents=True, exist_ok=True)
@@ -342,12 +356,12 @@ def convert_webdataset(src: str, out: str | Path, split: str = "train", prefix: 
     source = {"form": "webdataset shards", "layout": layout_of(urls), "path": src, "source_shards": len(urls),
               "order": "as in the source shards, one output shard per source shard",
               "labels": {"cls": ".cls", "json": f".json field {label_field!r}"}.get(labels, "none"),
-              "members_left_out": dict(sorted(unused.items())), "resize": resize,
+              "members_left_out": dict(sorted(unused.items())), "resize": resize, "channels": channels_rule,
               "conversions": dict(sorted(notes.items())), "skipped_inputs": len(skipped)}
     if skipped:
         source["skipped_examples"] = skipped[:20]
     n_classes = (num_classes or max_label + 1) if labels else 0
     m = Manifest(dataset="webdataset", variant=variant or f"{sanitize(folder)}-{resolution}px", split=split,
-                 resolution=resolution, channels=3, encoding=opts.encoding, num_samples=sum(e.count for e in entries),
-                 labels=bool(labels), num_classes=n_classes, split_rule=f"all of {src}", source=source, shards=entries)
+                 resolution=resolution, channels=channels, encoding=opts.encoding,
+                 num_samples=sum(e.count for e in entries), labels=bool(labels), num_classes=n_classes, split_rule=f"all of {src}", source=source, shards=entries)
     return write_manifest(m, split_dir), m

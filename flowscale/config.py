@@ -233,7 +233,8 @@ class DataConfig:
     image_size: int = 32
     """Height = width of training images in pixels."""
     channels: int = 3
-    """Image channels (3 = RGB)."""
+    """Image channels: 3 = RGB, 1 = grayscale (MNIST, Fashion-MNIST). Must equal the shards'
+    manifest ``channels``; bits/dim count D = channels x image_size^2."""
     n_bits: int = 8
     """Bits per colour channel after reduction x -> floor(x / 2^(8 - n_bits)); Glow's CelebA-HQ runs use 5."""
     batch_size: int = 32
@@ -327,6 +328,31 @@ class EngineConfig:
     when the launcher set it (torchrun sets 1), else the CPUs of this process's affinity mask
     (at most SLURM_CPUS_PER_TASK; divided among the node's tasks when they share one mask) less
     one per data.num_workers, at least 1. The choice is printed once at start."""
+    overlap_comm: Optional[bool] = None
+    """ZeRO-1/2/3: reduce (and, at ZeRO-3, gather) in the background while backward computes.
+    null = DeepSpeed's recommendation for the stage: true at ZeRO-2 (its ZeRO-2 tutorial) and
+    ZeRO-3 (its default there), false at ZeRO-1. Costs 4.5x reduce_bucket_size of buffers at
+    ZeRO-2. Ignored at ZeRO-0 (plain all-reduce after backward)."""
+    contiguous_gradients: Optional[bool] = None
+    """ZeRO-1/2/3: copy each gradient into one pre-allocated buffer as it is produced (no
+    fragmentation at the backward peak). null = true, DeepSpeed's default and recommendation."""
+    reduce_bucket_size: Optional[int] = None
+    """ZeRO-1/2/3: elements reduced at a time (the gradient bucket, w bytes per element). null =
+    DeepSpeed's default 5e8; smaller buckets start communication earlier and hold less memory,
+    at more collective calls."""
+    allgather_bucket_size: Optional[int] = None
+    """ZeRO-1/2: elements all-gathered at a time after the step (updated parameter partitions).
+    null = DeepSpeed's default 5e8."""
+    prefetch_bucket_size: Optional[int] = None
+    """ZeRO-3: parameter elements gathered ahead of their use (stage3_prefetch_bucket_size); 0 =
+    no prefetching. null = DeepSpeed's default 5e7."""
+    param_persistence_threshold: Optional[int] = None
+    """ZeRO-3: parameters of at most this many elements stay whole on every rank instead of being
+    gathered at each use (stage3_param_persistence_threshold); 0 = partition everything. null =
+    DeepSpeed's default 1e5."""
+    max_live_parameters: Optional[int] = None
+    """ZeRO-3: at most this many gathered parameter elements are held at once
+    (stage3_max_live_parameters). null = DeepSpeed's default 1e9."""
     compile: bool = False
     """torch.compile each coupling network in place, after the ActNorm init (parameter names and
     checkpoints unchanged; inverse recompute runs the compiled networks in its backward too). The
@@ -341,6 +367,12 @@ class EngineConfig:
         _check(self.zero_stage in (0, 1, 2, 3), "engine.zero_stage", f"must be 0, 1, 2 or 3, got {self.zero_stage}")
         _at_least(self, "engine", grad_accum=1, max_bad_steps=1)
         _check(self.threads >= 0, "engine.threads", f"must be >= 0 (0 = automatic), got {self.threads}")
+        for name in ("reduce_bucket_size", "allgather_bucket_size", "max_live_parameters"):
+            v = getattr(self, name)
+            _check(v is None or v >= 1, f"engine.{name}", f"must be >= 1 element or null (DeepSpeed's default), got {v}")
+        for name in ("prefetch_bucket_size", "param_persistence_threshold"):
+            v = getattr(self, name)
+            _check(v is None or v >= 0, f"engine.{name}", f"must be >= 0 or null (DeepSpeed's default), got {v}")
 
 
 @dataclass
@@ -370,17 +402,29 @@ class MemoryConfig:
     step's input and reruns the step forward (activation memory still grows with model.steps,
     but by one input per step instead of every intermediate). For flows whose inverse is too
     slow for inverse_recompute (tarflow); not together with it."""
-    max_reconstruction_error: float = 1e-3
-    """A step whose relative reconstruction error |x - f^-1(f(x))| / |x| exceeds this stores its
-    activations instead of recomputing them (checked every check_every steps)."""
+    max_reconstruction_error: Optional[float] = None
+    """A step whose relative reconstruction error |x - f^-1(f(x))| / |x| exceeds this (on any
+    rank) is not recomputed (see on_unstable; checked every check_every steps). null = follow
+    the precision: max(1e-3, 4 * eps) with eps the machine epsilon of engine.precision, i.e.
+    1e-3 in fp32, 3.1e-2 in bf16, 3.9e-3 in fp16. Why: a reconstruction error perturbs the
+    activations a step's backward sees by that relative amount, so the gradient by about as
+    much; plain bf16 training already lives with gradient errors of ~3 eps against fp32
+    (flowscale bench zero: 2.1e-2), and healthy steps reconstruct to within 1 eps in bf16
+    (measured <= 6e-3) and 2 eps in fp32 (<= 2.2e-7); fp32 keeps the 1e-3 floor."""
+    on_unstable: Literal["store", "error"] = "store"
+    """What inverse recompute does with a step whose reconstruction error exceeds
+    max_reconstruction_error: store = run it with ordinary autograd, keeping its activations
+    (logged once whenever the set changes: how many steps, on which levels, and the bytes they
+    add; W&B gets recon_stored_steps and recon_stored_mib); error = stop with one line naming
+    the steps, so memory never silently grows."""
     check_every: int = 100
     """Measure reconstruction errors (logged as recon_err/level_i) every this many steps; 0 = never."""
     check_batch_size: int = 8
     """Images used for the reconstruction check."""
 
     def __post_init__(self):
-        _check(self.max_reconstruction_error > 0, "memory.max_reconstruction_error",
-               f"must be > 0, got {self.max_reconstruction_error}")
+        _check(self.max_reconstruction_error is None or self.max_reconstruction_error > 0,
+               "memory.max_reconstruction_error", f"must be > 0 or null (follow the precision), got {self.max_reconstruction_error}")
         _at_least(self, "memory", check_every=0, check_batch_size=1)
 
 
@@ -480,13 +524,6 @@ class Config:
                "memory.checkpoint_steps=true to save activation memory")
         _check(not (self.memory.inverse_recompute and self.memory.checkpoint_steps), "memory.checkpoint_steps",
                "choose one of memory.inverse_recompute and memory.checkpoint_steps")
-        # The recompute backpropagates layer by layer in re-entrant autograd calls; ZeRO-2's
-        # per-parameter gradient hooks then reduce a partition twice and DeepSpeed aborts
-        # ("gradient computed twice"), and ZeRO-3 releases parameters the inner backward needs.
-        _check(not (self.memory.inverse_recompute and self.engine.zero_stage >= 2), "memory.inverse_recompute",
-               f"not supported with engine.zero_stage={self.engine.zero_stage} yet (DeepSpeed's ZeRO-2/3 gradient "
-               f"hooks break on the recompute's layer-by-layer backward); use engine.zero_stage=1 (optimizer state "
-               f"sharded; `flowscale plan` shows what fits) or 0, or plain autograd")
 
 
 # -- loading ---------------------------------------------------------------------------------

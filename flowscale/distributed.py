@@ -222,6 +222,14 @@ def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
     return all_reduce_sum_(torch.tensor([1.0 if flag else 0.0], device=device)).item() > 0
 
 
+def max_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    """Element-wise maximum over ranks (one all-reduce; a copy of ``t`` where single-process)."""
+    t = t.detach().clone()
+    if _active() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return t
+
+
 def mean_over_ranks(t: torch.Tensor) -> list[float]:
     """Element-wise mean over ranks of a 1-d tensor (one all-reduce), as floats."""
     t = all_reduce_sum_(t.detach().clone().float())

@@ -29,12 +29,34 @@ def batch_layout(cfg: Config, world_size: int) -> dict:
     return {"global": b, "micro": b // (world_size * accum), "accum": accum}
 
 
-# DeepSpeed's own defaults (runtime/zero/config.py), written out so the JSON states them and the
-# memory planner reads them from here: ZeRO-1/2/3 reduce gradients through one bucket of
-# reduce_bucket_size elements; ZeRO-3 prefetches up to prefetch_bucket_size gathered elements
-# and keeps parameters of at most param_persistence_threshold elements whole on every rank.
-ZERO_BUCKETS = {"reduce_bucket_size": int(5e8), "stage3_prefetch_bucket_size": int(5e7),
-                "stage3_param_persistence_threshold": int(1e5)}
+ZERO_DEFAULTS = {"reduce_bucket_size": int(5e8), "allgather_bucket_size": int(5e8),
+                 "stage3_prefetch_bucket_size": int(5e7), "stage3_param_persistence_threshold": int(1e5),
+                 "stage3_max_live_parameters": int(1e9)}
+"""DeepSpeed's own defaults (runtime/zero/config.py) for the sizes left null in ``engine.*``,
+written out so the generated JSON states them and the memory planner reads them."""
+
+
+def zero_optimization(e) -> dict:
+    """The ``zero_optimization`` section for ``cfg.engine`` (an EngineConfig): the stage and the
+    communication settings, each field's null resolved to DeepSpeed's recommendation for that
+    stage (see the field docstrings). The one place these are decided: the engine config and
+    ``flowscale plan`` both read it."""
+    stage = e.zero_stage
+    pick = lambda value, default: default if value is None else value  # noqa: E731
+    section = {
+        "stage": stage,
+        "overlap_comm": bool(pick(e.overlap_comm, stage >= 2)),
+        "contiguous_gradients": bool(pick(e.contiguous_gradients, True)),
+        "reduce_bucket_size": int(pick(e.reduce_bucket_size, ZERO_DEFAULTS["reduce_bucket_size"])),
+        "allgather_bucket_size": int(pick(e.allgather_bucket_size, ZERO_DEFAULTS["allgather_bucket_size"])),
+        "stage3_prefetch_bucket_size": int(pick(e.prefetch_bucket_size, ZERO_DEFAULTS["stage3_prefetch_bucket_size"])),
+        "stage3_param_persistence_threshold": int(pick(e.param_persistence_threshold,
+                                                       ZERO_DEFAULTS["stage3_param_persistence_threshold"])),
+        "stage3_max_live_parameters": int(pick(e.max_live_parameters, ZERO_DEFAULTS["stage3_max_live_parameters"])),
+    }
+    if stage == 0:  # plain data parallel: DeepSpeed reads none of the rest
+        section["overlap_comm"] = False
+    return section
 
 
 def deepspeed_config(cfg: Config, world_size: int, load_universal: bool = False) -> dict:
@@ -47,7 +69,7 @@ def deepspeed_config(cfg: Config, world_size: int, load_universal: bool = False)
         "train_micro_batch_size_per_gpu": layout["micro"],
         "gradient_accumulation_steps": layout["accum"],
         "gradient_clipping": float(cfg.optim.grad_clip),
-        "zero_optimization": {"stage": e.zero_stage, **ZERO_BUCKETS},
+        "zero_optimization": zero_optimization(e),
         "bf16": {"enabled": e.precision == "bf16"},
         "fp16": {"enabled": e.precision == "fp16"},
         "zero_allow_untested_optimizer": True,

@@ -54,15 +54,22 @@ def _autocast_state(device_type: str):
 class _InverseRecompute(torch.autograd.Function):
     """Runs ``steps`` forward without a graph; backward reconstructs inputs via inverses.
 
-    Inputs: (x, cond, anchor, *params). ``anchor`` is an empty tensor that requires grad so
-    the output is part of the graph even when neither x nor any parameter is (data input of
-    the first level under frozen weights); ``params`` are listed so autograd orders this
-    node correctly, but their gradients are accumulated directly by the inner backward, as in
-    reentrant activation checkpointing (and DeepSpeed's gradient hooks fire there).
+    Inputs: (x, cond, anchor, steps). ``anchor`` is an empty tensor that requires grad so the
+    output is part of the graph even when x is not (the data input of the first level).
+
+    The chain's parameters are deliberately NOT inputs of this node (as in re-entrant
+    activation checkpointing): their gradients are accumulated by the inner backward of
+    ``reconstruct_and_backprop``, which creates and runs each parameter's AccumulateGrad node
+    exactly once per backward. Listing them as inputs would make the outer backward run those
+    nodes a second time with no gradient, firing post-accumulate-grad hooks twice (DeepSpeed
+    ZeRO-1/2 then reduces a gradient twice and asserts), and would build the nodes while
+    ZeRO-3 has the parameters partitioned (shape [0]), breaking the inner graph's shape checks.
+    Ordering is still right: the inner backward runs when the outer one reaches this node,
+    i.e. after everything downstream of the chain's output has been backpropagated.
     """
 
     @staticmethod
-    def forward(ctx, x, cond, anchor, steps, *params):
+    def forward(ctx, x, cond, anchor, steps):
         ctx.steps = steps
         ctx.cond = cond
         ctx.autocast = _autocast_state(x.device.type)
@@ -84,7 +91,7 @@ class _InverseRecompute(torch.autograd.Function):
             for step in reversed(ctx.steps):  # the contract's hook: fused where the layer has one
                 z, grad_z = step.reconstruct_and_backprop(z, grad_z, grad_logdet, ctx.cond)
         grad_x = grad_z if ctx.x_requires_grad else None
-        return (grad_x, None, None, None) + (None,) * (len(ctx.needs_input_grad) - 4)
+        return grad_x, None, None, None
 
 
 class InvertibleSequence(FlowSequence):
@@ -115,9 +122,8 @@ class InvertibleSequence(FlowSequence):
         logdet = zeros_logdet(x)
         for ok, steps in self._segments():
             if ok:
-                params = [p for s in steps for p in s.parameters() if p.requires_grad]
                 anchor = torch.empty(0, device=x.device, requires_grad=True)
-                x, ld = _InverseRecompute.apply(x, cond, anchor, steps, *params)
+                x, ld = _InverseRecompute.apply(x, cond, anchor, steps)
             else:
                 x, ld = run_chain(steps, x, cond)
             logdet = logdet + ld
@@ -125,20 +131,21 @@ class InvertibleSequence(FlowSequence):
 
 
 def inverse_checkpoint(flow: nn.Module, enabled: bool = True, levels: list[int] | None = None) -> nn.Module:
-    """Switch each level's step chain (``flow.levels[i].steps``) to inverse recompute.
+    """Switch each of ``flow``'s chains of steps (:meth:`Flow.step_chains`: a multi-scale flow's
+    levels) to inverse recompute; a flow that declares no chains is refused by name.
 
-    ``levels``: indices of the levels to convert (None = all). Works in place and returns
+    ``levels``: indices of the chains to convert (None = all). Works in place and returns
     ``flow``; parameters, buffers and state-dict keys are unchanged, so checkpoints load
     either way. ``enabled=False`` returns ``flow`` untouched.
     """
     if not enabled:
         return flow
-    for i, level in enumerate(flow.levels):
+    for i, holder in enumerate(flow.require_chains("inverse recompute (memory.inverse_recompute)")):
         if levels is not None and i not in levels:
             continue
-        if type(level.steps) is FlowSequence:
-            level.steps = InvertibleSequence(level.steps)
-        level.steps.recompute = True
+        if type(holder.steps) is FlowSequence:
+            holder.steps = InvertibleSequence(holder.steps)
+        holder.steps.recompute = True
     return flow
 
 
@@ -173,10 +180,10 @@ class CheckpointedSequence(FlowSequence):
 
 
 def checkpoint_steps(flow: nn.Module) -> nn.Module:
-    """Switch every level's step chain to per-step ``torch.utils.checkpoint`` (in place)."""
-    for level in flow.levels:
-        if type(level.steps) is FlowSequence:
-            level.steps = CheckpointedSequence(level.steps)
+    """Switch every chain of steps to per-step ``torch.utils.checkpoint`` (in place)."""
+    for holder in flow.require_chains("memory.checkpoint_steps"):
+        if type(holder.steps) is FlowSequence:
+            holder.steps = CheckpointedSequence(holder.steps)
     return flow
 
 
@@ -189,47 +196,156 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @torch.no_grad()
 def reconstruction_errors(flow: nn.Module, x: torch.Tensor, cond: torch.Tensor | None = None) -> dict:
-    """Relative reconstruction errors ``|x - f^{-1}(f(x))| / |x|`` on a batch.
+    """Relative reconstruction errors ``|x - f^{-1}(f(x))| / |x|`` on a batch, along
+    :meth:`Flow.walk`.
 
-    Returns {"level": [per-level error of the whole chain], "step": [[per-step errors] per level]}.
+    Returns {"level": [per-chain error of the whole chain], "step": [[per-step errors] per chain]}.
     """
-    out = {"level": [], "step": []}
-    h = x
-    for level in flow.levels:
-        h, _ = level.squeeze(h)
-        z = h
-        per_step, inputs = [], []
-        for step in level.steps:
-            inputs.append(z)
+
+    def measure(i, chain, h, cond):
+        z, per_step = h, []
+        for step in chain:
             z_next, _ = step(z, cond=cond)
             back, _ = step(z_next, cond=cond, reverse=True)
             per_step.append(_rel_err(z, back))
             z = z_next
         back = z
-        for step in reversed(list(level.steps)):
+        for step in reversed(list(chain)):
             back, _ = step(back, cond=cond, reverse=True)
-        out["level"].append(_rel_err(h, back))
-        out["step"].append(per_step)
-        h = z
-        if level.split:
-            h, _ = h.chunk(2, dim=1)
-    return out
+        return z, None, (_rel_err(h, back), per_step)
+
+    passes = list(flow.walk(x, cond, run=measure))
+    return {"level": [p.extra[0] for p in passes], "step": [p.extra[1] for p in passes]}
+
+
+def reconstruction_tolerance(max_error: float | None, dtype: torch.dtype) -> float:
+    """``memory.max_reconstruction_error``, or where null, the precision's own:
+    max(1e-3, 4 * eps(dtype)) (the field's docstring derives it)."""
+    if max_error is not None:
+        return float(max_error)
+    return max(1e-3, 4 * torch.finfo(dtype).eps)
 
 
 @torch.no_grad()
-def check_and_flag(flow: nn.Module, x: torch.Tensor, max_error: float, cond: torch.Tensor | None = None) -> dict:
+def check_and_flag(flow: nn.Module, x: torch.Tensor, max_error: float, cond: torch.Tensor | None = None,
+                   reduce=None) -> dict:
     """Measure reconstruction errors and flag unstable steps to store their activations.
 
     A step whose own relative error exceeds ``max_error`` gets ``store_activations = True``;
-    steps back under the bound are returned to recompute. Returns the errors plus
-    ``"flagged"``: the number of flagged steps.
+    steps back under the bound are returned to recompute. ``reduce``: a collective taking the
+    per-step errors (a 1-d float64 tensor) to their maximum over ranks, so every rank flags the
+    same steps (the backward graphs, and DeepSpeed's gradient buckets, then line up). Returns
+    the errors plus ``"flagged"``: the number of flagged steps and ``"stored"``: their
+    (chain, step) indices.
     """
     errs = reconstruction_errors(flow, x, cond)
-    flagged = 0
-    for level, per_step in zip(flow.levels, errs["step"]):
-        for step, e in zip(level.steps, per_step):
-            bad = not (e <= max_error)  # NaN counts as bad
+    flat = torch.tensor([e for per_step in errs["step"] for e in per_step], dtype=torch.float64)
+    flat = torch.nan_to_num(flat, nan=float("inf"))  # NaN counts as bad
+    if reduce is not None:
+        flat = reduce(flat)
+    stored, k = [], 0
+    for i, (holder, per_step) in enumerate(zip(flow.require_chains("the reconstruction check"), errs["step"])):
+        for j, step in enumerate(holder.steps):
+            bad = not (flat[k].item() <= max_error)
             step.store_activations = bad
-            flagged += bad
-    errs["flagged"] = flagged
+            if bad:
+                stored.append((i, j))
+            k += 1
+    errs["step_max"] = flat.max().item() if len(flat) else 0.0
+    errs["flagged"] = len(stored)
+    errs["stored"] = stored
     return errs
+
+
+def saved_activation_bytes(fn, exclude=(), module=None):
+    """(bytes of distinct storages saved for backward while running ``fn()``, its result),
+    excluding ``exclude`` and the parameters of ``module`` as they are when saved (ZeRO-3
+    gathers them into new storages during the forward)."""
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        ptr = st.data_ptr()
+        if module is not None and any(p.data.untyped_storage().data_ptr() == ptr for p in module.parameters()):
+            return t
+        if ptr not in skip:
+            seen[ptr] = max(seen.get(ptr, 0), st.nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return sum(seen.values()), out
+
+
+def stored_bytes_per_image(flow: nn.Module, x: torch.Tensor, stored: list[tuple[int, int]],
+                           cond: torch.Tensor | None = None) -> int:
+    """Bytes per image that the flagged ``stored`` steps (chain, step) keep for backward under
+    ordinary autograd (what they add to inverse recompute's memory), measured on ``x``."""
+    want = set(stored)
+    total = [0]
+
+    def run(i, chain, h, cond):
+        for j, step in enumerate(chain):
+            if (i, j) in want:
+                with torch.enable_grad():
+                    h_in = h.detach().requires_grad_(True)
+                    n, (h, _) = saved_activation_bytes(lambda: step(h_in, cond=cond), module=flow)
+                total[0] += n
+                h = h.detach()
+            else:
+                with torch.no_grad():
+                    h, _ = step(h, cond=cond)
+        return h, None, None
+
+    for _ in flow.walk(x, cond, run=run):
+        pass
+    return total[0] // max(1, len(x))
+
+
+class UnstableSteps:
+    """The runtime side of the reconstruction check in training: which steps inverse recompute
+    hands back to ordinary autograd, said out loud.
+
+    Each check flags the steps whose error exceeds ``tolerance`` on any rank (one collective:
+    every rank flags the same steps). Under ``on_unstable="store"``, whenever the set of flagged
+    steps in recomputed chains changes, :meth:`check` returns one line saying how many, which
+    (level: steps) and the activation bytes they add per micro-batch; ``"error"`` raises
+    instead. ``recomputing``: inverse recompute is on (otherwise the flags change nothing and
+    nothing is said)."""
+
+    def __init__(self, tolerance: float, on_unstable: str, micro_batch: int, recomputing: bool, why: str = ""):
+        self.tolerance, self.on_unstable, self.micro_batch = tolerance, on_unstable, micro_batch
+        self.recomputing, self.why = recomputing, why
+        self.stored: list[tuple[int, int]] = []
+
+    def check(self, flow: nn.Module, x: torch.Tensor, step: int, reduce=None) -> tuple[dict, str | None]:
+        """(metrics, a line to log or None). Collective when ``reduce`` is."""
+        errs = check_and_flag(flow, x, self.tolerance, reduce=reduce)
+        holders = flow.require_chains("the reconstruction check")
+        stored = [(i, j) for i, j in errs["stored"] if isinstance(holders[i].steps, InvertibleSequence)]
+        metrics = {f"recon_err/level_{i}": e for i, e in enumerate(errs["level"])}
+        metrics["recon_err/step_max"] = errs["step_max"]
+        metrics["recon_unstable_steps"] = errs["flagged"]
+        if not self.recomputing:
+            return metrics, None
+        metrics["recon_stored_steps"] = len(stored)
+        per_image = stored_bytes_per_image(flow, x, stored) if stored else 0
+        metrics["recon_stored_mib"] = per_image * self.micro_batch / 2 ** 20
+        if stored == self.stored:
+            return metrics, None
+        self.stored = stored
+        total = sum(len(h.steps) for h in holders if isinstance(h.steps, InvertibleSequence))
+        where = "; ".join(f"level {i}: steps {[j for ii, j in stored if ii == i]}" for i in sorted({i for i, _ in stored}))
+        bound = f"memory.max_reconstruction_error={self.tolerance:.2g}{self.why}"
+        if stored and self.on_unstable == "error":
+            raise FloatingPointError(
+                f"step {step}: {len(stored)} of {total} recomputed flow steps reconstruct their input with a relative "
+                f"error above {bound} ({where}; largest {errs['step_max']:.2g}), and memory.on_unstable=error. Lower "
+                f"optim.lr, bound the 1x1 convs (model.lu_max_log_s), raise the bound, or set memory.on_unstable=store "
+                f"to keep those steps' activations")
+        if not stored:
+            return metrics, f"inverse recompute: every step is recomputed again (reconstruction errors <= {bound})"
+        return metrics, (f"inverse recompute: {len(stored)} of {total} steps store their activations instead "
+                         f"(reconstruction error above {bound}): {where}; +{metrics['recon_stored_mib']:.1f} MiB "
+                         f"per micro-batch of {self.micro_batch}")

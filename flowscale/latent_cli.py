@@ -88,7 +88,8 @@ def save_labelled_grid(images_uint8: torch.Tensor, rows: int, path: str | Path, 
     cw, ch = w * zoom, h * zoom
     left = max([text_size(t)[0] for t in row_labels] + [0]) + 2 * pad
     top = max([text_size(t)[1] for t in col_labels] + [0]) + 2 * pad
-    canvas = Image.new("RGB", (left + cols * (cw + pad) + pad, top + rows * (ch + pad) + pad), "white")
+    mode = "L" if c == 1 else "RGB"  # grayscale models give grayscale grids
+    canvas = Image.new(mode, (left + cols * (cw + pad) + pad, top + rows * (ch + pad) + pad), "white")
     draw = ImageDraw.Draw(canvas)
     for j, t in enumerate(col_labels):
         tw, _ = text_size(t)
@@ -99,7 +100,7 @@ def save_labelled_grid(images_uint8: torch.Tensor, rows: int, path: str | Path, 
     for k in range(n):
         i, j = divmod(k, cols)
         arr = images_uint8[k].permute(1, 2, 0).numpy()
-        tile = Image.fromarray(arr[:, :, 0] if c == 1 else arr).convert("RGB").resize((cw, ch), Image.NEAREST)
+        tile = Image.fromarray(arr[:, :, 0] if c == 1 else arr).resize((cw, ch), Image.NEAREST)
         canvas.paste(tile, (left + pad + j * (cw + pad), top + pad + i * (ch + pad)))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -55,20 +55,18 @@ def flow_regularizer(flow: nn.Module, cfg) -> torch.Tensor:
 
 @torch.no_grad()
 def step_logdets(flow: nn.Module, x: torch.Tensor, cond: torch.Tensor | None = None) -> list[list[float]]:
-    """Per level, per flow step: the batch-mean log-det of the step divided by the number of
-    dimensions it acts on (its mean log expansion factor per dimension)."""
-    out = []
-    h = x
-    for level in flow.levels:
-        h, _ = level.squeeze(h)
-        per_step = []
-        for step in level.steps:
+    """Per chain (level), per flow step: the batch-mean log-det of the step divided by the
+    number of dimensions it acts on (its mean log expansion factor per dimension), along
+    :meth:`Flow.walk`."""
+
+    def per_step(i, chain, h, cond):
+        out = []
+        for step in chain:
             h, ld = step(h, cond=cond)
-            per_step.append((ld.double().mean() / h[0].numel()).item())
-        out.append(per_step)
-        if level.split:
-            h, _ = h.chunk(2, dim=1)
-    return out
+            out.append((ld.double().mean() / h[0].numel()).item())
+        return h, None, out
+
+    return [p.extra for p in flow.walk(x, cond, run=per_step)]
 
 
 def logdet_stats(flow: nn.Module, x: torch.Tensor, cond: torch.Tensor | None = None) -> dict[str, float]:

@@ -42,10 +42,14 @@ def denoise(flow, x: torch.Tensor, std: float, y: torch.Tensor | None = None) ->
 
 
 def save_grid(images_uint8: torch.Tensor, path: str | Path, nrow: int) -> Path:
-    """Write [N, C, H, W] uint8 images as one PNG grid."""
+    """Write [N, C, H, W] uint8 images as one PNG grid: RGB for C = 3, grayscale (mode L) for C = 1."""
+    from PIL import Image
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torchvision.utils.save_image(images_uint8.float() / 255.0, path, nrow=nrow, padding=1)
+    grid = torchvision.utils.make_grid(images_uint8.cpu(), nrow=nrow, padding=1)  # [3, H, W]; C = 1 is repeated
+    arr = grid.permute(1, 2, 0).numpy()
+    Image.fromarray(arr[:, :, 0] if images_uint8.shape[1] == 1 else arr).save(path)
     return path
 
 

@@ -27,34 +27,34 @@ from .audit import BATCHES, record_batch, rewind_batches
 from .build import build_training, pick_device
 from .config import Config, to_dict, to_yaml
 from .data import build_train_loader, eval_split, first_images
-from .data.splits import resolve_split
 from .distributed import (DistInfo, all_equal, all_gather_objects, barrier, cleanup, cpu_threads, init_distributed,
-                          rank0_decides, rng_state, set_rng_state)
+                          max_over_ranks, rank0_decides, rng_state, set_rng_state)
 from .engine import train_step
 from .evaluate import evaluate_bpd
-from .inverse_checkpoint import check_and_flag
+from .inverse_checkpoint import UnstableSteps, reconstruction_tolerance
 from .lipschitz import logdet_stats
 from .lock import acquire, release
 from .logging import RunLogger
 from .loss import sample_noise, training_loss
 from .preemption import PreemptionGuard
 from .data.quantize import preprocess
+from .data.splits import resolve_split
 from .sample import sample_grid
 
 
-def health_metrics(flow, batch: torch.Tensor, cfg: Config, dtype: torch.dtype) -> dict:
-    """Per-level inverse reconstruction error |x - f^-1(f(x))| / |x| (flags unstable steps so
-    they store activations instead of being recomputed through their inverse), and per-level
-    statistics of each step's log-det per dimension (``logdet_step/level_i/{mean,min,max}``)."""
+def health_metrics(flow, batch: torch.Tensor, cfg: Config, dtype: torch.dtype, unstable: UnstableSteps,
+                   step: int) -> tuple[dict, str | None]:
+    """Per-level inverse reconstruction error |x - f^-1(f(x))| / |x| (flags the steps that then
+    store their activations instead of being recomputed, the same on every rank; see
+    :class:`UnstableSteps`), and per-level statistics of each step's log-det per dimension
+    (``logdet_step/level_i/{mean,min,max}``). Collective. Returns (metrics, a line to log or None)."""
     # Its own stream: the check must not consume the training RNG (exact resume).
     x = preprocess(batch.cpu(), cfg.data.n_bits, generator=seeds.generator(cfg.train.seed, "health"))
     param = next(flow.parameters())
     x = x.to(param.device, dtype)
-    errs = check_and_flag(flow, x, cfg.memory.max_reconstruction_error)
-    out = {f"recon_err/level_{i}": e for i, e in enumerate(errs["level"])}
-    out["recon_unstable_steps"] = errs["flagged"]
+    out, line = unstable.check(flow, x, step, reduce=max_over_ranks)
     out.update(logdet_stats(flow, x))  # per-level volume change per step
-    return out
+    return out, line
 
 
 def main(cfg: Config, resume: bool = True, resume_from: str | Path | None = None,
@@ -88,9 +88,8 @@ def main(cfg: Config, resume: bool = True, resume_from: str | Path | None = None
                      f"{info.world_size} (ZeRO-{cfg.engine.zero_stage}): optimizer state "
                      f"{'resharded (universal checkpoint)' if universal else 'whole (ZeRO-0)'}, "
                      f"every data stream's position kept")
-        if cfg.data.dataset == "shards":  # a manifest that is no manifest (a .tar, foreign shards): refused now
-            for split in ("train", "test"):
-                resolve_split(cfg.data, split)
+        for split in ("train", "test"):  # data unlike the config (channels, size) is refused before any write
+            resolve_split(cfg.data, split)
         if info.is_main:
             lock = _prepare_run_dir(cfg, resume, chosen, log)
         barrier()
@@ -223,6 +222,9 @@ def _train(cfg: Config, info: DistInfo, log: RunLogger, resume: bool, chosen: Pa
 
     # What is optimised: bits/dim of the dequantised batch, plus the 1x1-conv L2 penalty when set.
     loss_fn = training_loss(cfg, device, dtype)
+    tolerance = reconstruction_tolerance(cfg.memory.max_reconstruction_error, dtype)
+    why = f" ({cfg.engine.precision}: max(1e-3, 4 eps))" if cfg.memory.max_reconstruction_error is None else ""
+    unstable = UnstableSteps(tolerance, cfg.memory.on_unstable, layout["micro"], cfg.memory.inverse_recompute, why)
     metrics: dict = {}
     t0, seen, start_step, last_save = time.time(), 0, step, time.time()
     saved_step = step if found is not None else -1
@@ -235,7 +237,10 @@ def _train(cfg: Config, info: DistInfo, log: RunLogger, resume: bool, chosen: Pa
             x, y = next(loader)  # uint8 [B, C, H, W]; labels int64 [B] when the shards have them, else None
             # Checked at the first step of every (re)start too: the unstable-step flags are runtime state.
             if cfg.memory.check_every and (step % cfg.memory.check_every == 0 or step == start_step):
-                log.log(step, health_metrics(module, x[:cfg.memory.check_batch_size], cfg, dtype), echo=False)
+                health, line = health_metrics(module, x[:cfg.memory.check_batch_size], cfg, dtype, unstable, step)
+                log.log(step, health, echo=False)
+                if line:
+                    log.info(f"step {step}: {line}")
             # data.streams: the noise of each sample is a function of its place in the global batch
             noise = sample_noise(cfg.train.seed, step, range(info.rank * len(x), (info.rank + 1) * len(x)),
                                  tuple(x.shape[1:]), cfg.data.noise_std) if cfg.data.streams else (None, None)

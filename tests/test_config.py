@@ -193,9 +193,21 @@ def test_lr_schedule_closed_forms(decay):
         assert f(110) == pytest.approx(0.01) and f(60) < f(35) < 1.0
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_inverse_recompute_with_zero_2_or_3_is_refused_with_the_way_out(stage):
-    # DeepSpeed aborted in the first backward ("gradient computed twice for this partition")
-    with pytest.raises(ConfigError, match=r"memory.inverse_recompute.*engine.zero_stage=1"):
-        load_config(None, ["memory.inverse_recompute=true", f"engine.zero_stage={stage}"])
-    assert load_config(None, ["memory.inverse_recompute=true", "engine.zero_stage=1"]).engine.zero_stage == 1
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_zero_communication_settings_follow_the_stage_and_reach_deepspeed(stage):
+    """null = DeepSpeed's recommendation per stage (overlap at ZeRO-2/3, contiguous gradients,
+    its default bucket sizes); a value set is passed through; inverse recompute is accepted on
+    every stage (tests/test_zero_recompute.py trains it)."""
+    from flowscale.engine import deepspeed_config
+
+    cfg = load_config(None, ["memory.inverse_recompute=true", f"engine.zero_stage={stage}", "data.batch_size=8"])
+    z = deepspeed_config(cfg, 2)["zero_optimization"]
+    assert z["stage"] == stage and z["overlap_comm"] == (stage >= 2) and z["contiguous_gradients"] is True
+    assert z["reduce_bucket_size"] == 500_000_000 and z["stage3_param_persistence_threshold"] == 100_000
+    cfg = load_config(None, [f"engine.zero_stage={stage}", "engine.overlap_comm=false", "engine.reduce_bucket_size=1000",
+                             "engine.param_persistence_threshold=0", "engine.prefetch_bucket_size=0"])
+    z = deepspeed_config(cfg, 1)["zero_optimization"]
+    assert not z["overlap_comm"] and z["reduce_bucket_size"] == 1000
+    assert z["stage3_param_persistence_threshold"] == 0 and z["stage3_prefetch_bucket_size"] == 0
+    with pytest.raises(ConfigError, match=r"engine.reduce_bucket_size.*>= 1"):
+        load_config(None, ["engine.reduce_bucket_size=0"])

@@ -222,7 +222,7 @@ def test_channels_last_levels_compute_the_same_and_save_the_same():
     the NCHW run."""
     import copy
 
-    from flowscale.bench.memory import saved_activation_bytes
+    from flowscale.inverse_checkpoint import saved_activation_bytes
     from flowscale.loss import flow_bpd_dequantized
 
     flow = small_flow("glow", levels=3, steps=2, width=8, size=32, dtype=torch.float32)
@@ -245,3 +245,38 @@ def test_channels_last_levels_compute_the_same_and_save_the_same():
     assert b1 == b2 and abs(l1 - l2) <= 1e-6 * abs(l2)
     for a, b in zip(g1, g2):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+# -- grayscale: every preset on 1-channel images ---------------------------------------------------
+
+ONE_CHANNEL = {  # tiny models of each preset for a 1 x 8 x 8 image (D = 64)
+    "nice": dict(levels=2, steps=2),
+    "realnvp": dict(levels=2, steps=4),  # checkerboard then channel masks
+    "glow": dict(levels=2, steps=2),
+    "dlf": dict(levels=2, steps=2, dlt_beta_init=-0.5, invconv_bias=True),
+    "jet": dict(levels=1, steps=4, vit_depth=1, vit_heads=2, patch_size=2, jet_spatial_every=2),
+    "tarflow": dict(levels=1, steps=2, vit_depth=1, vit_heads=2, patch_size=2),
+}
+
+
+@pytest.mark.parametrize("preset", sorted(ONE_CHANNEL))
+def test_one_channel_presets_contract(preset):
+    """C = 1 (MNIST-like): the first squeeze makes 4 channels, splits halve them; round trip,
+    logdet(forward) == -logdet(inverse), log-det == slogdet of the float64 brute-force Jacobian,
+    and bits/dim divide by D = 1 * 8 * 8, the real dimensions."""
+    from flowscale.loss import bits_per_dim, flow_bpd_dequantized
+
+    flow = small_flow(preset, width=8, channels=1, size=8, scale=0.2, seed=5, **ONE_CHANNEL[preset])
+    x = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(6)) - 0.5
+    eps, ld = flow(x)
+    assert [tuple(e.shape[1:]) for e in eps] == flow.latent_shapes(1, 8)
+    assert sum(e[0].numel() for e in eps) == 64
+    x_back, ld_inv = flow(eps, reverse=True)
+    assert (x - x_back).abs().max() < 1e-9 and (ld + ld_inv).abs().max() < 1e-9
+    for i in range(2):
+        bf = brute_force_logdet(lambda v: flat_model(flow, v), x[i:i + 1])
+        assert abs(bf.item() - ld[i].item()) < 1e-8, f"sample {i}: brute force {bf.item()} vs {ld[i].item()}"
+    assert ld.abs().min() > 1e-2, "the check must be able to fail"
+    bpd, parts = flow_bpd_dequantized(flow, x, 8)
+    assert torch.allclose(bpd, bits_per_dim(parts["log_pz"], parts["logdet"], 64, 8))
+    assert not torch.allclose(bpd, bits_per_dim(parts["log_pz"], parts["logdet"], 3 * 64, 8))

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from flowscale.bench.memory import saved_activation_bytes
+from flowscale.inverse_checkpoint import saved_activation_bytes
 from flowscale.cli import main as cli_main
 from flowscale.flows.actnorm import ActNorm
 from flowscale.flows.base import FlowSequence, backprop_generic
@@ -264,3 +264,77 @@ def test_bench_memory_command(tmp_path, capsys):
     by = {(r["k"], r["mode"]): r["saved_bytes"] for r in rows}
     assert by[(4, "inverse")] < by[(4, "plain")]
     assert (tmp_path / "memory.png").stat().st_size > 1000
+
+
+def test_the_wrappers_refuse_a_flow_without_declared_chains_by_name():
+    """The multi-scale walk is part of the contract (Flow.step_chains / Flow.walk); a flow that
+    declares none (here a bare chain of steps) is refused with its class name."""
+    from flowscale.flows.base import FlowSequence
+    from flowscale.inverse_checkpoint import checkpoint_steps
+
+    bare = FlowSequence(list(small_flow("glow", levels=1, steps=2).levels[0].steps))
+    for wrap in (inverse_checkpoint, checkpoint_steps):
+        with pytest.raises(TypeError, match="FlowSequence declares none"):
+            wrap(bare)
+    with pytest.raises(TypeError, match="FlowSequence declares no chains"):
+        next(bare.walk(torch.zeros(1, 12, 2, 2)))
+
+
+def test_walk_is_the_forward_path():
+    """Every user of the walk sees what the forward pass computes: the chains' inputs and outputs
+    along walk() give the flow's own latents and log-det (priors added outside the walk)."""
+    flow = small_flow("glow", levels=3, steps=2, width=8, size=16, scale=0.2)
+    x = torch.rand(3, 3, 16, 16, dtype=torch.float64) - 0.5
+    eps, logdet = flow(x)
+    passes = list(flow.walk(x))
+    assert [p.index for p in passes] == [0, 1, 2] and passes[-1].z2 is None
+    total = sum(p.logdet for p in passes)
+    for p in passes:
+        if p.z2 is not None:
+            total = total + p.holder.prior(p.z2, cond=p.h)[1]
+    total = total + flow.top_prior(passes[-1].h, cond=None)[1]
+    assert torch.allclose(total, logdet, rtol=0, atol=1e-10)
+    assert torch.equal(flow.top_prior(passes[-1].h, cond=None)[0], eps[-1])
+
+
+def _train_bf16(tmp_path, *extra):
+    from flowscale.config import load_config
+    from flowscale.logging import read_metrics
+    from flowscale.train import main
+
+    cfg = load_config(None, ["model.levels=2", "model.steps=3", "model.width=16", "data.train_size=64",
+                             "data.test_size=16", "data.batch_size=8", "train.steps=4", "train.eval_every=0",
+                             "train.sample_every=0", "memory.inverse_recompute=true", "memory.check_every=2",
+                             "engine.precision=bf16", f"train.run_dir={tmp_path}", "train.progress=false",
+                             "wandb.mode=disabled", *extra])
+    main(cfg)
+    return [r for r in read_metrics(tmp_path) if "recon_err/level_0" in r]
+
+
+@pytest.mark.usefixtures("single_process_env")
+def test_bf16_recompute_stays_on_at_the_precision_tolerance(tmp_path, capsys):
+    """bf16 reconstructs to ~1 eps per step (6e-3 measured); the default bound follows the
+    precision (max(1e-3, 4 eps) = 3.1e-2), so recompute is not switched off silently."""
+    from flowscale.inverse_checkpoint import reconstruction_tolerance
+
+    assert reconstruction_tolerance(None, torch.bfloat16) == pytest.approx(4 * 2 ** -7)
+    assert reconstruction_tolerance(None, torch.float32) == 1e-3
+    assert reconstruction_tolerance(5e-2, torch.float32) == 5e-2
+    health = _train_bf16(tmp_path)
+    assert [r["step"] for r in health] == [0, 2]
+    assert all(r["recon_stored_steps"] == 0 and r["recon_stored_mib"] == 0 for r in health), health
+    assert all(1e-4 < r["recon_err/step_max"] < 4 * 2 ** -7 for r in health), health  # bf16-sized, under the bound
+    assert "store their activations" not in capsys.readouterr().out
+
+
+@pytest.mark.usefixtures("single_process_env")
+def test_steps_made_to_store_activations_are_said_once_and_can_be_an_error(tmp_path, capsys):
+    health = _train_bf16(tmp_path / "store", "memory.max_reconstruction_error=1e-6")
+    out = capsys.readouterr().out
+    lines = [ln for ln in out.splitlines() if "store their activations" in ln]
+    assert len(lines) == 1, out  # the set did not change between the two checks: said once
+    assert "6 of 6 steps" in lines[0] and "level 0: steps [0, 1, 2]; level 1: steps [0, 1, 2]" in lines[0], lines
+    assert "MiB per micro-batch of 8" in lines[0], lines
+    assert all(r["recon_stored_steps"] == 6 and r["recon_stored_mib"] > 0 for r in health), health
+    with pytest.raises(FloatingPointError, match=r"step 0: 6 of 6 recomputed flow steps .* memory.on_unstable=error"):
+        _train_bf16(tmp_path / "error", "memory.max_reconstruction_error=1e-6", "memory.on_unstable=error")

@@ -95,6 +95,29 @@ def test_round_trip_every_preset(preset, crops):
     assert latent.reconstruction_error(crops, latent.decode(flow, zeroed, 8), 8).min() > 8
 
 
+def test_grayscale_model_images_and_grids(crops, tmp_path):
+    """1 channel: the latent round trip, images read as grayscale (an RGB file converted to luma,
+    as PIL's L), and a labelled grid written as a grayscale PNG."""
+    from flowscale.latent_cli import load_images, save_labelled_grid
+
+    gray = torch.stack([torch.from_numpy(np.array(Image.fromarray(x.permute(1, 2, 0).numpy()).convert("L")))
+                        for x in crops])[:, None]
+    flow = small_flow("glow", levels=2, steps=2, width=8, channels=1, size=16, dtype=torch.float32).eval()
+    z, back, err = latent.reconstruct(flow, gray, 8, chunk=3)
+    assert [tuple(e.shape[1:]) for e in z] == flow.latent_shapes(1, 16) and err.max() <= 1
+    Image.fromarray(gray[0, 0].numpy()).save(tmp_path / "g.png")
+    Image.fromarray(crops[1].permute(1, 2, 0).numpy()).save(tmp_path / "rgb.png")
+    x = load_images([str(tmp_path / "g.png"), str(tmp_path / "rgb.png")], 16, 1)
+    assert x.shape == (2, 1, 16, 16) and torch.equal(x, gray[:2])
+    out = save_labelled_grid(torch.cat([gray[:4], back[:4]]), 2, tmp_path / "grid.png", ["a", "b", "c", "d"],
+                             ["in", "out"], zoom=1)
+    with Image.open(out) as im:
+        assert im.mode == "L"
+        px = torch.from_numpy(np.asarray(im).copy())
+    h, w = px.shape
+    assert torch.equal(px[h - 18:h - 2, w - 18:w - 2], back[3, 0]), "the last cell is the last image"
+
+
 def test_round_trip_bf16_and_class_conditional(crops):
     flow = small_flow("glow", levels=2, steps=2, width=8, size=16, dtype=torch.float32, num_classes=3).eval()
     y = torch.arange(len(crops)) % 3

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from flowscale.flows.actnorm import ActNorm, initialize_actnorm
-from flowscale.bench.memory import saved_activation_bytes
+from flowscale.inverse_checkpoint import saved_activation_bytes
 from flowscale.flows.nets import GlowNet, fold_norms
 
 

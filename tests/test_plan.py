@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from flowscale.bench.memory import saved_activation_bytes
+from flowscale.inverse_checkpoint import saved_activation_bytes
 from flowscale.config import Config, DataConfig, ModelConfig, load_config
 from flowscale.engine import model_dtype
 from flowscale.flows.actnorm import initialize_actnorm
@@ -31,6 +31,7 @@ CASES = {
     "glow_imagenet64-bf16": f"{SMALL} engine.precision=bf16",
     "glow_imagenet64-widths": "model.steps=2 model.widths=[8,16,32,24]",
     "dlf_imagenet64-recompute-levels": f"{SMALL} data.image_size=32 memory.recompute_levels=[1,2]",
+    "glow_imagenet32-grayscale28": f"{SMALL} data.channels=1 data.image_size=28 model.levels=2",  # MNIST-like
 }
 
 
@@ -105,11 +106,13 @@ def test_largest_micro_batch_is_the_boundary_and_zero_stages_shrink_states():
     assert sum(model_state_bytes(P, "fp32", 0, 1, "adam").values()) == 12 * P
 
 
-def test_flops_forward_equal_the_convolution_count():
+@pytest.mark.parametrize("channels", [3, 1])
+def test_flops_forward_equal_the_convolution_count(channels):
     """Glow, 1 level, 1 step, on 3x16x16: squeeze -> 12x8x8; the 1x1 conv (12x12), the coupling
-    net conv3x3(6->w), conv1x1(w->w), zero conv3x3(w->12); FLOPs = 2 x MACs."""
-    w, hw, c = 16, 8 * 8, 12
-    cfg = Config(model=ModelConfig(preset="glow", levels=1, steps=1, width=w), data=DataConfig(image_size=16))
+    net conv3x3(6->w), conv1x1(w->w), zero conv3x3(w->12); FLOPs = 2 x MACs. Grayscale: 4x8x8."""
+    w, hw, c = 16, 8 * 8, 4 * channels
+    cfg = Config(model=ModelConfig(preset="glow", levels=1, steps=1, width=w),
+                 data=DataConfig(image_size=16, channels=channels))
     p = plan(cfg, 80 * GIB)
     macs = hw * (c * c + 9 * (c // 2) * w + w * w + 9 * w * c)
     assert p.flops["forward"] == 2 * macs

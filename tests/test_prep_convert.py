@@ -30,10 +30,11 @@ def box(x: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(Image.fromarray(x).resize((size, size), Image.BOX))
 
 
-def read_split(split_dir: Path, size: int) -> tuple[dict, dict, dict]:
+def read_split(split_dir: Path, size: int, channels: int = 3) -> tuple[dict, dict, dict]:
     """(manifest, {key: HWC pixels}, {key: label}) read back through the loader's eval path."""
     m = json.loads((split_dir / "manifest.json").read_text())
-    cfg = DataConfig(dataset="shards", train_manifest=str(split_dir), test_manifest=str(split_dir), image_size=size)
+    cfg = DataConfig(dataset="shards", train_manifest=str(split_dir), test_manifest=str(split_dir), image_size=size,
+                     channels=channels)
     ev = eval_split(cfg, "train")
     pixels, labels = {}, {}
     keys = []
@@ -234,6 +235,34 @@ def test_folder_with_class_subfolders(tmp_path, photos):
     np.testing.assert_array_equal(px["dog_2"], photos[5])
 
 
+def test_folder_channels(tmp_path, photos):
+    """Grayscale folders stay 1 channel (16-bit scaled to 8, noted); --channels converts either
+    way, every conversion counted in the manifest; an RGB folder with a grayscale photo stays RGB."""
+    gray = [np.asarray(Image.fromarray(x).convert("L")) for x in photos[:4]]
+    (tmp_path / "g").mkdir()
+    for i, x in enumerate(gray[:3]):
+        Image.fromarray(x).save(tmp_path / "g" / f"{i}.png")
+    Image.fromarray(gray[3].astype(np.uint16) * 257).save(tmp_path / "g" / "3.png")  # 16-bit grayscale PNG
+    assert Image.open(tmp_path / "g" / "3.png").mode.startswith("I")
+    assert prep(["folder", str(tmp_path / "g"), str(tmp_path / "g1"), "--no-shuffle", "--no-progress"]) == 0
+    m, px, _ = read_split(tmp_path / "g1" / "train", 32, channels=1)
+    assert m["channels"] == 1 and m["source"]["conversions"] == {"I;16->8bit": 1} and "auto: 1" in m["source"]["channels"]
+    for i in range(4):
+        np.testing.assert_array_equal(px[str(i)][:, :, 0], gray[i])
+    assert prep(["folder", str(tmp_path / "g"), str(tmp_path / "g3"), "--channels", "3", "--no-progress"]) == 0
+    m, px, _ = read_split(tmp_path / "g3" / "train", 32)
+    assert m["channels"] == 3 and m["source"]["conversions"]["L->RGB"] == 4
+    np.testing.assert_array_equal(px["0"], np.repeat(gray[0][:, :, None], 3, axis=2))
+    (tmp_path / "c").mkdir()
+    Image.fromarray(photos[0]).save(tmp_path / "c" / "0.png")
+    Image.fromarray(gray[1]).save(tmp_path / "c" / "1.png")
+    assert prep(["folder", str(tmp_path / "c"), str(tmp_path / "c3"), "--no-progress"]) == 0
+    assert prep(["folder", str(tmp_path / "c"), str(tmp_path / "c1"), "--channels", "1", "--no-progress"]) == 0
+    m3, m1 = (json.loads((tmp_path / d / "train" / "manifest.json").read_text()) for d in ("c3", "c1"))
+    assert (m3["channels"], m3["source"]["conversions"]) == (3, {"L->RGB": 1})
+    assert (m1["channels"], m1["source"]["conversions"]) == (1, {"RGB->L": 1})
+
+
 def test_bad_input_is_named_or_counted(tmp_path, photos):
     (tmp_path / "src").mkdir()
     for i in range(4):
@@ -274,3 +303,11 @@ def test_auto_encoding_is_raw_up_to_256_px(tmp_path, size, expected):
     assert m["encoding"] == expected and m["resolution"] == size
     m2, px, _ = read_split(tmp_path / "out" / "train", size)
     assert len(px) == 2 and all(v.shape == (size, size, 3) for v in px.values())
+
+
+def test_help_states_the_auto_encoding_threshold(capsys):
+    from flowscale.data.codec import RAW_UP_TO
+
+    with pytest.raises(SystemExit):
+        prep(["folder", "--help"])
+    assert f"npy (raw, fastest to decode) up to {RAW_UP_TO}px" in " ".join(capsys.readouterr().out.split())

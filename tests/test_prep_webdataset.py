@@ -206,6 +206,24 @@ def test_pipe_and_http_sources_and_bad_inputs(tmp_path, capsys):
     assert prep(["webdataset", src, str(tmp_path / "b"), "--bad-input", "skip", "--no-labels", "--no-progress"]) == 1
 
 
+def test_grayscale_shards_stay_one_channel(tmp_path):
+    gray = {f"g{i}": photo(i, 8, 8)[:, :, 0] for i in range(4)}  # [8, 8] uint8
+    (tmp_path / "src").mkdir()
+    with wds.ShardWriter(str(tmp_path / "src" / "%02d.tar"), maxcount=10, verbose=0) as sink:
+        for i, (k, x) in enumerate(gray.items()):  # mode L PNGs and [H, W] .npy arrays
+            sink.write({"__key__": k, "png" if i % 2 else "npy": encoded(x, "PNG") if i % 2 else encoded(x, "npy"),
+                        "cls": i})
+    assert prep(["webdataset", str(tmp_path / "src"), str(tmp_path / "g"), "--no-progress"]) == 0
+    m = json.loads((tmp_path / "g" / "train" / "manifest.json").read_text())
+    assert m["channels"] == 1 and m["source"]["channels"].startswith("auto: 1") and m["source"]["conversions"] == {}
+    cfg = data_cfg(tmp_path / "g" / "train", channels=1)
+    x = torch.cat([b for _, b, _ in eval_split(cfg, "train").batches(8)])
+    np.testing.assert_array_equal(x[:, 0].numpy(), np.stack(list(gray.values())))
+    assert prep(["webdataset", str(tmp_path / "src"), str(tmp_path / "rgb"), "--channels", "3", "--no-progress"]) == 0
+    m = json.loads((tmp_path / "rgb" / "train" / "manifest.json").read_text())
+    assert m["channels"] == 3 and m["source"]["conversions"] == {"L->RGB": 4}
+
+
 def foreign_split(root) -> None:
     """jpg+txt+json webdataset shards under a hand-written flowscale manifest (as a user would try)."""
     root.mkdir()

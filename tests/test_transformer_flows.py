@@ -236,7 +236,7 @@ def test_noise_augmentation_adds_gaussian_noise_to_the_dequantised_input():
 
 
 def test_tarflow_checkpointed_blocks_keep_gradients_and_save_memory():
-    from flowscale.bench.memory import saved_activation_bytes
+    from flowscale.inverse_checkpoint import saved_activation_bytes
     from flowscale.build import build_model
     from flowscale.inverse_checkpoint import CheckpointedSequence
 

@@ -40,25 +40,6 @@ def _levels_for(size: int) -> int:
     return {32: 3, 64: 4, 128: 5, 256: 6}.get(size, 3)
 
 
-def saved_activation_bytes(fn, exclude=()) -> int:
-    """Bytes of distinct storages saved for backward while running ``fn()`` (excluding ``exclude``)."""
-    import torch
-
-    skip = {t.untyped_storage().data_ptr() for t in exclude}
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        st = t.untyped_storage()
-        ptr = st.data_ptr()
-        if ptr not in skip:
-            seen[ptr] = max(seen.get(ptr, 0), st.nbytes())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return sum(seen.values()), out
-
-
 def run_case(size: int, batch: int, k: int, mode: str, width: int, repeats: int, device: str, seed: int = 0) -> dict:
     """One case, in this process. Returns the measured numbers."""
     import torch
@@ -66,7 +47,7 @@ def run_case(size: int, batch: int, k: int, mode: str, width: int, repeats: int,
     from ..config import ModelConfig
     from ..flows.actnorm import initialize_actnorm
     from ..flows.models import build_flow
-    from ..inverse_checkpoint import checkpoint_steps, inverse_checkpoint
+    from ..inverse_checkpoint import checkpoint_steps, inverse_checkpoint, saved_activation_bytes
     from ..loss import flow_bpd_dequantized
 
     torch.manual_seed(seed)

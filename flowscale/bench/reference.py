@@ -177,7 +177,7 @@ def time_alternating(cases: dict, repeats: int, warmup: int) -> dict:
 
 def saved_mib(cases: dict) -> dict:
     """MiB of activations each case saves for backward in one forward (parameters excluded)."""
-    from .memory import saved_activation_bytes
+    from ..inverse_checkpoint import saved_activation_bytes
 
     out = {}
     for case, (model, opt, loss_fn) in cases.items():
@@ -189,18 +189,11 @@ def saved_mib(cases: dict) -> dict:
 
 
 def level_inputs(flow, x):
-    """The input of each level's chain of steps for data x (squeeze applied; split halves dropped)."""
+    """The input of each level's chain of steps for data x, as the chain sees it (:meth:`Flow.walk`)."""
     import torch
 
-    inputs, h = [], x
     with torch.no_grad():
-        for level in flow.levels:
-            h = level.layout(level.squeeze(h)[0])
-            inputs.append(h)
-            h, _ = level.steps(h)
-            if level.split:
-                h, _ = h.chunk(2, dim=1)
-    return inputs
+        return [p.h_in for p in flow.walk(x)]
 
 
 def time_levels(flow, x, repeats: int, warmup: int = 1) -> list[dict]:
@@ -211,7 +204,7 @@ def time_levels(flow, x, repeats: int, warmup: int = 1) -> list[dict]:
     from ..inverse_checkpoint import InvertibleSequence
 
     rows = []
-    for i, (level, h) in enumerate(zip(flow.levels, level_inputs(flow, x))):
+    for i, (level, h) in enumerate(zip(flow.step_chains(), level_inputs(flow, x))):
         chains = {"plain": level.steps, "inverse": InvertibleSequence(level.steps)}
         g = torch.Generator().manual_seed(i)
         grad_z = torch.randn(h.shape, generator=g) * 1e-3

@@ -28,11 +28,23 @@ through autograd (:func:`accumulate_grads`) and take the default path while a ho
 layer (:func:`watched`). ``store_activations``
 is the runtime flag (set by the reconstruction-health check) that makes inverse recompute keep
 this layer's activations instead of trusting its inverse.
+
+A flow built of chains of steps (the multi-scale flows: squeeze -> K steps -> split, level by
+level) declares them, with a default of none::
+
+    step_chains()        -> the holders whose ``.steps`` is a chain (a FlowSequence), data side first
+    walk(x, cond, run)   -> one ChainPass per chain, data -> latent: its input h (as the chain
+                            sees it), ``run(i, chain, h, cond) -> (h_out, logdet, extra)``, what
+                            continues to the next chain and what is factored out
+
+Memory wrappers replace the chains; health checks, Lipschitz statistics and benches walk them.
+A flow that declares no chains is refused by them by name.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar, Iterable
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -67,6 +79,51 @@ class Flow(nn.Module):
         """From the output z = f(x), dL/dz and dL/dlogdet [B]: (x, dL/dx), accumulating the
         parameter gradients. Default: invert without a graph, rerun forward, backprop."""
         return backprop_generic([self], z, grad_z, grad_logdet, cond)
+
+    def step_chains(self) -> list[nn.Module]:
+        """The holders of this flow's chains of steps (each has ``.steps``, a FlowSequence, which
+        memory wrappers may replace), data side first. Default: none."""
+        return []
+
+    def walk(self, x: torch.Tensor, cond: torch.Tensor | None = None,
+             run: Callable[..., tuple[torch.Tensor, torch.Tensor, Any]] | None = None) -> Iterator["ChainPass"]:
+        """Data -> latent, chain by chain (see the module docstring). ``run(i, chain, h, cond)``
+        replaces the chain's own forward (default: ``chain(h, cond=cond)``, extra None)."""
+        raise TypeError(f"{type(self).__name__} declares no chains of steps (Flow.step_chains / Flow.walk)")
+
+    def require_chains(self, who: str) -> list[nn.Module]:
+        """:meth:`step_chains`, or a TypeError naming ``who`` needs them and this flow's class."""
+        holders = self.step_chains()
+        if not holders:
+            raise TypeError(f"{who} needs a flow that declares its chains of steps (Flow.step_chains / Flow.walk); "
+                            f"{type(self).__name__} declares none")
+        return holders
+
+
+@dataclass
+class ChainPass:
+    """One chain's part of :meth:`Flow.walk`."""
+    index: int
+    holder: nn.Module
+    """What holds the chain (``holder.steps``): a multi-scale flow's Level."""
+    h_in: torch.Tensor
+    """The chain's input as the chain sees it (after the level's squeeze and memory layout)."""
+    h_out: torch.Tensor
+    """The chain's output (before any split)."""
+    logdet: torch.Tensor
+    """The chain's log-det [B] as ``run`` returned it."""
+    h: torch.Tensor
+    """What goes on to the next chain (the kept half after a split; the latent at the top)."""
+    z2: torch.Tensor | None
+    """The factored-out half (None where nothing is split off)."""
+    extra: Any = None
+    """What ``run`` returned beside the output (a health check's per-step measurements)."""
+
+
+def run_chain_default(i: int, chain, h: torch.Tensor, cond):
+    """The default ``run`` of :meth:`Flow.walk`: the chain's own forward (a module call)."""
+    z, logdet = chain(h, cond=cond)
+    return z, logdet, None
 
 
 def watched(*modules: nn.Module) -> bool:

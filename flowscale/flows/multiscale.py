@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Flow, FlowSequence, zeros_logdet
+from .base import ChainPass, Flow, FlowSequence, run_chain_default, zeros_logdet
 
 
 class Squeeze(Flow):
@@ -83,18 +83,30 @@ class MultiScaleFlow(Flow):
         self.levels = nn.ModuleList(levels)
         self.top_prior = top_prior
 
+    def step_chains(self) -> list[Level]:
+        return list(self.levels)
+
+    def walk(self, x, cond=None, run=None):
+        """The multi-scale path, written once: per level, squeeze -> memory layout -> chain ->
+        split (see :meth:`Flow.walk`). Priors are not part of the walk."""
+        run = run or run_chain_default
+        h = x
+        for i, level in enumerate(self.levels):
+            h_in = level.layout(level.squeeze(h)[0])
+            h_out, ld, extra = run(i, level.steps, h_in, cond)
+            h, z2 = h_out.chunk(2, dim=1) if level.split else (h_out, None)
+            yield ChainPass(i, level, h_in, h_out, ld, h, z2, extra)
+
     def _forward(self, x, cond):
         logdet = zeros_logdet(x)
         eps = []
         h = x
-        for level in self.levels:
-            h, _ = level.squeeze(h)
-            h, ld = level.steps(level.layout(h), cond=cond)
-            logdet = logdet + ld
-            if level.split:
-                h, z2 = h.chunk(2, dim=1)
-                if level.prior is not None:
-                    z2, ld = level.prior(z2, cond=h)
+        for p in self.walk(x, cond):
+            logdet = logdet + p.logdet
+            h, z2 = p.h, p.z2
+            if z2 is not None:
+                if p.holder.prior is not None:
+                    z2, ld = p.holder.prior(z2, cond=h)
                     logdet = logdet + ld
                 eps.append(z2)
         if self.top_prior is not None:

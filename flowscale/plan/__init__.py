@@ -32,7 +32,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config import Config, ConfigError
-from ..engine import ZERO_BUCKETS, batch_layout, deepspeed_config
+from ..engine import batch_layout, deepspeed_config, zero_optimization
 from .report import GIB, SUMMARY_HEADER, format_plan, summary_row, verdict
 from .states import model_state_bytes
 from .trace import count_flops, largest_step_bytes, level_bytes, meta_flow, meta_inputs, saved_bytes_by_label
@@ -176,7 +176,7 @@ def plan(cfg: Config, gpu_mem_bytes: int, gpus: int = 1, reserve_bytes: int = DE
         micro = batch_layout(cfg, gpus)["micro"]
         zero = deepspeed_config(cfg, gpus)["zero_optimization"]
     except ConfigError:  # data.batch_size does not split over the GPUs: the verdict says so
-        micro, zero = 0, ZERO_BUCKETS
+        micro, zero = 0, zero_optimization(cfg.engine)
     states = model_state_bytes(n_params, cfg.engine.precision, cfg.engine.zero_stage, gpus, cfg.optim.name,
                                cfg.optim.ema_decay > 0, zero)
     static = sum(states.values())

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-from ..engine import ZERO_BUCKETS
 
 _OPT_MOMENTS = {"adam": 2, "adamw": 2, "adamax": 2}  # exp_avg + exp_avg_sq / exp_inf, fp32
 
 
 def model_state_bytes(n_params: int, precision: str, zero_stage: int, gpus: int, optimizer: str = "adam",
-                      ema: bool = False, zero: dict = ZERO_BUCKETS) -> dict[str, int]:
+                      ema: bool = False, zero: dict | None = None) -> dict[str, int]:
     """Per-GPU bytes of everything that scales with the parameter count (and DeepSpeed's reduce
     bucket) at the backward peak, as DeepSpeed 0.19 holds it under flowscale's engine config (a
     torch optimizer, no ``grad_accum_dtype``: gradients are reduced in the training dtype).
-    ``zero``: the bucket sizes, as in the ``zero_optimization`` section that
-    :func:`flowscale.engine.deepspeed_config` generates (by default the engine's ``ZERO_BUCKETS``).
+    ``zero``: the ``zero_optimization`` section that :func:`flowscale.engine.zero_optimization`
+    generates (None = its defaults for ``zero_stage``): bucket sizes, overlap, contiguous gradients.
     Measured against a real engine in tests/test_plan_states.py.
 
     P parameters, N = gpus, w = 4 (fp32) or 2 (bf16/fp16) bytes, B = reduce_bucket_size (5e8):
@@ -37,6 +36,9 @@ def model_state_bytes(n_params: int, precision: str, zero_stage: int, gpus: int,
         whole on every rank and gathers the others module by module, prefetching up to
         stage3_prefetch_bucket_size (5e7) elements: counted as w * min(P, prefetch) when N > 1
         (at N = 1 the partition is the parameter; nothing is gathered).
+    (d) ZeRO-1/2 with overlap_comm and contiguous_gradients double-buffer the bucket (one fills
+        while the other is reduced): 2wB. Without contiguous_gradients there is no bucket, and
+        the gradients stay on param.grad (wP) through backward.
 
     At ZeRO-0/1 the wP of param.grad exists only from backward to the end of the step; the
     plan counts it with the activations (:class:`flowscale.plan.ModePlan`), level by level as
@@ -46,6 +48,15 @@ def model_state_bytes(n_params: int, precision: str, zero_stage: int, gpus: int,
     torch optimizer on the parameters: moments 8P, no copy. The EMA shadow is a whole fp32 copy
     on every rank.
     """
+    if zero is None:
+        from types import SimpleNamespace
+
+        from ..engine import zero_optimization
+
+        zero = zero_optimization(SimpleNamespace(zero_stage=zero_stage, overlap_comm=None, contiguous_gradients=None,
+                                                 reduce_bucket_size=None, allgather_bucket_size=None,
+                                                 prefetch_bucket_size=None, param_persistence_threshold=None,
+                                                 max_live_parameters=None))
     P, N = n_params, gpus
     w = 4 if precision == "fp32" else 2
     moments = _OPT_MOMENTS[optimizer] * 4
@@ -61,7 +72,10 @@ def model_state_bytes(n_params: int, precision: str, zero_stage: int, gpus: int,
         s["gradients"] = w * P // N
         s["fp32 master weights"] = 4 * P // N
         s["optimizer moments"] = moments * P // N
-        s["gradient buckets"] = w * zero["reduce_bucket_size"]
+        if zero["contiguous_gradients"]:
+            s["gradient buckets"] = w * zero["reduce_bucket_size"] * (2 if zero["overlap_comm"] else 1)
+        else:
+            s["gradients"] += w * P  # no bucket: param.grad holds every gradient until reduced
     else:
         s["parameters"] = w * P // N
         s["gathered parameters"] = w * min(P, zero["stage3_prefetch_bucket_size"]) if N > 1 else 0
