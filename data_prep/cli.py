@@ -20,22 +20,50 @@ EXAMPLES = """examples:
   flowscale prep imagenet-batches /data/Imagenet64 /data/shards/in64-chra  # train_data_batch_N, val_data
   flowscale prep ilsvrc /data/ILSVRC2012 /data/shards/ilsvrc128 --resolution 128 --val-labels LOC_val_solution.csv
   flowscale prep folder /data/my_images /data/shards/mine --resolution 64 --split train
+  flowscale prep webdataset '/data/laion/{00000..00127}.tar' /data/shards/laion64 --resolution 64  # img2dataset
+  flowscale prep webdataset '/data/in1k-wds/imagenet1k-validation-{00..63}.tar' /data/shards/in64 --split test \
+      --resolution 64 --num-classes 1000                                   # HF/timm layout, .cls labels
+  flowscale prep webdataset 'pipe:curl -sL https://host/shards/{0000..0009}.tar' /data/shards/x --label-field label
   flowscale prep verify /data/shards/celebahq256
 """
 
 
-def _common(p: argparse.ArgumentParser, prefix: str) -> None:
+WEBDATASET_HELP = """Convert existing webdataset shards into flowscale shards with a manifest.
+
+SRC: a folder of .tar shards, a .tar path, a brace pattern ('/d/{0000..0099}.tar'), http(s)
+URLs or 'pipe:' commands, several joined by '::' (as data.train_shards). Quote patterns.
+Each sample's image is its first .jpg/.jpeg/.png/.webp/.npy member (decoded by content;
+1 or 3 channels, --channels; conversions counted in the manifest); its label the integer in
+.cls (used when the first sample has one) or in a .json field (--label-field). Other members
+(img2dataset's .txt captions and .json metadata) are left out. Layouts:
+  img2dataset   000000000.jpg + .txt + .json, 00000_stats.json beside the tars: no labels, or --label-field
+  HF/timm       <key>.jpg + .cls + .json, _info.json: labels from .cls (one folder holds every split:
+                give one split's shards as a pattern, with --split)
+
+Each source shard is streamed once, front to back, by one worker (remote shards are never
+read twice) and becomes one output shard, samples in the source's order. An interrupted
+conversion resumes; --bad-input skip leaves out undecodable or missing images and bad labels,
+counted in the manifest.
+"""
+
+
+def _common(p: argparse.ArgumentParser, prefix: str, reshard: bool = True) -> None:
+    """The options every conversion has; ``reshard``: the shards are planned here (size, order seed)."""
     p.add_argument("src", help="the dataset as downloaded")
     p.add_argument("out", help="output root; each split goes to OUT/<split>/ with its manifest.json")
     p.add_argument("--prefix", default=prefix, help=f"shard name prefix: PREFIX-<split>-000000.tar (default: {prefix})")
     p.add_argument("--encoding", default="auto", choices=["auto", "png", "npy"],
                    help=f"lossless pixel format; auto = npy (raw, fastest to decode) up to {RAW_UP_TO}px, png "
                         f"above")
-    p.add_argument("--shard-size", default="256MB", help="target shard size (default: 256MB)")
-    p.add_argument("--samples-per-shard", type=int, default=None, help="fixed samples per shard (overrides --shard-size)")
+    if reshard:
+        p.add_argument("--shard-size", default="256MB", help="target shard size (default: 256MB)")
+        p.add_argument("--samples-per-shard", type=int, default=None,
+                       help="fixed samples per shard (overrides --shard-size)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                    help=f"encoding processes (default: all cores, {os.cpu_count()})")
-    p.add_argument("--seed", type=int, default=0, help="seed of the stored order of shuffled train splits (default: 0)")
+    if reshard:
+        p.add_argument("--seed", type=int, default=0,
+                       help="seed of the stored order of shuffled train splits (default: 0)")
     p.add_argument("--bad-input", default="error", choices=["error", "skip"],
                    help="an input that cannot be decoded: stop (error) or leave it out, counted in the manifest")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -111,6 +139,31 @@ def add_parsers(sub) -> None:
         _limit(p)
         p.set_defaults(func=_run, source=name)
 
+    p = sub.add_parser("webdataset", formatter_class=argparse.RawDescriptionHelpFormatter,
+                       help="existing webdataset shards (img2dataset, HF/timm, any): jpg/png/webp/npy images, "
+                            ".cls or .json labels",
+                       description=WEBDATASET_HELP)
+    _common(p, "wds", reshard=False)
+    p.add_argument("--split", default="train", help="split name: output goes to OUT/<split>/ (default: train)")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="center-crop and box-resize every image to this size (default: every image must be square, "
+                        "of the first image's size; others are bad input)")
+    p.add_argument("--label-field", default=None, metavar="FIELD",
+                   help="labels from this field of each sample's .json (e.g. label; a.b for nested fields) instead "
+                        "of .cls; values must be integers >= 0")
+    p.add_argument("--no-labels", action="store_true",
+                   help="store no labels (default: .cls when the first sample has one)")
+    p.add_argument("--num-classes", type=int, default=None,
+                   help="labels lie in [0, N) (a larger one is bad input); default: the largest label + 1")
+    p.add_argument("--channels", default="auto", choices=["auto", "1", "3"],
+                   help="1 = grayscale, 3 = RGB; auto = 1 when the decodable images among the first shard's first 64 "
+                        "samples are all grayscale, else 3. Images of the other kind are converted, counted in the "
+                        "manifest (default: auto)")
+    p.add_argument("--variant", default=None,
+                   help="dataset variant recorded in the manifest (bits/dim compare within one variant; "
+                        "default: <source folder>-<resolution>px)")
+    p.set_defaults(func=_run_webdataset)
+
     p = sub.add_parser("verify", help="re-read shards: counts, decodability, sizes, checksums against the manifest")
     p.add_argument("paths", nargs="+", help="manifest.json files, split directories or shard roots")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel shard checks")
@@ -174,6 +227,24 @@ def _run(ns) -> int:
         print(f"{split}: {len(plan.items)} inputs -> {path} (variant {plan.variant}, {plan.resolution}px, "
               f"{plan.channels} channel{'s' if plan.channels > 1 else ''}"
               + (f", {len(plan.attributes)} attributes" if plan.attributes else "") + ")")
+    return 0
+
+
+@_clean_errors
+def _run_webdataset(ns) -> int:
+    from .webdataset_source import convert_webdataset
+
+    if ns.label_field and ns.no_labels:
+        raise ValueError("--label-field and --no-labels contradict each other; give one")
+    path, m = convert_webdataset(ns.src, ns.out, ns.split, ns.prefix, ns.resolution, ns.encoding, ns.label_field,
+                                 ns.no_labels, ns.num_classes, ns.variant, ns.workers, ns.bad_input,
+                                 progress=not ns.no_progress,
+                                 channels=None if ns.channels == "auto" else int(ns.channels))
+    print(f"{ns.split}: {m.source['source_shards']} source shards -> {m.num_samples} samples in {len(m.shards)} "
+          f"shards, {path} (variant {m.variant}, {m.resolution}px, {m.channels} "
+          f"channel{'s' if m.channels > 1 else ''}, "
+          + (f"labels from {m.source['labels']}, {m.num_classes} classes" if m.labels else "no labels")
+          + (f", {m.source['skipped_inputs']} bad inputs skipped" if m.source["skipped_inputs"] else "") + ")")
     return 0
 
 

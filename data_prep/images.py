@@ -9,6 +9,8 @@ manifest; nothing is converted silently.
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 from PIL import Image
 
@@ -54,9 +56,10 @@ def match_channels(x: np.ndarray, channels: int | None) -> tuple[np.ndarray, lis
     return np.asarray(Image.fromarray(x).convert("L"))[:, :, None], ["RGB->L"]
 
 
-def _npy_pixels(path: str) -> np.ndarray:
-    """A .npy image: uint8 [H, W] / [H, W, C] / [C, H, W] / [1, C, H, W] with C in 1, 3 -> [H, W, C]."""
-    arr = np.load(path, allow_pickle=False)
+def _npy_pixels(path: str, data: bytes | None = None) -> np.ndarray:
+    """A .npy image: uint8 [H, W] / [H, W, C] / [C, H, W] / [1, C, H, W] with C in 1, 3 -> [H, W, C]
+    (``data``: its bytes, when not read from ``path``)."""
+    arr = np.load(path if data is None else io.BytesIO(data), allow_pickle=False)
     if arr.ndim == 4 and arr.shape[0] == 1:
         arr = arr[0]
     if arr.ndim == 2:
@@ -79,14 +82,18 @@ def file_channels(path: str) -> int:
         return native_channels(img)
 
 
-def load_file(path: str, channels: int | None = None) -> tuple[np.ndarray, list[str]]:
+def load_file(path: str, channels: int | None = None, data: bytes | None = None) -> tuple[np.ndarray, list[str]]:
     """An image file (any format PIL reads, or a .npy as :func:`_npy_pixels` takes) -> (uint8
-    [H, W, C], conversion notes); ``channels`` as in :func:`to_pixels`."""
-    with open(path, "rb") as f:
-        head = f.read(6)
+    [H, W, C], conversion notes); ``channels`` as in :func:`to_pixels`. ``data``: the file's bytes
+    when they are not on disk (a tar member); ``path`` then only names it (messages, the extension check)."""
+    if data is None:
+        with open(path, "rb") as f:
+            head = f.read(6)
+    else:
+        head = data[:6]
     if head == b"\x93NUMPY":
-        return match_channels(_npy_pixels(path), channels)
-    with Image.open(path) as img:
+        return match_channels(_npy_pixels(path, data), channels)
+    with Image.open(path if data is None else io.BytesIO(data)) as img:
         img.load()
         x, notes = to_pixels(img, channels)
         suffix = "." + path.rsplit(".", 1)[-1].lower() if "." in path else ""

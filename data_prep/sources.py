@@ -88,6 +88,8 @@ def load_item(item: tuple, resolution: int, resize: str,
     notes: list[str] = []
     if kind == "file":
         x, notes = load_file(where, channels)
+    elif kind == "bytes":  # an image held in memory, e.g. a tar member: where = (name, data)
+        x, notes = load_file(where[0], channels, where[1])
     elif kind == "tfr":
         path, offset, length = where
         ex = parse_example(read_record(path, offset, length))

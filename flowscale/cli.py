@@ -104,7 +104,7 @@ def cmd_sample(ns) -> int:
     out = ns.out or str(Path(ns.checkpoint if Path(ns.checkpoint).is_dir() else Path(ns.checkpoint).parent.parent)
                         / "samples" / "cli_samples.png")
     path = sample_grid(flow, shapes, cfg.data.n_bits, ns.temperatures, out, n_per_row=ns.n, seed=ns.seed, device=device,
-                       denoise_std=cfg.data.noise_std)
+                       denoise_std=cfg.data.noise_std, num_classes=cfg.model.num_classes)
     print(f"wrote {path} (rows: temperatures {ns.temperatures}, {ns.n} samples each)")
     return 0
 

@@ -181,7 +181,8 @@ class DataConfig:
     """Where images come from. demo = crops of the RGB photos bundled with scikit-image (train:
     astronaut, coffee, hubble_deep_field, ihc, motorcycle_left, retina; test: chelsea, rocket),
     written once into shards under data.cache_dir and streamed like any dataset; shards =
-    webdataset tar shards made by `flowscale prep` (see train_manifest)."""
+    webdataset tar shards made by `flowscale prep` (see train_manifest; shards made elsewhere,
+    e.g. by img2dataset or on the HF hub, are converted once with `flowscale prep webdataset`)."""
     train_manifest: Optional[str] = None
     """shards: the train split's manifest.json (or its directory, or an http(s) URL), as written
     by `flowscale prep`. Shards are read next to it unless train_shards is set."""
@@ -218,7 +219,10 @@ class DataConfig:
     the manifest's, truncated or corrupt tar, keys or count unlike the manifest's): error = stop
     with an error naming shard and sample (local shards are checked before the first step);
     skip = skip it, print it and count it, once per run however often it is met. A bad shard
-    is left out from where it breaks (the whole of it when missing or of the wrong size)."""
+    is left out from where it breaks (the whole of it when missing or of the wrong size). A
+    split (or a loader worker's share of it) without a single usable image stops with an error
+    either way. A .jpg/.webp member means the shards are not flowscale's: its error (and that
+    one) gives the `flowscale prep webdataset` command that converts them."""
     max_skipped: int = 100
     """With bad_data=skip: stop with an error once more than this many distinct bad samples and
     shards have been met over the run (a sample met again in a later epoch, or after a resume,

@@ -45,6 +45,8 @@ def evaluate_bpd(flow, images, n_bits: int, batch_size: int, device="cpu", seed:
     if world_size > 1:
         all_reduce_sum_(total)
     flow.train(was_training)
+    if total[1] == 0:  # every image of the split was skipped as bad data (bad_data=skip)
+        raise split.no_usable_image()
     result = (total[0] / total[1]).item()
     if not math.isfinite(result):
         raise FloatingPointError("non-finite test bits/dim: the model produced inf/NaN on the test split")

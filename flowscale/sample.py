@@ -55,9 +55,12 @@ def save_grid(images_uint8: torch.Tensor, path: str | Path, nrow: int) -> Path:
 
 def sample_grid(flow, shapes, n_bits: int, temperatures: list[float], path: str | Path, n_per_row: int = 8,
                 seed: int = 0, device="cpu", y: torch.Tensor | None = None, write: bool = True,
-                dtype: torch.dtype = torch.float32, denoise_std: float = 0.0) -> Path:
+                dtype: torch.dtype = torch.float32, denoise_std: float = 0.0, num_classes: int = 0) -> Path:
     """One row block per temperature (same noise, scaled), written to ``path`` when ``write``;
-    ``denoise_std``: see :func:`sample`."""
+    ``denoise_std``: see :func:`sample`. A class-conditional model (``num_classes`` > 0) draws
+    column j under label ``y[j]``, by default j mod num_classes."""
+    if y is None and num_classes > 0:
+        y = torch.arange(n_per_row, device=device) % num_classes
     rows = []
     for t in temperatures:
         g = seeds.generator(seed, "sample")  # the same draws at every temperature

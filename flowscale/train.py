@@ -214,7 +214,8 @@ def _train(cfg: Config, info: DistInfo, log: RunLogger, resume: bool, chosen: Pa
                 module.eval()
                 path = run_dir / "samples" / f"step_{step:08d}.png"
                 sample_grid(module, shapes, cfg.data.n_bits, t.temperatures, path, seed=cfg.train.seed,
-                            device=device, write=info.is_main, dtype=dtype, denoise_std=cfg.data.noise_std)
+                            device=device, write=info.is_main, dtype=dtype, denoise_std=cfg.data.noise_std,
+                            num_classes=cfg.model.num_classes)
                 out["samples"] = str(path)
                 log.images(step, {"samples": str(path)})
         return out

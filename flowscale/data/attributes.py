@@ -31,7 +31,7 @@ def attribute_batches(split: Split, name: str, batch_size: int = 64, max_images:
     a valid ``.attr`` member is a DataError naming the shard and sample."""
     k = require_attribute(split, name)
     n_attr = len(split.manifest.attributes)
-    policy = BadDataPolicy("error", 0, split.where)
+    policy = BadDataPolicy("error", 0, split.where, advice=split.convert_advice)
     decode = SampleDecoder(split.manifest)
     xs, has, ys, seen = [], [], [], 0
     limit = split.manifest.num_samples if max_images is None else min(max_images, split.manifest.num_samples)
@@ -50,7 +50,7 @@ def attribute_batches(split: Split, name: str, batch_size: int = 64, max_images:
                         raise ValueError("no .attr member, but the manifest lists attributes")
                     a = decode_attributes(members["attr"], n_attr)
                 except ValueError as e:
-                    policy.sample(cursor.url, entry.name, key, idx, str(e))
+                    policy.sample(cursor.url, entry.name, key, idx, e)
                 xs.append(x)
                 ys.append(y)
                 has.append(bool(a[k]))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from .manifest import DataError
 from .reader import BadDataPolicy, SampleDecoder, ShardCursor, stack_batch
 from .splits import Split, resolve_split
 
@@ -21,7 +22,7 @@ class EvalSplit:
     def __init__(self, split: Split, bad_data: str = "error", max_skipped: int = 100):
         self.split = split
         self.image_shape = split.image_shape
-        self.policy = BadDataPolicy(bad_data, max_skipped, split.where)
+        self.policy = BadDataPolicy(bad_data, max_skipped, split.where, advice=split.convert_advice)
 
     def __len__(self) -> int:
         return self.split.manifest.num_samples
@@ -34,6 +35,10 @@ class EvalSplit:
     def skipped(self) -> int:
         """Samples of the split lost to bad data (each bad sample or broken shard counted once)."""
         return self.policy.skipped
+
+    def no_usable_image(self) -> DataError:
+        """The one-line error for a split read without a single usable image (all skipped as bad data)."""
+        return self.policy.nothing_usable(f"split {self.split.where}")
 
     def num_batches(self, batch_size: int) -> int:
         return -(-len(self) // batch_size)
@@ -59,7 +64,7 @@ class EvalSplit:
                             xs.append(x)
                             ys.append(y)
                         except ValueError as e:
-                            self.policy.sample(cursor.url, entry.name, got[0], idx, str(e))
+                            self.policy.sample(cursor.url, entry.name, got[0], idx, e)
                     if i % batch_size == 0 or i == len(self):
                         x, y = stack_batch(xs, ys, self.has_labels, self.image_shape)
                         xs, ys = [], []
@@ -75,6 +80,9 @@ class TensorSplit:
         self.images, self.labels = images, labels
         self.image_shape = tuple(images.shape[1:])
         self.skipped = 0
+
+    def no_usable_image(self) -> DataError:
+        return DataError("no images to evaluate (an empty tensor)")
 
     def __len__(self) -> int:
         return len(self.images)
@@ -114,4 +122,6 @@ def first_images(data_cfg, n: int, split: str = "train") -> torch.Tensor:
         got += len(x)
         if got >= n:
             break
+    if not got:  # a split of bad data only, skipped (bad_data=skip): nothing to initialise from
+        raise ev.no_usable_image()
     return torch.cat(out)[:n]

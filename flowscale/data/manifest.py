@@ -28,6 +28,10 @@ class DataError(ValueError):
     shard and, when known, the sample key."""
 
 
+class NotAManifest(DataError):
+    """The file given as a manifest is not JSON, or not a flowscale manifest at all."""
+
+
 # -- names ------------------------------------------------------------------------------------
 
 _KEY_OK = re.compile(r"^[A-Za-z0-9_\-]+$")
@@ -93,9 +97,9 @@ class Manifest:
         try:
             d = json.loads(text)
         except json.JSONDecodeError as e:
-            raise DataError(f"{where} is not valid JSON: {e}") from None
+            raise NotAManifest(f"{where} is not valid JSON: {e}") from None
         if not isinstance(d, dict) or d.get("format") != FORMAT:
-            raise DataError(f"{where} is not a flowscale shard manifest (format {FORMAT!r}); create shards with "
+            raise NotAManifest(f"{where} is not a flowscale shard manifest (format {FORMAT!r}); create shards with "
                             f"`flowscale prep` / `python -m data_prep`")
         try:
             shards = [ShardEntry(**s) for s in d.pop("shards")]

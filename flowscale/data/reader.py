@@ -28,7 +28,14 @@ import torch
 
 from .codec import IMAGE_EXTS, decode_image, decode_label
 from .manifest import DataError, Manifest
-from .splits import Split
+from .splits import NOT_FLOWSCALE, Split
+
+FOREIGN_IMAGE_EXTS = ("jpg", "jpeg", "webp", "gif", "bmp", "tif", "tiff", "ppm")
+"""Image members other webdataset pipelines write and flowscale shards never hold."""
+
+
+class ForeignSample(ValueError):
+    """A sample with an image member flowscale never writes (.jpg, ...): its shard is not a flowscale shard."""
 from .tar import SampleReader, open_shard
 
 
@@ -45,21 +52,35 @@ class BadDataPolicy:
     ``skipped`` (their sum) is the samples lost. ``met`` lists the entries new to this ledger as
     (shard name, index, samples lost, message), for a process that keeps a wider one (the
     loader's main process merges its workers'). ``echo`` prints each new entry to stderr.
+
+    A :class:`ForeignSample` (a .jpg in a shard: not a flowscale shard) stops with ``advice``, how
+    to convert the split's shards (:attr:`.splits.Split.convert_advice`), instead of suggesting
+    bad_data=skip, which cannot make such shards usable.
     """
 
-    def __init__(self, mode: str, max_skipped: int, where: str, bad: dict | None = None, echo: bool = True):
-        self.mode, self.max_skipped, self.where, self.echo = mode, max_skipped, where, echo
+    def __init__(self, mode: str, max_skipped: int, where: str, bad: dict | None = None, echo: bool = True,
+                 advice: str = ""):
+        self.mode, self.max_skipped, self.where, self.echo, self.advice = mode, max_skipped, where, echo, advice
         self.bad: dict[tuple[str, int], int] = dict(bad or {})
         self.met: list[tuple[str, int, int, str]] = []
+        self.first: str | None = None
+        """The first bad data this policy met (for the error when nothing usable is left)."""
+        self.foreign = False
+        """Whether a ForeignSample was among it."""
 
     @property
     def skipped(self) -> int:
         """Samples lost to bad data (each bad sample or broken shard counted once)."""
         return sum(self.bad.values())
 
-    def sample(self, url: str, name: str, key: str, index: int, reason: str) -> None:
-        """Sample ``index`` (key ``key``) of shard ``name`` at ``url`` does not decode."""
-        self._bad(name, index, 1, f"shard {url}, sample {key!r} (#{index} in the shard): {reason}")
+    def sample(self, url: str, name: str, key: str, index: int, reason: ValueError | str) -> None:
+        """Sample ``index`` (key ``key``) of shard ``name`` at ``url`` does not decode (``reason``: why)."""
+        what = f"shard {url}, sample {key!r} (#{index} in the shard): {reason}"
+        if isinstance(reason, ForeignSample):
+            self.foreign = True
+            if self.mode == "error":
+                raise DataError(f"{what}. {NOT_FLOWSCALE}: {self.advice or 'run `flowscale prep webdataset`'}")
+        self._bad(name, index, 1, what)
 
     def shard(self, url: str, name: str, index: int, count: int, reason: str) -> None:
         """Shard ``name`` (``count`` samples) at ``url`` is broken from sample ``index`` on."""
@@ -74,6 +95,7 @@ class BadDataPolicy:
 
     def note(self, name: str, index: int, lost: int, what: str, echo: bool | None = None) -> bool:
         """Add an entry to the ledger (True when it is new); more than max_skipped is a DataError."""
+        self.first = self.first or what
         if (name, index) in self.bad:
             return False
         self.bad[(name, index)] = lost
@@ -85,6 +107,14 @@ class BadDataPolicy:
             raise DataError(f"more than data.max_skipped={self.max_skipped} distinct bad samples or shards "
                             f"(last: {what}); check the shards with `flowscale prep verify {self.where}`")
         return True
+
+    def nothing_usable(self, what: str) -> DataError:
+        """The error for ``what`` (e.g. 'split X') having yielded no usable image: all bad data, skipped."""
+        msg = (f"{what} yielded no usable image: every sample read was bad data, skipped under data.bad_data=skip "
+               f"({self.skipped} samples; the first: {self.first or 'none met here'})")
+        if self.foreign:
+            return DataError(f"{msg}. {NOT_FLOWSCALE}: {self.advice}")
+        return DataError(f"{msg}. Check the shards with `flowscale prep verify {self.where}`")
 
     def take_met(self) -> list[tuple[str, int, int, str]]:
         """The entries met since the last call."""
@@ -164,6 +194,9 @@ class SampleDecoder:
         exts = [e for e in IMAGE_EXTS if e in members]
         if not exts:
             got = ", ".join("." + e for e in members) or "no members"
+            foreign = [e for e in members if e.lower() in FOREIGN_IMAGE_EXTS]
+            if foreign:
+                raise ForeignSample(f"a .{foreign[0]} image (members {got}): not a flowscale shard")
             raise ValueError(f"no image member (.png or .npy); found {got}")
         x = decode_image(members[exts[0]], exts[0], self.m.resolution, self.m.channels)
         y = None

@@ -72,7 +72,8 @@ class _StreamReader:
         self.split, self.cfg, self.seed, self.g, self.G = split, data_cfg, seed, g, G
         self.epoch, self.t = start
         self.decode = SampleDecoder(split.manifest)
-        self.policy = BadDataPolicy(data_cfg.bad_data, data_cfg.max_skipped, split.where, known, echo=False)
+        self.policy = BadDataPolicy(data_cfg.bad_data, data_cfg.max_skipped, split.where, known, echo=False,
+                                    advice=split.convert_advice)
         self.plan: EpochPlan | None = None
         self.reader: _PlanReader | None = None
         self.flips: dict[int, np.ndarray] = {}
@@ -91,7 +92,11 @@ class _StreamReader:
                 self.plan = EpochPlan(counts, self.epoch, self.seed, self.g, self.G, self.cfg.shuffle_buffer)
                 self.reader = _PlanReader(split, self.plan, self.t, self.policy)
                 self.flips.clear()
+                self.whole_epoch, self.usable = self.t == 0, 0
             if self.t >= self.plan.length:
+                if self.whole_epoch and not self.usable:  # all skipped (bad_data=skip): no batch could ever be filled
+                    raise self.policy.nothing_usable(f"split {split.where} (the shards of data worker {self.g} of "
+                                                     f"{self.G})")
                 self.reader.close()
                 self.plan, self.epoch, self.t = None, self.epoch + 1, 0
                 continue
@@ -103,7 +108,7 @@ class _StreamReader:
             try:
                 xi, yi = decode(members)
             except ValueError as e:
-                self.policy.sample(split.urls[s], split.manifest.shards[s].name, key, idx, str(e))
+                self.policy.sample(split.urls[s], split.manifest.shards[s].name, key, idx, e)
                 continue
             if flip:
                 if s not in self.flips:  # a function of (seed, epoch, shard, index): independent of ranks/workers
@@ -114,6 +119,7 @@ class _StreamReader:
             if y is not None:
                 y[i] = yi
             i += 1
+            self.usable += 1
         return self.epoch, self.t, self.policy.take_met() if self.policy.met else []
 
 
