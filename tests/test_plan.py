@@ -180,3 +180,20 @@ def test_class_conditional_config_plans():
     p = plan(cfg, 80 * GIB, with_flops=False)
     plain = plan(load_config(ROOT / "configs/glow_imagenet32.yaml", SMALL.split()), 80 * GIB, with_flops=False)
     assert p.params == plain.params + 10 * 2 * p.levels[-1].shape[0]  # the top prior's label embedding
+
+
+def test_options_compare_every_stage_and_precision_and_mark_the_best():
+    """`plan --options`: ZeRO 0-3 x fp32/bf16 side by side, refused combinations with their
+    reason, and the row marked best is the one whose memory mode takes the largest micro-batch."""
+    r = _plan_cli("configs/demo.yaml", "optim.ema_decay=0.99", "memory.inverse_recompute=true", "data.batch_size=64",
+                  "--gpus", "2", "--gpu-mem", "1GB", "--reserve", "0", "--options")
+    assert r.returncode == 0, r.stderr
+    rows = [line.split("|")[1:-1] for line in r.stdout.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert [(c[0].strip(), c[1].strip()) for c in rows] == [(str(z), p) for z in range(4) for p in ("fp32", "bf16")]
+    refused = [c for c in rows if "refused" in c[2]]
+    assert len(refused) == 2 and all("optim.ema_decay" in c[2] and c[0].strip() == "3" for c in refused)
+    ok = [c for c in rows if "refused" not in c[2]]
+    inverse_max = [int(c[5].split("/")[1]) for c in ok]
+    best = [c for c in ok if "best" in c[6]]
+    assert len(best) == 1 and int(best[0][5].split("/")[1]) == max(inverse_max)
+    assert best[0][1].strip() == "bf16"  # half the activation bytes per image

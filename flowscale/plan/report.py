@@ -107,3 +107,33 @@ def summary_row(p: Plan, cfg: Config) -> str:
     return (f"| {Path(p.config).stem} | {m.preset} L={m.levels} K={m.steps} w={widths} | {p.params / 1e6:,.1f}M | "
             f"{cfg.engine.zero_stage}, {cfg.engine.precision} | {b} | {at['plain']} | {at['inverse']} | "
             f"{p.modes['plain'].max_micro_batch} / {p.modes['inverse'].max_micro_batch} | {fl} |")
+
+
+OPTIONS_HEADER = ("| ZeRO | precision | model states GiB | plain GiB | inverse GiB | max micro-batch plain / inverse | |\n"
+                  "|---|---|---|---|---|---|---|")
+
+
+def best_option(options: list[tuple[int, str, Plan]], mode: str) -> tuple[int, str] | None:
+    """(stage, precision) of the plan whose ``mode`` ("plain" / "inverse") takes the largest
+    micro-batch, ties broken by the smaller peak at the configured micro-batch, then the lower
+    stage (less communication)."""
+    if not options:
+        return None
+
+    def key(o):
+        stage, _, p = o
+        mp = p.modes[mode]
+        return (-mp.max_micro_batch, mp.total_bytes(p.micro_batch) if p.micro_batch else 0, stage)
+
+    stage, precision, _ = min(options, key=key)
+    return stage, precision
+
+
+def option_row(stage: int, precision: str, p: Plan | None, refused: str | None, best: bool) -> str:
+    if p is None:
+        return f"| {stage} | {precision} | refused: {refused} | | | | |"
+    b = p.micro_batch
+    at = {k: (gib(mp.total_bytes(b)) + ("" if mp.total_bytes(b) <= p.gpu_mem else " (no)")) if b else "-"
+          for k, mp in p.modes.items()}
+    return (f"| {stage} | {precision} | {gib(sum(p.states.values()))} | {at['plain']} | {at['inverse']} | "
+            f"{p.modes['plain'].max_micro_batch} / {p.modes['inverse'].max_micro_batch} | {'<- best' if best else ''} |")
