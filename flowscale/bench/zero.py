@@ -185,14 +185,14 @@ def run_case(case: str, args, info, reference: dict | None) -> dict:
         engine.backward, engine.step = backward, step
         flat = [n for f in firings for n in f]
         per_depth[k] = {"saved": saved[0], "hooks": (min(flat), max(flat)), "losses": losses, "grads": grads,
-                        "params": len(firings[0]), "skipped": m["skipped"]}
+                        "params": len(firings[0]), "skipped": m["skipped"], "firings": sum(firings[0])}
         row["skipped"] = max(row.get("skipped", 0), m["skipped"])
         engine.destroy()
         del engine, run, module
     first = per_depth[args.depths[0]]
     row.update(hooks_min=min(d["hooks"][0] for d in per_depth.values()),
                hooks_max=max(d["hooks"][1] for d in per_depth.values()),
-               params=first["params"], losses=first["losses"],
+               params=first["params"], firings=first["firings"], losses=first["losses"],
                saved={str(k): d["saved"] for k, d in per_depth.items()})
     if reference is not None and reference["grads"].keys() == first["grads"].keys():
         ref = reference["grads"]
@@ -245,7 +245,7 @@ def format_table(rows: list[dict], depths) -> str:
             r = {**r, "grad_err": float("nan"), "grad_err_global": float("nan"), "loss_err": float("nan")}
         saved = " | ".join(f"{r['saved'][str(k)]:,} B" for k in depths)
         lines.append(f"| {r['case']} | {r['grad_err']:.2e} | {r['grad_err_global']:.2e} | {r['loss_err']:.2e} | "
-                     f"{r['hooks_min']}-{r['hooks_max']} ({r['params']} params) | {saved} |")
+                     f"{r['hooks_min']}-{r['hooks_max']} ({r['firings']} for {r['params']} params) | {saved} |")
     return "\n".join(lines)
 
 
