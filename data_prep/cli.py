@@ -24,6 +24,8 @@ EXAMPLES = """examples:
   flowscale prep webdataset '/data/in1k-wds/imagenet1k-validation-{00..63}.tar' /data/shards/in64 --split test \
       --resolution 64 --num-classes 1000                                   # HF/timm layout, .cls labels
   flowscale prep webdataset 'pipe:curl -sL https://host/shards/{0000..0009}.tar' /data/shards/x --label-field label
+  flowscale prep webdataset '/data/hf/test-{00..03}.tar' /data/shards/x --split test --label-field label \
+      --classes /data/shards/x/train                     # class-name labels, indexed as the train split's
   flowscale prep verify /data/shards/celebahq256
 """
 
@@ -33,17 +35,25 @@ WEBDATASET_HELP = """Convert existing webdataset shards into flowscale shards wi
 SRC: a folder of .tar shards, a .tar path, a brace pattern ('/d/{0000..0099}.tar'), http(s)
 URLs or 'pipe:' commands, several joined by '::' (as data.train_shards). Quote patterns.
 Each sample's image is its first .jpg/.jpeg/.png/.webp/.npy member (decoded by content;
-1 or 3 channels, --channels; conversions counted in the manifest); its label the integer in
+1 or 3 channels, --channels; conversions counted in the manifest); its label the value in
 .cls (used when the first sample has one) or in a .json field (--label-field). Other members
 (img2dataset's .txt captions and .json metadata) are left out. Layouts:
   img2dataset   000000000.jpg + .txt + .json, 00000_stats.json beside the tars: no labels, or --label-field
   HF/timm       <key>.jpg + .cls + .json, _info.json: labels from .cls (one folder holds every split:
                 give one split's shards as a pattern, with --split)
 
-Each source shard is streamed once, front to back, by one worker (remote shards are never
-read twice) and becomes one output shard, samples in the source's order. An interrupted
-conversion resumes; --bad-input skip leaves out undecodable or missing images and bad labels,
-counted in the manifest.
+Labels are class indices (integers >= 0, or digit strings: "3" is 3) or class names ("tench"),
+as the first label is; one of the other kind is bad input. Names are stored as indices into
+the manifest's classes: --classes FILE (one name per line), or else all the names in the
+source's labels, sorted (one extra pass reading only the label members). Convert a test split
+with --classes OUT/train so that it shares the train split's indices.
+
+Each source shard is streamed once, front to back, by one worker and becomes one output
+shard, samples in the source's order; the output shards are numbered 0, 1, ... with no gap
+(a source shard whose every sample is bad gives none). An interrupted conversion resumes;
+--bad-input skip leaves out undecodable or missing images and bad labels, counted in the
+manifest. Sample counts stated by _info.json or *_stats.json (successes) beside local shards
+are checked: a difference is a warning line, not an error.
 """
 
 
@@ -150,11 +160,18 @@ def add_parsers(sub) -> None:
                         "of the first image's size; others are bad input)")
     p.add_argument("--label-field", default=None, metavar="FIELD",
                    help="labels from this field of each sample's .json (e.g. label; a.b for nested fields) instead "
-                        "of .cls; values must be integers >= 0")
+                        "of .cls: class indices (integers >= 0, \"3\" included) or class names (strings)")
+    p.add_argument("--classes", default=None, metavar="FILE",
+                   help="class names in index order: a text file, one name per line (line 1 = class 0), or an earlier "
+                        "conversion's manifest.json or split folder (e.g. OUT/train, for the test split). Name labels "
+                        "are stored as their index here (a name not listed is bad input); index labels are named by "
+                        "it. Default: the names in the labels, sorted (an extra pass over the label members), or "
+                        "'0'..'N-1' for index labels")
     p.add_argument("--no-labels", action="store_true",
                    help="store no labels (default: .cls when the first sample has one)")
     p.add_argument("--num-classes", type=int, default=None,
-                   help="labels lie in [0, N) (a larger one is bad input); default: the largest label + 1")
+                   help="labels lie in [0, N) (a larger one is bad input); default: the largest label + 1, or the "
+                        "number of class names")
     p.add_argument("--channels", default="auto", choices=["auto", "1", "3"],
                    help="1 = grayscale, 3 = RGB; auto = 1 when the decodable images among the first shard's first 64 "
                         "samples are all grayscale, else 3. Images of the other kind are converted, counted in the "
@@ -239,7 +256,7 @@ def _run_webdataset(ns) -> int:
     path, m = convert_webdataset(ns.src, ns.out, ns.split, ns.prefix, ns.resolution, ns.encoding, ns.label_field,
                                  ns.no_labels, ns.num_classes, ns.variant, ns.workers, ns.bad_input,
                                  progress=not ns.no_progress,
-                                 channels=None if ns.channels == "auto" else int(ns.channels))
+                                 channels=None if ns.channels == "auto" else int(ns.channels), classes=ns.classes)
     print(f"{ns.split}: {m.source['source_shards']} source shards -> {m.num_samples} samples in {len(m.shards)} "
           f"shards, {path} (variant {m.variant}, {m.resolution}px, {m.channels} "
           f"channel{'s' if m.channels > 1 else ''}, "

@@ -81,8 +81,9 @@ def img2dataset_layout(root, n: int = 7) -> dict[str, tuple[bytes, int]]:
                         "json": {"key": key, "status": "success", "caption": f"a photo, number {i}", "width": 12,
                                  "height": 10, "label": i % 3}})
             src[key] = jpg, i % 3
-    for k in range(2):
-        (root / f"{k:05d}_stats.json").write_text(json.dumps({"count": 4, "successes": 4, "failed_to_download": 0}))
+    for k, got in enumerate((4, n - 4)):  # img2dataset tried 4 urls per shard; the tar holds the successes
+        (root / f"{k:05d}_stats.json").write_text(json.dumps({"count": 4, "successes": got,
+                                                              "failed_to_download": 4 - got}))
     return src
 
 
@@ -102,8 +103,11 @@ def hf_layout(root) -> dict[str, tuple[bytes, int]]:
                             "json": {"filename": f"{key}.JPEG", "label": i % 3, "class_name": f"class {i % 3}"}})
                 if split == "train":
                     src[key] = data, i % 3
-    (root / "_info.json").write_text(json.dumps({"name": "imagenet-1k", "splits": {"train": {"num_samples": 8},
-                                                                                    "validation": {"num_samples": 3}}}))
+    info = {split: {"name": split, "num_samples": n, "filenames": [f"imagenet1k-{split}-{k:04d}.tar" for k in
+                                                                  range(-(-n // 5))],
+                    "shard_lengths": [min(5, n - 5 * k) for k in range(-(-n // 5))]}
+            for split, n in (("train", 8), ("validation", 3))}
+    (root / "_info.json").write_text(json.dumps({"name": "imagenet-1k", "splits": info}))  # timm's form
     return src
 
 
@@ -124,8 +128,11 @@ def test_img2dataset_and_hf_layouts_convert_and_train(tmp_path, capsys, single_p
     # img2dataset: 12x10 jpgs center-cropped and resized, labels from the json field, captions left out
     assert prep(["webdataset", str(tmp_path / "laion"), str(out / "laion"), "--resolution", "8", "--label-field",
                  "label", "--split", "test", "--workers", "2", "--no-progress"]) == 0
+    assert "warning" not in capsys.readouterr().err  # the counts match the _stats.json successes
     m = json.loads((out / "laion" / "test" / "manifest.json").read_text())
-    assert m["labels"] and m["num_classes"] == 3 and m["num_samples"] == 7
+    assert m["labels"] and m["num_classes"] == 3 and m["num_samples"] == 7 and m["classes"] == ["0", "1", "2"]
+    assert m["source"]["stated_samples"] == {"by": "img2dataset's *_stats.json successes", "source_shards": 2,
+                                             "samples": 7}
     assert [s["count"] for s in m["shards"]] == [4, 3]
     assert m["source"]["layout"].startswith("img2dataset") and m["source"]["members_left_out"] == {"txt": 7}
     got = stored(out / "laion" / "test")
@@ -139,8 +146,10 @@ def test_img2dataset_and_hf_layouts_convert_and_train(tmp_path, capsys, single_p
     assert f"'{tmp_path}/hf/imagenet1k-train-{{0000..0001}}.tar'" in capsys.readouterr().err
     assert prep(["webdataset", f"{tmp_path}/hf/imagenet1k-train-{{0000..0001}}.tar", str(out / "hf"),
                  "--resolution", "8", "--num-classes", "3", "--workers", "1", "--no-progress"]) == 0
+    assert "warning" not in capsys.readouterr().err  # the counts match _info.json's shard_lengths
     m = json.loads((out / "hf" / "train" / "manifest.json").read_text())
     assert m["source"]["labels"] == ".cls" and m["num_classes"] == 3 and m["source"]["layout"].startswith("HF")
+    assert m["source"]["stated_samples"]["samples"] == 8
     got = stored(out / "hf" / "train")
     assert list(got) == list(hf)
     for k, (data, label) in hf.items():  # jpg, png, lossless webp and npy members
@@ -204,6 +213,13 @@ def test_pipe_and_http_sources_and_bad_inputs(tmp_path, capsys):
     assert prep(["webdataset", src, str(tmp_path / "b"), "--bad-input", "skip", "--no-progress"]) == 0
     assert (tmp_path / "b" / "train" / "manifest.json").read_bytes() == before
     assert prep(["webdataset", src, str(tmp_path / "b"), "--bad-input", "skip", "--no-labels", "--no-progress"]) == 1
+    # Following the error's advice in its folder works; going back to `error` over skipped inputs is the same error.
+    assert prep(["webdataset", src, str(tmp_path / "a"), "--bad-input", "skip", "--no-progress"]) == 0
+    assert (tmp_path / "a" / "train" / "manifest.json").read_bytes() == before
+    capsys.readouterr()
+    assert prep(["webdataset", src, str(tmp_path / "b"), "--no-progress"]) == 1
+    assert re.match(r"data_prep: error: cannot convert pipe:cat .*part-00\.tar, sample 'bad-jpg': .*--bad-input skip",
+                    capsys.readouterr().err)
 
 
 def test_grayscale_shards_stay_one_channel(tmp_path):
@@ -222,6 +238,139 @@ def test_grayscale_shards_stay_one_channel(tmp_path):
     assert prep(["webdataset", str(tmp_path / "src"), str(tmp_path / "rgb"), "--channels", "3", "--no-progress"]) == 0
     m = json.loads((tmp_path / "rgb" / "train" / "manifest.json").read_text())
     assert m["channels"] == 3 and m["source"]["conversions"] == {"L->RGB": 4}
+
+
+def named_shards(root, labels: list, per_shard: int = 4) -> dict[str, object]:
+    """Shards of 8x8 PNGs whose .json field 'label' is labels[i] (HF datasets store class names so);
+    returns {key: label}."""
+    root.mkdir()
+    with wds.ShardWriter(str(root / "%02d.tar"), maxcount=per_shard, verbose=0) as sink:
+        for i, y in enumerate(labels):
+            sink.write({"__key__": f"k{i:03d}", "png": encoded(photo(i, 8, 8), "PNG"),
+                        "json": {"label": y, "caption": f"photo {i}"}})
+    return {f"k{i:03d}": y for i, y in enumerate(labels)}
+
+
+def labels_of(split_dir) -> dict[str, int]:
+    return {k: y for k, (_, y) in stored(split_dir).items()}
+
+
+def test_class_name_labels_are_indexed_alike_by_every_worker_and_split(tmp_path, capsys):
+    fish = ["tench", "goldfish", "great white shark", "tiger shark"]  # ImageNet's order, not sorted
+    train = named_shards(tmp_path / "train", [fish[i * 3 % 4] for i in range(10)] + [3, "7"])  # 2 indices: mixed
+    args = ["--label-field", "label", "--bad-input", "skip", "--no-progress"]
+    assert prep(["webdataset", str(tmp_path / "train"), str(tmp_path / "a"), "--workers", "2"] + args) == 0
+    assert "the labels are class names; reading the labels of all 3 source shards" in capsys.readouterr().err
+    m = json.loads((tmp_path / "a" / "train" / "manifest.json").read_text())
+    assert m["classes"] == sorted(fish) and m["num_classes"] == 4 and m["num_samples"] == 10
+    assert m["source"]["labels"] == ".json field 'label' (class names, indexed in sorted order of the names found)"
+    assert labels_of(tmp_path / "a" / "train") == {k: sorted(fish).index(y) for k, y in train.items() if y in fish}
+    assert [e.split(": ", 1)[1] for e in m["source"]["skipped_examples"]] == [
+        ".json field 'label' is 3, a class index where the labels are class names (the first label is a name)",
+        ".json field 'label' is '7', a class index where the labels are class names (the first label is a name)"]
+    # One worker writes the same bytes (the indices were fixed before any shard was converted).
+    assert prep(["webdataset", str(tmp_path / "train"), str(tmp_path / "b"), "--workers", "1"] + args) == 0
+    for f in ("manifest.json", "wds-train-000000.tar", "wds-train-000002.tar"):
+        assert (tmp_path / "b" / "train" / f).read_bytes() == (tmp_path / "a" / "train" / f).read_bytes()
+    assert prep(["verify", str(tmp_path / "a"), "--no-progress"]) == 0
+
+    # A test split holding some of the classes, indexed as the train split: --classes OUT/train.
+    test = named_shards(tmp_path / "test", ["tiger shark", "tench", "koi", "tench"])
+    cmd = ["webdataset", str(tmp_path / "test"), str(tmp_path / "a"), "--split", "test", "--label-field", "label",
+           "--classes", str(tmp_path / "a" / "train"), "--no-progress"]
+    capsys.readouterr()
+    assert prep(cmd) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"sample 'k002': .json field 'label' is 'koi', not one of the 4 class names of " \
+                              f"--classes {tmp_path / 'a' / 'train'}" in err[0], err
+    assert prep(cmd + ["--bad-input", "skip"]) == 0
+    m = json.loads((tmp_path / "a" / "test" / "manifest.json").read_text())
+    assert m["classes"] == sorted(fish) and m["num_classes"] == 4
+    assert labels_of(tmp_path / "a" / "test") == {"k000": 3, "k001": 2, "k003": 2}
+
+    # A names file fixes the order (ImageNet's): line i is class i - 1.
+    (tmp_path / "fish.txt").write_text("\n".join(fish) + "\n\n")
+    assert prep(["webdataset", str(tmp_path / "train"), str(tmp_path / "c"), "--classes", str(tmp_path / "fish.txt"),
+                 "--workers", "1"] + args) == 0
+    assert "reading the labels" not in capsys.readouterr().err  # no pass over the labels
+    m = json.loads((tmp_path / "c" / "train" / "manifest.json").read_text())
+    assert m["classes"] == fish and m["source"]["labels"].endswith(f"indexed by --classes {tmp_path / 'fish.txt'})")
+    assert labels_of(tmp_path / "c" / "train") == {k: fish.index(y) for k, y in train.items() if y in fish}
+    # ... and names index labels; a label beyond it, a negative one or a float is bad input.
+    idx = named_shards(tmp_path / "idx", ["0", 2, " 1", 3, 5, -1, 1.5], per_shard=10)
+    assert prep(["webdataset", str(tmp_path / "idx"), str(tmp_path / "d"), "--classes", str(tmp_path / "fish.txt"),
+                 "--workers", "1"] + args) == 0
+    m = json.loads((tmp_path / "d" / "train" / "manifest.json").read_text())
+    assert m["classes"] == fish and m["num_classes"] == 4 and labels_of(tmp_path / "d" / "train") == {
+        "k000": 0, "k001": 2, "k002": 1, "k003": 3}
+    assert [e.split(": ", 1)[1] for e in m["source"]["skipped_examples"]] == [
+        f"label 5 is not below the 4 names of --classes {tmp_path / 'fish.txt'}",
+        ".json field 'label' is -1, not a class index (an integer >= 0)",
+        ".json field 'label' is 1.5, neither a class index (an integer >= 0) nor a class name (a string)"]
+    assert prep(["webdataset", str(tmp_path / "idx"), str(tmp_path / "e"), "--workers", "1"] + args) == 0
+    m = json.loads((tmp_path / "e" / "train" / "manifest.json").read_text())
+    assert m["classes"] == ["0", "1", "2", "3", "4", "5"] and m["num_classes"] == 6  # without names: "0".."N-1"
+    # Lists that cannot be right are one line before anything is written.
+    (tmp_path / "dup.txt").write_text("tench\ngoldfish\ntench\n")
+    for extra, words in ((["--classes", str(tmp_path / "dup.txt")], "line 3: 'tench' is also on line 1"),
+                         (["--num-classes", "3"], "--num-classes 3, but the labels name 4 classes")):
+        capsys.readouterr()
+        assert prep(["webdataset", str(tmp_path / "train"), str(tmp_path / "f" / extra[0][2:]), "--workers", "1"]
+                    + args + extra) == 1
+        err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+        assert len(err) == 1 and words in err[0], err
+        assert not (tmp_path / "f" / extra[0][2:] / "train" / "manifest.json").exists()
+
+
+def test_all_bad_source_shard_leaves_no_gap_and_stated_counts_are_checked(tmp_path, capsys):
+    (tmp_path / "src").mkdir()
+    good = {}
+    with wds.ShardWriter(str(tmp_path / "src" / "%05d.tar"), maxcount=2, verbose=0) as sink:  # img2dataset-named
+        for i in range(6):
+            key, bad = f"{i:09d}", i in (2, 3)  # the whole second shard is undecodable
+            data = encoded(photo(i, 8, 8), "JPEG")[:40] + b"\x00" * 50 if bad else encoded(photo(i, 8, 8), "PNG")
+            sink.write({"__key__": key, "jpg" if bad else "png": data, "txt": "a caption"})
+            if not bad:
+                good[key] = data
+    for k in range(3):  # what img2dataset saw: 2 successful downloads per shard (one shard's were not images)
+        (tmp_path / "src" / f"{k:05d}_stats.json").write_text(json.dumps({"count": 2, "successes": 2}))
+    split = tmp_path / "out" / "train"
+    assert prep(["webdataset", str(tmp_path / "src"), str(tmp_path / "out"), "--bad-input", "skip", "--workers", "2",
+                 "--no-progress"]) == 0
+    warn = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert warn == ["data_prep: warning: img2dataset's *_stats.json successes give 6 samples for these 3 source "
+                    "shards, 4 were converted (2 skipped as bad input); shards that differ (stated vs converted): "
+                    "00001.tar 2 vs 0"]
+    m = json.loads((split / "manifest.json").read_text())
+    assert [s["name"] for s in m["shards"]] == ["wds-train-000000.tar", "wds-train-000001.tar"]
+    assert [s["first_key"] for s in m["shards"]] == ["000000000", "000000004"]
+    assert m["source"]["empty_source_shards"] == [str(tmp_path / "src" / "00001.tar")]
+    assert m["source"]["stated_samples"]["samples"] == 6 and "4 were converted" in m["source"]["stated_samples"]["differs"]
+    assert sorted(p.name for p in split.glob("*.tar")) == ["wds-train-000000.tar", "wds-train-000001.tar"]
+    # One brace pattern names the output, as data.train_shards.
+    cfg = data_cfg(split, train_shards=f"{split}/wds-train-{{000000..000001}}.tar")
+    x = first_images(cfg, 4).permute(0, 2, 3, 1).numpy()
+    np.testing.assert_array_equal(x, np.stack([np.asarray(Image.open(io.BytesIO(d))) for d in good.values()]))
+    # An output shard lost after the numbering is converted again, under its number; the rest is kept.
+    before = {p.name: p.read_bytes() for p in split.glob("*.tar")} | {"manifest.json": (split / "manifest.json").read_bytes()}
+    (split / "wds-train-000001.tar").unlink()
+    (split / "manifest.json").unlink()
+    assert prep(["webdataset", str(tmp_path / "src"), str(tmp_path / "out"), "--bad-input", "skip", "--workers", "1",
+                 "--no-progress"]) == 0
+    assert {p.name: p.read_bytes() for p in split.glob("*.tar")} | {
+        "manifest.json": (split / "manifest.json").read_bytes()} == before
+    assert prep(["verify", str(split), "--no-progress"]) == 0
+
+    # HF/timm's _info.json with only num_samples per split: compared with the split named in the shard names.
+    hf_layout(tmp_path / "hf")
+    (tmp_path / "hf" / "_info.json").write_text(json.dumps({"splits": {"train": {"num_samples": 9},
+                                                                       "validation": {"num_samples": 3}}}))
+    capsys.readouterr()
+    assert prep(["webdataset", f"{tmp_path}/hf/imagenet1k-train-{{0000..0001}}.tar", str(tmp_path / "hfout"),
+                 "--workers", "1", "--no-progress"]) == 0
+    warn = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert warn == ["data_prep: warning: _info.json's num_samples of split 'train' give 9 samples for these 2 source "
+                    "shards, 8 were converted"]
 
 
 def foreign_split(root) -> None:

@@ -159,21 +159,23 @@ def member_key(name: str) -> tuple[str, str]:
 
 class SampleReader:
     """Samples (key -> {ext: bytes}) of one shard, in order; ``next(want)`` reads the sample's
-    bytes only when ``want`` is true (otherwise its members are skipped unread)."""
+    bytes only when ``want`` is true (otherwise its members are skipped unread), or, when ``want``
+    is a set of lower-case extensions, only those members (the others skipped: a local shard's
+    images are seeked over, e.g. to read just the labels)."""
 
     def __init__(self, f: BinaryIO, seekable: bool):
         self.tar = TarReader(f, seekable)
         self._head = self.tar.next()
         self.index = 0  # samples passed so far
 
-    def next(self, want: bool) -> tuple[str, dict[str, bytes]] | None:
+    def next(self, want: bool | frozenset[str]) -> tuple[str, dict[str, bytes]] | None:
         if self._head is None:
             return None
         key = member_key(self._head[0])[0]
         members: dict[str, bytes] = {}
         while self._head is not None and member_key(self._head[0])[0] == key:
             ext = member_key(self._head[0])[1]
-            if want:
+            if ext.lower() in want if isinstance(want, (set, frozenset)) else want:
                 members[ext] = self.tar.read()
             else:
                 self.tar.skip()
