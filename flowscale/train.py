@@ -16,11 +16,13 @@ from __future__ import annotations
 import contextlib
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from . import checkpoint as ckpt_io
+from . import faults
 from . import resume as resume_io
 from . import seeds
 from .audit import BATCHES, record_batch, rewind_batches
@@ -138,154 +140,259 @@ def _prepare_run_dir(cfg: Config, resume: bool, chosen: Path | None, log: RunLog
     return lock
 
 
-def _train(cfg: Config, info: DistInfo, log: RunLogger, resume: bool, chosen: Path | None = None,
-           universal_from: Path | None = None) -> dict:
-    run_dir = Path(cfg.train.run_dir)
-    device = pick_device(cfg.train.device, info.local_rank)
-    loader = build_train_loader(cfg.data, rank=info.rank, world_size=info.world_size, seed=cfg.data.seed)
-    test_x = eval_split(cfg.data, "test")  # streamed from its shards at every eval
-    init = first_images(cfg.data, cfg.train.init_batch_size)  # ActNorm's data init; resume overwrites it
-    if not cfg.data.streams:  # each rank initialises from its share (data.streams: all from all, see build)
-        init = init.chunk(info.world_size)[info.rank] if len(init) >= info.world_size else init
-    if universal_from is not None:  # ZeRO state on another layout: DeepSpeed's universal checkpoint, made once
-        _, took = resume_io.to_universal(universal_from, info.rank)
-        if took:
-            log.info(f"converted {universal_from.name} to DeepSpeed's universal checkpoint in {took:.1f} s")
-    run = build_training(cfg, info, init, device, load_universal=universal_from is not None and cfg.engine.zero_stage > 0)
-    engine, module, ema, dtype, layout = run.engine, run.module, run.ema, run.dtype, run.layout
-    shapes = module.latent_shapes(cfg.data.channels, cfg.data.image_size)
+@dataclass
+class TrainState:
+    """What the loop itself carries from step to step and across a resume (saved in client.pt)."""
+    step: int = 0
+    """Optimizer steps taken (applied or vetoed)."""
+    bad_in_row: int = 0
+    """Vetoed (non-finite) steps in a row, up to the last one."""
+    skipped_total: int = 0
+    """Vetoed steps over the whole run."""
 
-    step, bad_in_row, skipped_total = 0, 0, 0
-    if universal_from is not None:  # the checkpoint resume_changes checked, through its universal copy
-        found = (universal_from, *ckpt_io.load(engine, universal_from, info.rank, universal=True))
-    elif chosen is not None:  # picked by the user: no silent fallback to another one
-        found = (chosen, *ckpt_io.load(engine, chosen, info.rank))
-    else:
-        found = ckpt_io.load_latest(engine, run_dir, info.rank, warn=lambda m: warnings.warn(m)) if resume else None
-    if found is not None:
-        path, client, rank_state = found
-        step, bad_in_row, skipped_total = client["step"], client["bad_in_row"], client["skipped_total"]
-        loader.load_state_dict(rank_state["loader"])
-        set_rng_state(rank_state["rng"])
-        if ema is not None:
-            ema.load_state_dict(ckpt_io.load_ema(path, client))
-        log.info(f"resumed from {path} at step {step}")
-    else:
-        images = len(init) if cfg.data.streams else len(init) * info.world_size  # streams: every rank, the whole batch
-        log.info(f"initialised {run.n_actnorm} ActNorm layers from {images} images")
-    # Records past the step training continues from (a crash after the last checkpoint, or an
-    # older checkpoint chosen) are moved aside: every step appears once in metrics.jsonl.
-    moved = log.rewind(step if found is not None else -1)
-    if moved:
-        log.info(f"{moved} metrics records after step {step} (not in the checkpoint) moved to {log.superseded_path.name}")
-    if info.is_main and (run_dir / BATCHES).is_dir():  # train.record_batches: the same for the batch records
-        rewind_batches(run_dir, step if found is not None else -1)
-    log.info(f"model: {cfg.model.preset} L={cfg.model.levels} K={cfg.model.steps} "
-             f"width={cfg.model.widths or cfg.model.width} params={run.n_params / 1e6:.2f}M | ranks={info.world_size} "
-             f"global batch={layout['global']} micro-batch={layout['micro']} x accum={layout['accum']} | "
-             f"ZeRO-{cfg.engine.zero_stage} {cfg.engine.precision} | device={device} run_dir={run_dir}")
-    log.begin(step)
-    if cfg.train.bound_images and found is None and info.is_main:
-        from .bound import dataset_bound  # the floor of any linear flow, logged once beside bits/dim
+    def state_dict(self) -> dict:
+        return {"step": self.step, "bad_in_row": self.bad_in_row, "skipped_total": self.skipped_total}
 
-        bound = dataset_bound(cfg.data, "train", cfg.train.bound_images, seed=cfg.train.seed)
-        log.log(step, {"linear_bound_bpd": bound["bpd"], "linear_bound_bpd_population": bound["bpd_population"]})
+    def load_state_dict(self, d: dict) -> None:
+        self.step, self.bad_in_row, self.skipped_total = d["step"], d["bad_in_row"], d["skipped_total"]
 
-    def save(step: int) -> Path:
-        if cfg.data.streams:  # every rank's file then holds every stream's place: any topology can resume
-            loader.adopt_positions(all_gather_objects(loader.stream_positions()))
-        client = {"step": step, "bad_in_row": bad_in_row, "skipped_total": skipped_total, "config": to_dict(cfg)}
-        return ckpt_io.save(engine, run_dir, step, info.rank, {"loader": loader.state_dict(), "rng": rng_state()},
-                            client, to_yaml(cfg), cfg.train.keep_last, ema.state_dict() if ema is not None else None,
-                            warn=lambda m: log.info(f"warning: {m}"))
+    def count(self, skipped: bool, max_bad_steps: int) -> None:
+        """Account for the step just taken; ``max_bad_steps`` vetoed in a row stop the run."""
+        self.bad_in_row = self.bad_in_row + 1 if skipped else 0
+        self.skipped_total += int(skipped)
+        if self.bad_in_row >= max_bad_steps:
+            raise FloatingPointError(
+                f"non-finite loss or gradient in {self.bad_in_row} steps in a row (last at step {self.step}); lower "
+                f"optim.lr, raise optim.warmup_steps, or use bounded scales (model.scale_fn). No checkpoint was "
+                f"written from these weights.")
 
-    def evaluate_and_sample(step: int, final: bool) -> dict:
-        t, out = cfg.train, {}
+
+class Trainer:
+    """Build (data, model, engine), restore, then :meth:`train`: the loop, one job per line."""
+
+    def __init__(self, cfg: Config, info: DistInfo, log: RunLogger):
+        self.cfg, self.info, self.log = cfg, info, log
+        self.run_dir = Path(cfg.train.run_dir)
+        self.device = pick_device(cfg.train.device, info.local_rank)
+        self.state = TrainState()
+
+    # -- build and restore --------------------------------------------------------------------------
+
+    def build(self, universal_from: Path | None) -> None:
+        cfg, info = self.cfg, self.info
+        self.loader = build_train_loader(cfg.data, rank=info.rank, world_size=info.world_size, seed=cfg.data.seed)
+        self.test_x = eval_split(cfg.data, "test")  # streamed from its shards at every eval
+        init = first_images(cfg.data, cfg.train.init_batch_size)  # ActNorm's data init; resume overwrites it
+        if not cfg.data.streams:  # each rank initialises from its share (data.streams: all from all, see build)
+            init = init.chunk(info.world_size)[info.rank] if len(init) >= info.world_size else init
+        self.init_images = len(init) if cfg.data.streams else len(init) * info.world_size
+        if universal_from is not None:  # ZeRO state on another layout: DeepSpeed's universal checkpoint, made once
+            _, took = resume_io.to_universal(universal_from, info.rank)
+            if took:
+                self.log.info(f"converted {universal_from.name} to DeepSpeed's universal checkpoint in {took:.1f} s")
+        self.run = build_training(cfg, info, init, self.device,
+                                  load_universal=universal_from is not None and cfg.engine.zero_stage > 0)
+        self.loss_fn = training_loss(cfg, self.device, self.run.dtype)  # bits/dim (+ the 1x1-conv penalty)
+        tolerance = reconstruction_tolerance(cfg.memory.max_reconstruction_error, self.run.dtype)
+        why = f" ({cfg.engine.precision}: max(1e-3, 4 eps))" if cfg.memory.max_reconstruction_error is None else ""
+        self.unstable = UnstableSteps(tolerance, cfg.memory.on_unstable, self.run.layout["micro"],
+                                      cfg.memory.inverse_recompute, why)
+
+    def restore(self, resume: bool, chosen: Path | None, universal_from: Path | None) -> bool:
+        """Load the checkpoint to continue from, if any (every rank); True when one was loaded."""
+        cfg, info, engine = self.cfg, self.info, self.run.engine
+        if universal_from is not None:  # the checkpoint resume_changes checked, through its universal copy
+            found = (universal_from, *ckpt_io.load(engine, universal_from, info.rank, universal=True))
+        elif chosen is not None:  # picked by the user: no silent fallback to another one
+            found = (chosen, *ckpt_io.load(engine, chosen, info.rank))
+        else:
+            found = ckpt_io.load_latest(engine, self.run_dir, info.rank, warn=lambda m: warnings.warn(m)) if resume else None
+        if found is not None:
+            path, client, rank_state = found
+            self.state.load_state_dict(client)
+            self.loader.load_state_dict(rank_state["loader"])
+            set_rng_state(rank_state["rng"])
+            if self.run.ema is not None:
+                self.run.ema.load_state_dict(ckpt_io.load_ema(path, client))
+            self.log.info(f"resumed from {path} at step {self.state.step}")
+        else:
+            self.log.info(f"initialised {self.run.n_actnorm} ActNorm layers from {self.init_images} images")
+        # Records past the step training continues from (a crash after the last checkpoint, or an
+        # older checkpoint chosen) are moved aside: every step appears once in metrics.jsonl.
+        step = self.state.step if found is not None else -1
+        moved = self.log.rewind(step)
+        if moved:
+            self.log.info(f"{moved} metrics records after step {step} (not in the checkpoint) moved to "
+                          f"{self.log.superseded_path.name}")
+        if info.is_main and (self.run_dir / BATCHES).is_dir():  # train.record_batches: the same for the batch records
+            rewind_batches(self.run_dir, step)
+        return found is not None
+
+    # -- the jobs of the loop -----------------------------------------------------------------------
+
+    def health_due(self, start_step: int) -> bool:
+        every = self.cfg.memory.check_every
+        # Checked at the first step of every (re)start too: the unstable-step flags are runtime state.
+        return bool(every) and (self.state.step % every == 0 or self.state.step == start_step)
+
+    def check_health(self, x: torch.Tensor) -> None:
+        health, line = health_metrics(self.run.module, x[:self.cfg.memory.check_batch_size], self.cfg, self.run.dtype,
+                                      self.unstable, self.state.step)
+        self.log.log(self.state.step, health, echo=False)
+        if line:
+            self.log.info(f"step {self.state.step}: {line}")
+
+    def noise(self, x: torch.Tensor) -> tuple:
+        """data.streams: the dequantisation noise of each sample is a function of its place in the
+        global batch (the same on any number of ranks); otherwise drawn from the rank's RNG in the loss."""
+        if not self.cfg.data.streams:
+            return None, None
+        rank = self.info.rank
+        return sample_noise(self.cfg.train.seed, self.state.step, range(rank * len(x), (rank + 1) * len(x)),
+                            tuple(x.shape[1:]), self.cfg.data.noise_std)
+
+    def log_train(self, metrics: dict, throughput: "Throughput") -> None:
+        t, step = self.cfg.train, self.state.step
+        if metrics["skipped"]:
+            self.log.log(step, {"skipped_steps": self.state.skipped_total})
+            return
+        self.log.advance(bpd=metrics["bpd"])
+        if step % t.log_every and step != t.steps:
+            return
+        metrics.update(images_per_s=throughput.rate(), mem_gb=_memory_gb(self.device), epoch=self.loader.epoch)
+        if self.cfg.data.bad_data == "skip":  # distinct bad samples/shards met by any rank (collective: all log here)
+            self.loader.merge_bad_keys(all_gather_objects(self.loader.bad_keys))  # run-wide count, limit and ledger
+            metrics["data_skipped"] = self.loader.skipped
+        self.log.log(step, {k: v for k, v in metrics.items() if k != "loss" or self.cfg.optim.invconv_l2})
+
+    def evaluate_and_sample(self, final: bool) -> dict:
+        """Test bits/dim and a sample grid when due (every rank: both are collective), with EMA
+        weights swapped in."""
+        t, step, run, out = self.cfg.train, self.state.step, self.run, {}
         want_eval = final or (t.eval_every and step % t.eval_every == 0)
         want_samples = final or (t.sample_every and step % t.sample_every == 0)
         if not (want_eval or want_samples):
             return out
-        with ema.swapped_in(module) if ema is not None else contextlib.nullcontext():
+        with run.ema.swapped_in(run.module) if run.ema is not None else contextlib.nullcontext():
             if want_eval:  # every rank scores its share of the test split
-                out["test_bpd"] = evaluate_bpd(module, test_x, cfg.data.n_bits, layout["micro"], device,
-                                               seed=cfg.train.seed, rank=info.rank, world_size=info.world_size,
-                                               dtype=dtype)
+                out["test_bpd"] = evaluate_bpd(run.module, self.test_x, self.cfg.data.n_bits, run.layout["micro"],
+                                               self.device, seed=t.seed, rank=self.info.rank,
+                                               world_size=self.info.world_size, dtype=run.dtype)
             if want_samples:  # every rank runs it (ZeRO-3 gathers parameters collectively)
-                module.eval()
-                path = run_dir / "samples" / f"step_{step:08d}.png"
-                sample_grid(module, shapes, cfg.data.n_bits, t.temperatures, path, seed=cfg.train.seed,
-                            device=device, write=info.is_main, dtype=dtype, denoise_std=cfg.data.noise_std,
-                            num_classes=cfg.model.num_classes)
+                run.module.eval()
+                path = self.run_dir / "samples" / f"step_{step:08d}.png"
+                shapes = run.module.latent_shapes(self.cfg.data.channels, self.cfg.data.image_size)
+                sample_grid(run.module, shapes, self.cfg.data.n_bits, t.temperatures, path, seed=t.seed,
+                            device=self.device, write=self.info.is_main, dtype=run.dtype,
+                            denoise_std=self.cfg.data.noise_std)
                 out["samples"] = str(path)
-                log.images(step, {"samples": str(path)})
+                self.log.images(step, {"samples": str(path)})
+        if out:
+            self.log.log(step, out)
         return out
 
-    # What is optimised: bits/dim of the dequantised batch, plus the 1x1-conv L2 penalty when set.
-    loss_fn = training_loss(cfg, device, dtype)
-    tolerance = reconstruction_tolerance(cfg.memory.max_reconstruction_error, dtype)
-    why = f" ({cfg.engine.precision}: max(1e-3, 4 eps))" if cfg.memory.max_reconstruction_error is None else ""
-    unstable = UnstableSteps(tolerance, cfg.memory.on_unstable, layout["micro"], cfg.memory.inverse_recompute, why)
-    metrics: dict = {}
-    t0, seen, start_step, last_save = time.time(), 0, step, time.time()
-    saved_step = step if found is not None else -1
-    with PreemptionGuard() as guard:  # SIGTERM/USR1/USR2 -> save at the next step boundary
-        while step < cfg.train.steps:
-            if guard.requested(device):  # a signal reached some rank: save this step on all, then stop
-                path = save(step) if saved_step != step else ckpt_io.checkpoint_dir(run_dir) / ckpt_io.tag_for(step)
-                log.info(f"preempted: saved step {step} in {path} after {guard.names()}; handing over")
-                guard.hand_over(step, path)  # submitit requeues; otherwise Preempted (exit code 75)
-            x, y = next(loader)  # uint8 [B, C, H, W]; labels int64 [B] when the shards have them, else None
-            # Checked at the first step of every (re)start too: the unstable-step flags are runtime state.
-            if cfg.memory.check_every and (step % cfg.memory.check_every == 0 or step == start_step):
-                health, line = health_metrics(module, x[:cfg.memory.check_batch_size], cfg, dtype, unstable, step)
-                log.log(step, health, echo=False)
-                if line:
-                    log.info(f"step {step}: {line}")
-            # data.streams: the noise of each sample is a function of its place in the global batch
-            noise = sample_noise(cfg.train.seed, step, range(info.rank * len(x), (info.rank + 1) * len(x)),
-                                 tuple(x.shape[1:]), cfg.data.noise_std) if cfg.data.streams else (None, None)
-            metrics = train_step(engine, (x, y, *noise), loss_fn)  # loss = bits/dim (+ penalty), backward, step
-            step += 1
-            if cfg.train.record_batches:
-                record_batch(run_dir, info.rank, step, x)
-            if metrics["skipped"]:
-                bad_in_row, skipped_total = bad_in_row + 1, skipped_total + 1
-                log.log(step, {"skipped_steps": skipped_total})
-                if bad_in_row >= cfg.engine.max_bad_steps:
-                    raise FloatingPointError(
-                        f"non-finite loss or gradient in {bad_in_row} steps in a row (last at step {step}); lower optim.lr, raise "
-                        f"optim.warmup_steps, or use bounded scales (model.scale_fn). No checkpoint was written from these weights.")
-                continue
-            bad_in_row = 0
-            if ema is not None:
-                ema.update(module)
-            seen += len(x) * info.world_size
-            log.advance(bpd=metrics["bpd"])
-            if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-                metrics["images_per_s"] = seen / (time.time() - t0)
-                metrics["mem_gb"] = _memory_gb(device)
-                metrics["epoch"] = loader.epoch
-                if cfg.data.bad_data == "skip":  # distinct bad samples/shards met by any rank (collective: all log here)
-                    loader.merge_bad_keys(all_gather_objects(loader.bad_keys))  # run-wide count, limit and ledger
-                    metrics["data_skipped"] = loader.skipped
-                t0, seen = time.time(), 0
-                log.log(step, {k: v for k, v in metrics.items() if k != "loss" or cfg.optim.invconv_l2})
-            extra = evaluate_and_sample(step, final=step == cfg.train.steps)
-            if extra:
-                log.log(step, extra)
-                metrics.update(extra)
-            due_time = cfg.train.checkpoint_minutes > 0 and time.time() - last_save > 60 * cfg.train.checkpoint_minutes
-            if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps or rank0_decides(due_time):
-                save(step)
-                saved_step, last_save = step, time.time()
-    if info.world_size > 1:
-        agree = ranks_agree(engine)
-        log.log(step, {"ranks_agree": int(agree)})
-        if not agree:
-            warnings.warn("model replicas differ across ranks at the end of training")
-    if not metrics:  # resumed a finished run: report its final state without training
-        metrics = evaluate_and_sample(step, final=True)
-    return {"step": step, **metrics}
+    def save_due(self, last_save: float) -> bool:
+        t, step = self.cfg.train, self.state.step
+        due_time = t.checkpoint_minutes > 0 and time.time() - last_save > 60 * t.checkpoint_minutes
+        return step % t.checkpoint_every == 0 or step == t.steps or rank0_decides(due_time)
+
+    def save(self) -> Path:
+        """A checkpoint of this step (collective: every rank writes its part)."""
+        cfg, info, run = self.cfg, self.info, self.run
+        if cfg.data.streams:  # every rank's file then holds every stream's place: any topology can resume
+            self.loader.adopt_positions(all_gather_objects(self.loader.stream_positions()))
+        client = {**self.state.state_dict(), "config": to_dict(cfg)}
+        return ckpt_io.save(run.engine, self.run_dir, self.state.step, info.rank,
+                            {"loader": self.loader.state_dict(), "rng": rng_state()}, client, to_yaml(cfg),
+                            cfg.train.keep_last, run.ema.state_dict() if run.ema is not None else None,
+                            warn=lambda m: self.log.info(f"warning: {m}"))
+
+    def describe(self) -> None:
+        cfg, run, info = self.cfg, self.run, self.info
+        layout = run.layout
+        self.log.info(f"model: {cfg.model.preset} L={cfg.model.levels} K={cfg.model.steps} "
+                      f"width={cfg.model.widths or cfg.model.width} params={run.n_params / 1e6:.2f}M | "
+                      f"ranks={info.world_size} global batch={layout['global']} micro-batch={layout['micro']} x "
+                      f"accum={layout['accum']} | ZeRO-{cfg.engine.zero_stage} {cfg.engine.precision} | "
+                      f"device={self.device} run_dir={self.run_dir}")
+
+    def log_bound(self) -> None:
+        """train.bound_images: the floor of any linear flow, logged once beside bits/dim."""
+        if self.cfg.train.bound_images and self.info.is_main:
+            from .bound import dataset_bound
+
+            bound = dataset_bound(self.cfg.data, "train", self.cfg.train.bound_images, seed=self.cfg.train.seed)
+            self.log.log(self.state.step, {"linear_bound_bpd": bound["bpd"],
+                                           "linear_bound_bpd_population": bound["bpd_population"]})
+
+    # -- the loop ----------------------------------------------------------------------------------
+
+    def train(self) -> dict:
+        cfg, state, engine, loader = self.cfg, self.state, self.run.engine, self.loader
+        start_step, last_save, metrics = state.step, time.time(), {}
+        saved_step = state.step if start_step else -1
+        throughput = Throughput(self.info.world_size)
+        with PreemptionGuard() as guard:  # SIGTERM/USR1/USR2 -> save at the next step boundary
+            while state.step < cfg.train.steps:
+                if guard.requested(self.device):  # a signal reached some rank: save this step on all, then stop
+                    path = self.save() if saved_step != state.step else ckpt_io.checkpoint_dir(self.run_dir) / \
+                        ckpt_io.tag_for(state.step)
+                    self.log.info(f"preempted: saved step {state.step} in {path} after {guard.names()}; handing over")
+                    guard.hand_over(state.step, path)  # submitit requeues; otherwise Preempted (exit code 75)
+                x, y = next(loader)  # uint8 [B, C, H, W]; labels int64 [B] when the shards have them, else None
+                if self.health_due(start_step):
+                    self.check_health(x)
+                loss_fn = faults.loss_at(state.step + 1, self.info.rank, self.loss_fn)  # the declared fault point
+                metrics = train_step(engine, (x, y, *self.noise(x)), loss_fn)  # bits/dim, backward, step (or veto)
+                state.step += 1
+                if cfg.train.record_batches:
+                    record_batch(self.run_dir, self.info.rank, state.step, x)
+                state.count(bool(metrics["skipped"]), cfg.engine.max_bad_steps)
+                if not metrics["skipped"]:
+                    if self.run.ema is not None:
+                        self.run.ema.update(self.run.module)
+                    throughput.add(len(x))
+                self.log_train(metrics, throughput)
+                metrics.update(self.evaluate_and_sample(final=state.step == cfg.train.steps))
+                if self.save_due(last_save):
+                    self.save()
+                    saved_step, last_save = state.step, time.time()
+        if self.info.world_size > 1:
+            agree = ranks_agree(engine)
+            self.log.log(state.step, {"ranks_agree": int(agree)})
+            if not agree:
+                warnings.warn("model replicas differ across ranks at the end of training")
+        if not metrics:  # resumed a finished run: report its final state without training
+            metrics = self.evaluate_and_sample(final=True)
+        return {"step": state.step, **metrics}
+
+
+class Throughput:
+    """Images per second over the applied steps since the last read (all ranks)."""
+
+    def __init__(self, world_size: int):
+        self.world_size, self.t0, self.seen = world_size, time.time(), 0
+
+    def add(self, images: int) -> None:
+        self.seen += images * self.world_size
+
+    def rate(self) -> float:
+        now = time.time()
+        rate = self.seen / max(now - self.t0, 1e-9)
+        self.t0, self.seen = now, 0
+        return rate
+
+
+def _train(cfg: Config, info: DistInfo, log: RunLogger, resume: bool, chosen: Path | None = None,
+           universal_from: Path | None = None) -> dict:
+    trainer = Trainer(cfg, info, log)
+    trainer.build(universal_from)
+    resumed = trainer.restore(resume, chosen, universal_from)
+    trainer.describe()
+    log.begin(trainer.state.step)
+    if not resumed:
+        trainer.log_bound()
+    return trainer.train()
 
 
 def _memory_gb(device: torch.device) -> float:

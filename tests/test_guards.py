@@ -91,3 +91,24 @@ def test_nan_in_first_micro_batch_never_reaches_deepspeed():
         assert train_step(engine, (batch(cfg, 3), None), loss_fn)["skipped"] == 0
     finally:
         cleanup()
+
+
+def test_a_vetoed_last_step_still_ends_with_eval_and_a_checkpoint(tmp_path, monkeypatch):
+    """Eval and save are decided by the step number, not by whether the step was applied: a run
+    whose last step is vetoed (a NaN loss, injected at the declared fault point) still writes its
+    final checkpoint and test bits/dim, and the veto is counted."""
+    from flowscale.checkpoint import list_complete
+    from flowscale.logging import read_metrics
+    from flowscale.train import main
+
+    monkeypatch.setenv("FLOWSCALE_FAULT", "nan_loss@4")
+    cfg = load_config(None, ["model.levels=2", "model.steps=2", "model.width=8", "data.batch_size=8",
+                             "data.train_size=64", "data.test_size=16", "train.steps=4", "train.checkpoint_every=100",
+                             "train.eval_every=0", "train.sample_every=0", "train.progress=false",
+                             "wandb.mode=disabled", f"train.run_dir={tmp_path}"])
+    out = main(cfg)
+    assert out["step"] == 4 and out["skipped"] == 1 and "test_bpd" in out
+    assert [p.name for p in list_complete(tmp_path)] == ["step_00000004"]
+    records = read_metrics(tmp_path)
+    assert {"step": 4, "skipped_steps": 1} in records
+    assert any(r["step"] == 4 and "test_bpd" in r for r in records)

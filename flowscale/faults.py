@@ -1,0 +1,47 @@
+"""Declared fault injection: the one place production code takes deliberate faults from, so the
+failure paths (a diverging step, a crash) can be tested with the real trainer.
+
+    FLOWSCALE_FAULT=nan_loss@N[:RANK][,nan_loss@M...]
+
+``nan_loss@N``: the loss of optimizer step N (1-based: the step after which ``step == N``) is NaN
+on rank RANK (every rank when omitted), as a diverging step would be; the engine's veto then
+skips it on every rank. Read once per process; unset, nothing changes. Crash points inside the
+checkpoint save are declared in :mod:`flowscale.checkpoint` (``FLOWSCALE_KILL_AT``).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+ENV = "FLOWSCALE_FAULT"
+
+
+@functools.lru_cache(maxsize=None)
+def _planned(spec: str) -> dict[int, set[int] | None]:
+    """{step: ranks (None = every rank)} of the nan_loss faults in ``spec``."""
+    out: dict[int, set[int] | None] = {}
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        kind, _, where = item.partition("@")
+        step, _, rank = where.partition(":")
+        if kind != "nan_loss" or not step.isdigit() or (rank and not rank.isdigit()):
+            raise ValueError(f"{ENV}={spec!r}: cannot read {item!r}; write nan_loss@STEP or nan_loss@STEP:RANK")
+        ranks = out.get(int(step), set())
+        out[int(step)] = None if (not rank or ranks is None) else ranks | {int(rank)}
+    return out
+
+
+def loss_at(step: int, rank: int, loss_fn):
+    """``loss_fn`` for optimizer step ``step`` (1-based) on ``rank``: unchanged, unless a fault is
+    declared there, then the same loss times NaN."""
+    planned = _planned(os.environ.get(ENV, ""))
+    if step not in planned or (planned[step] is not None and rank not in planned[step]):
+        return loss_fn
+
+    def nan_loss(*args, **kwargs):
+        loss, extra = loss_fn(*args, **kwargs)
+        return loss * torch.tensor(float("nan"), dtype=loss.dtype, device=loss.device), extra
+
+    return nan_loss
