@@ -295,8 +295,16 @@ def plot(results: dict, target: float, bound: dict | None, path: Path, title: st
     handles += [h] if math.isfinite(target) else []
     handles += [hb] if bound is not None else []
     fig.legend(handles=handles, loc="lower center", ncol=2, fontsize=7, frameon=False)
-    fig.suptitle(title[:170] + ("..." if len(title) > 170 else ""), fontsize=7)
-    fig.tight_layout(rect=(0, 0.12, 1, 0.96))
+    return save_figure(fig, title, path, rect=(0, 0.12, 1, 0.96), title_chars=170)
+
+
+def save_figure(fig, title: str, path: Path, rect: tuple, title_chars: int) -> Path:
+    """A bench figure's last steps: the header as a small title (cut to ``title_chars``), the
+    layout inside ``rect`` (room below for the legend), a 120 dpi PNG at ``path``."""
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(title[:title_chars] + ("..." if len(title) > title_chars else ""), fontsize=7)
+    fig.tight_layout(rect=rect)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path

@@ -243,6 +243,8 @@ def plot(report: dict, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from .converge import save_figure
+
     c = [p for p in report["curve"][1:] if math.isfinite(p["test_bpd"])] or report["curve"]  # step 0: untrained
     fig, axes = plt.subplots(1, 2, figsize=(11, 5))
     refs = [("per-pixel histogram", report["histogram"]["bpd"], "black", "-.")]
@@ -260,12 +262,7 @@ def plot(report: dict, path: Path) -> Path:
         ax.grid(alpha=0.3)
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
-    title = report["header"]
-    fig.suptitle(title[:180] + ("..." if len(title) > 180 else ""), fontsize=7)
-    fig.tight_layout(rect=(0, 0.1, 1, 0.95))
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, report["header"], path, rect=(0, 0.1, 1, 0.95), title_chars=180)
 
 
 def add_parser(subparsers) -> None:
