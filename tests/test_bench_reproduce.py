@@ -101,7 +101,14 @@ def test_tiny_reproduction_run(tmp_path, capsys, single_process_env):
     assert f"{curve[-1]['test_bpd']:.4f}" in md
 
 
-def test_reproduce_needs_a_budget(capsys):
+def test_reproduce_refuses_bad_input_in_one_line_before_writing(tmp_path, capsys):
     assert cli_main(["bench", "reproduce", "glow_fashion_mnist"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--steps" in err and "--minutes" in err
+    out = tmp_path / "out"
+    missing = tmp_path / "nowhere" / "test"
+    assert cli_main(["bench", "reproduce", "glow_fashion_mnist", "--steps", "5", "--train-manifest", str(missing),
+                     "--test-manifest", str(missing), "--out", str(out)]) == 3
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(missing) in err and "flowscale prep" in err
+    assert not out.exists(), "nothing is written before the data is found"
