@@ -74,7 +74,7 @@ def test_tiny_reproduction_run(tmp_path, capsys, single_process_env):
                  "--no-progress", "--workers", "1"]) == 0
     out = tmp_path / "out"
     overrides = ["model.levels=2", "model.steps=2", "model.width=16", "data.batch_size=32", "optim.name=adam",
-                 "optim.warmup_steps=2", "optim.lr=2e-3", "optim.ema_decay=0", "train.init_batch_size=64"]
+                 "optim.warmup_steps=2", "optim.lr=2e-3", "optim.ema_decay=0", "train.init_batch_size=64", "engine.threads=1"]
     assert cli_main(["bench", "reproduce", "glow_fashion_mnist", *overrides, "--train-manifest", str(shards / "train"),
                      "--test-manifest", str(shards / "test"), "--steps", "12", "--eval-every", "6",
                      "--eval-batch-size", "128", "--out", str(out)]) == 0
@@ -99,6 +99,7 @@ def test_tiny_reproduction_run(tmp_path, capsys, single_process_env):
     if variant == "fashion-mnist":
         assert "No published" in md
     assert f"{curve[-1]['test_bpd']:.4f}" in md
+    assert ", 1 threads;" in report["header"] or torch.cuda.is_available(), "the header names the threads the run used"
 
 
 def test_reproduce_refuses_bad_input_in_one_line_before_writing(tmp_path, capsys):

@@ -118,12 +118,13 @@ def split_batches(data_cfg, split: str, batch_size: int = 1000):
 
 # -- the run ------------------------------------------------------------------------------------------
 
-def _machine() -> str:
+def _machine(threads: int) -> str:
+    """The device, or the CPU with the intra-op threads the run used (not the process default)."""
     import torch
 
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {threads} threads"
 
 
 def run(args) -> int:
@@ -190,7 +191,7 @@ def run(args) -> int:
               f"{cfg.optim.warmup_steps}" + (f" EMA {cfg.optim.ema_decay:g}" if cfg.optim.ema_decay else "") +
               f"; budget {_budget(args)}: ran {result['steps']} steps in {result['train_s'] / 60:.1f} min of "
               f"training ({result['s_per_step']:.3f} s/step); test = all {base['test_images']} test images; "
-              f"{_machine()}; torch {torch.__version__}; {date.today().isoformat()}")
+              f"{_machine(threads)}; torch {torch.__version__}; {date.today().isoformat()}")
     report = {"config": str(args.config), "overrides": list(args.overrides), "variant": variant,
               "budget": {"steps": args.steps, "minutes": args.minutes}, "eval_every": args.eval_every,
               "header": header, "histogram": base, "note": NOTES.get(variant, ""),
