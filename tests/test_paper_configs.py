@@ -17,10 +17,40 @@ from flowscale.plan import meta_flow
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 PAPER = {"glow_celebahq1024", "glow_celebahq256", "glow_imagenet32", "glow_imagenet64", "realnvp_imagenet32",
          "realnvp_imagenet64", "dlf_imagenet32", "dlf_imagenet64", "dlf_celebahq256", "demo"}
+SMALL = {  # the published small-image setups (issue 23): config -> the dataset variant its shards hold
+    "glow_mnist": "mnist", "realnvp_mnist": "mnist", "glow_fashion_mnist": "fashion-mnist",
+    "realnvp_fashion_mnist": "fashion-mnist", "glow_cifar10": "cifar10", "realnvp_cifar10": "cifar10"}
 
 
 def test_the_issue_s_configs_exist():
-    assert PAPER <= {p.stem for p in CONFIGS}
+    assert PAPER | set(SMALL) <= {p.stem for p in CONFIGS}
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_small_image_configs_match_their_data_and_the_published_table(name, capsys):
+    """D is the dataset's own (MNIST family 1x28x28 = 784, unpadded, as the published figures; CIFAR-10
+    3x32x32), the comment states the figure `bench reproduce` compares with, and `flowscale plan` runs."""
+    from flowscale.bench.reproduce import PUBLISHED
+    from flowscale.cli import main as cli_main
+
+    variant = SMALL[name]
+    path = next(p for p in CONFIGS if p.stem == name)
+    cfg = load_config(path)
+    d = cfg.data
+    want = (1, 28) if "mnist" in variant else (3, 32)
+    assert (d.channels, d.image_size, d.n_bits) == (*want, 8)
+    assert variant.replace("-", "") in d.train_manifest.replace("-", "") and d.test_manifest.endswith("test/manifest.json")
+    comments = "\n".join(line for line in path.read_text().splitlines() if line.lstrip().startswith("#"))
+    assert f"flowscale prep {variant}" in comments, "the comment must say how to make the shards"
+    assert "Preprocessing" in comments and "differs" in comments
+    model = "Glow" if name.startswith("glow") else "RealNVP"
+    published = {p.model: p.bpd for p in PUBLISHED[variant]}
+    if published:
+        assert f"{published[model]:.2f}" in comments, f"{name}: cite the {model} figure that bench reproduce uses"
+    else:
+        assert "no published" in comments.lower()
+    assert cli_main(["plan", str(path), "--gpus", "1", "--gpu-mem", "80GB", "--no-flops"]) == 0
+    assert "fits" in capsys.readouterr().out.lower()
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)

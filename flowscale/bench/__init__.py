@@ -4,7 +4,7 @@ Each benchmark is a module here with ``add_parser(subparsers)`` that registers i
 sub-command and sets ``func``; list it in ``BENCHMARKS``.
 """
 
-BENCHMARKS = ["memory", "step", "loader", "converge", "gpu", "reference", "zero"]
+BENCHMARKS = ["memory", "step", "loader", "converge", "gpu", "reference", "zero", "reproduce"]
 
 
 def add_parsers(subparsers) -> None:

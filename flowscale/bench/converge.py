@@ -58,53 +58,74 @@ def match_width(model_cfg, target: int, channels: int, size: int) -> int:
     return unit * min(cands, key=lambda k: abs(params(k) - target))
 
 
-def train_one(cfg, info, train_x, test_x, steps: int, eval_every: int, seed: int, log=print) -> dict:
-    """Train one model on the training path of ``flowscale train`` (build_training, the
-    objective, train_step on a one-rank DeepSpeed engine); returns its curve and timings.
-    Every model sees the same batches (the ``bench`` stream) and the same noise."""
+def shuffled_batches(train_x, batch_size: int, seed: int):
+    """Endless ``(x, None)`` batches of the in-memory ``train_x``: a fresh permutation from the
+    ``bench`` stream every pass (the same batches for every model of a comparison)."""
     import torch
 
     from .. import seeds
+
+    g = seeds.generator(seed, "bench")
+    while True:
+        order = torch.randperm(len(train_x), generator=g)
+        for pos in range(0, len(order) - batch_size + 1, batch_size):
+            yield train_x[order[pos:pos + batch_size]], None
+
+
+def train_one(cfg, info, batches, init_images, test_x, steps: int | None, eval_every: int, seed: int, log=print,
+              seconds: float | None = None, eval_batch_size: int = 128) -> dict:
+    """Train one model on the training path of ``flowscale train`` (build_training, the
+    objective, train_step on a one-rank DeepSpeed engine, EMA when optim.ema_decay > 0) on
+    ``batches`` (an iterator of uint8 ``(x, y)``), ActNorm initialised from ``init_images``;
+    returns its curve and timings. Stops after ``steps`` steps or once ``seconds`` of training
+    (evaluation excluded) have passed, whichever comes first; test bits/dim of ``test_x`` (a
+    tensor or a split streamed from shards, with the EMA weights when there are some) every
+    ``eval_every`` steps and at the end."""
+    import contextlib
+
     from ..build import build_training, pick_device
     from ..engine import train_step
     from ..evaluate import evaluate_bpd
     from ..loss import training_loss
 
     d = cfg.data
-    run = build_training(cfg, info, train_x[:cfg.train.init_batch_size], pick_device(cfg.train.device))
+    run = build_training(cfg, info, init_images, pick_device(cfg.train.device))
     loss_fn = training_loss(cfg, run.device, run.dtype)
-    g_order = seeds.generator(seed, "bench")  # the same batches for every model
-    order = torch.randperm(len(train_x), generator=g_order)
-    pos = 0
     curve, window, train_s = [], [], 0.0
+    wall0 = time.perf_counter()
 
     def evaluate(step: int) -> None:
-        test = evaluate_bpd(run.module, test_x, d.n_bits, batch_size=128, device=run.device, seed=seed,
-                            dtype=run.dtype)
+        with run.ema.swapped_in(run.module) if run.ema is not None else contextlib.nullcontext():
+            test = evaluate_bpd(run.module, test_x, d.n_bits, batch_size=eval_batch_size, device=run.device,
+                                seed=seed, dtype=run.dtype)
         train = sum(window) / len(window) if window else float("nan")
-        curve.append({"step": step, "wall_s": train_s, "test_bpd": test, "train_bpd": train})
+        curve.append({"step": step, "wall_s": train_s, "elapsed_s": time.perf_counter() - wall0, "test_bpd": test,
+                      "train_bpd": train})
         window.clear()
         log(f"    step {step:5d}  {train_s:7.1f}s  train {train:.4f}  test {test:.4f}")
 
     evaluate(0)
-    diverged = None
-    for step in range(1, steps + 1):
-        if pos + d.batch_size > len(order):
-            order, pos = torch.randperm(len(train_x), generator=g_order), 0
-        batch = train_x[order[pos:pos + d.batch_size]]
-        pos += d.batch_size
+    diverged, step = None, 0
+    while steps is None or step < steps:
+        batch = next(batches)
         t0 = time.perf_counter()
-        metrics = train_step(run.engine, (batch, None), loss_fn)
+        metrics = train_step(run.engine, batch, loss_fn)
         train_s += time.perf_counter() - t0
+        step += 1
         if metrics["skipped"]:
             diverged = step
             log(f"    non-finite bits/dim or gradient at step {step}: stopped")
             break
+        if run.ema is not None:
+            run.ema.update(run.module)
         window.append(metrics["bpd"])
-        if step % eval_every == 0 or step == steps:
+        out_of_time = seconds is not None and train_s >= seconds
+        if step % eval_every == 0 or step == steps or out_of_time:
             evaluate(step)
+        if out_of_time:
+            break
     return {"curve": curve, "diverged_at": diverged, "s_per_step": train_s / max(1, step - (diverged is not None)),
-            "params": run.n_params}
+            "params": run.n_params, "steps": step, "train_s": train_s}
 
 
 def parse_spec(spec: str) -> tuple[str, list[str]]:
@@ -185,7 +206,9 @@ def run(args) -> int:
         for name, cfg in configs.items():
             print(f"  {name}: width {cfg.model.width}, {count_params(cfg.model, d.channels, d.image_size):,} "
                   f"parameters", flush=True)
-            results[name] = train_one(cfg, info, train_x, test_x, args.steps, args.eval_every, args.seed)
+            batches = shuffled_batches(train_x, d.batch_size, args.seed)
+            results[name] = train_one(cfg, info, batches, train_x[:cfg.train.init_batch_size], test_x, args.steps,
+                                      args.eval_every, args.seed)
             results[name]["width"] = cfg.model.width
     finally:
         cleanup()
@@ -272,8 +295,16 @@ def plot(results: dict, target: float, bound: dict | None, path: Path, title: st
     handles += [h] if math.isfinite(target) else []
     handles += [hb] if bound is not None else []
     fig.legend(handles=handles, loc="lower center", ncol=2, fontsize=7, frameon=False)
-    fig.suptitle(title[:170] + ("..." if len(title) > 170 else ""), fontsize=7)
-    fig.tight_layout(rect=(0, 0.12, 1, 0.96))
+    return save_figure(fig, title, path, rect=(0, 0.12, 1, 0.96), title_chars=170)
+
+
+def save_figure(fig, title: str, path: Path, rect: tuple, title_chars: int) -> Path:
+    """A bench figure's last steps: the header as a small title (cut to ``title_chars``), the
+    layout inside ``rect`` (room below for the legend), a 120 dpi PNG at ``path``."""
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(title[:title_chars] + ("..." if len(title) > title_chars else ""), fontsize=7)
+    fig.tight_layout(rect=rect)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
