@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from data_files import data_cfg, image_id, tagged_image, write_split
 from flowscale.config import DataConfig
 from flowscale.data import DataError, build_train_loader, eval_split, iter_eval_batches
 from flowscale.data.loader import worker_batches
 from flowscale.data.order import EpochPlan, shuffle_buffer_order
 from flowscale.data.splits import load_split
+
+from helpers import data_cfg, image_id, tagged_image, write_split
 
 
 def ids(x: torch.Tensor) -> list[int]:

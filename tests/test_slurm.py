@@ -10,17 +10,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from flowscale.checkpoint import list_complete
 from flowscale.config import load_config
 from flowscale.logging import read_metrics
 from launch.submit import submit
 
+from helpers import SMALL_RUN as SMALL, final_weights, wait_for
+
 STATE = Path(os.environ.get("FLOWSCALE_SLURM_DIR", "/tmp/flowscale-slurm"))
-SMALL = ["model.levels=2", "model.steps=2", "model.width=16", "data.train_size=512", "data.test_size=64",
-         "data.batch_size=16", "train.init_batch_size=64", "train.progress=false", "wandb.mode=disabled",
-         "train.eval_every=0", "train.sample_every=0", "train.log_every=1", "optim.warmup_steps=2"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -36,21 +34,6 @@ def slurm_cluster():
         pytest.skip("Slurm does not answer (no idle node): run `bash launch/slurm_local/start.sh`")
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     yield
-
-
-def weights(run_dir):
-    return load_file(str(list_complete(run_dir)[-1] / "model.safetensors"))
-
-
-def wait_for(predicate, timeout, what, job=None):
-    """Poll ``predicate``; a ``job`` that ends meanwhile fails the wait at once with its error."""
-    deadline = time.time() + timeout
-    while not predicate():
-        assert time.time() < deadline, f"timed out waiting for {what}"
-        if job is not None and job.done() and not predicate():
-            job.results()  # raises the job's exception
-            raise AssertionError(f"the job finished before {what}")
-        time.sleep(0.5)
 
 
 def test_two_tasks_train_and_agree(tmp_path):
@@ -95,7 +78,7 @@ def test_preemption_requeues_and_resumes_exactly(tmp_path):
     steps = sorted(r["step"] for r in read_metrics(pre_dir) if "bpd" in r)
     assert steps == list(range(1, 241)) and not (pre_dir / "metrics.superseded.jsonl").exists(), "no step lost"
     ref.results()
-    a, b = weights(ref_dir), weights(pre_dir)
+    a, b = final_weights(ref_dir), final_weights(pre_dir)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
