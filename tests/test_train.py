@@ -7,7 +7,9 @@ import json
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
+from flowscale.checkpoint import list_complete
 from flowscale.cli import main as cli_main
 from flowscale.config import load_config
 from flowscale.lock import RunDirLocked, acquire, release
