@@ -15,12 +15,7 @@ from flowscale.loss import bits_per_dim
 from flowscale.priors import standard_normal_logprob
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def correlated_gaussian(d: int, seed: int):

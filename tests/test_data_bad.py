@@ -12,9 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
-from data_files import data_cfg, image_id, tagged_image, write_split
 from flowscale.config import ConfigError
 from flowscale.data import DataError, build_train_loader, eval_split
+
+from helpers import data_cfg, image_id, tagged_image, write_split
 
 
 def png(arr, mode=None) -> bytes:

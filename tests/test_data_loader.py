@@ -9,12 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from data_files import data_cfg, image_id, tagged_image, write_split
 from flowscale.config import DataConfig
 from flowscale.data import DataError, build_train_loader, eval_split, iter_eval_batches
-from flowscale.data.loader import worker_batches
-from flowscale.data.order import EpochPlan, shuffle_buffer_order
-from flowscale.data.splits import load_split
+from flowscale.data.order import shuffle_buffer_order
+
+from helpers import data_cfg, image_id, tagged_image, write_split
 
 
 def ids(x: torch.Tensor) -> list[int]:
@@ -55,42 +54,53 @@ def test_two_ranks_two_workers_disjoint_and_covering(tmp_path):
     assert nxt != seen[0] and len(set(nxt)) == 48
 
 
+def epoch_samples(cfg, world_size: int, epoch: int = 0, seed: int = 0) -> list[tuple[int, int, int, torch.Tensor]]:
+    """Every sample that the production loaders of ``world_size`` ranks deliver in ``epoch``, as
+    (rank, worker, id, image [C, H, W]). ``cfg.batch_size`` must equal ``world_size``: one sample
+    per batch, so each batch belongs to one epoch of one worker, which the loader's state tells
+    (the worker whose position the batch moved, and the epoch it ended in)."""
+    assert cfg.batch_size == world_size
+    got = []
+    for rank in range(world_size):
+        loader = build_train_loader(cfg, rank=rank, world_size=world_size, seed=seed)
+        before = loader.state_dict()["positions"]
+        while not all(e > epoch for e, _ in before):
+            x, y = next(loader)
+            after = loader.state_dict()["positions"]
+            (w,) = [w for w, (a, b) in enumerate(zip(before, after)) if a != b]
+            if after[w][0] == epoch:
+                got.append((rank, w, y.item(), x[0].clone()))  # x is a slot of the loader's ring: copied
+            before = after
+        loader.close()
+    return got
+
+
 @pytest.mark.parametrize("counts", [[10, 10, 10], [40]])
 def test_fewer_shards_than_ranks_x_workers_share_shards(tmp_path, counts):
-    """3 shards (or 1) for 2 ranks x 2 workers: shards are split into interleaved parts."""
+    """3 shards (or 1) for 2 ranks x 2 workers: shards are split into interleaved parts; an epoch
+    gives every worker some of them and every sample once."""
     write_split(tmp_path / "train", counts)
-    split = load_split(str(tmp_path / "train"))
-    cfg = data_cfg(tmp_path / "train", shuffle_buffer=4)
-    got = []
-    for g in range(4):
-        plan = EpochPlan(split.counts, 0, cfg.seed, g, 4, cfg.shuffle_buffer)
-        assert plan.length > 0
-        stream = worker_batches(split, cfg, cfg.seed, g, 4, 1, (0, 0), g)
-        got.append([i for _ in range(plan.length) for i in next(stream)[1].tolist()])
-    flat = [i for w in got for i in w]
-    assert sorted(flat) == list(range(sum(counts)))
+    cfg = data_cfg(tmp_path / "train", batch_size=2, num_workers=2, shuffle_buffer=4)
+    got = epoch_samples(cfg, world_size=2)
+    assert {(rank, w) for rank, w, _, _ in got} == {(0, 0), (0, 1), (1, 0), (1, 1)}
+    assert sorted(i for _, _, i, _ in got) == list(range(sum(counts)))
 
 
 def test_flips_do_not_depend_on_ranks_or_workers(tmp_path):
-    """Which images are flipped in an epoch is a function of (seed, epoch, sample): one worker
+    """Which images are flipped in an epoch is a function of (seed, epoch, sample): one process
     and 2 ranks x 2 workers flip the same ones; another epoch or seed flips others."""
     write_split(tmp_path / "train", [10, 10, 10])
-    split = load_split(str(tmp_path / "train"))
-    cfg = data_cfg(tmp_path / "train", random_flip=True)
 
-    def flipped(seed: int, G: int, epoch: int = 0) -> dict[int, bool]:
-        out = {}
-        for g in range(G):
-            plan = EpochPlan(split.counts, epoch, seed, g, G, cfg.shuffle_buffer)
-            stream = worker_batches(split, cfg, seed, g, G, 1, (epoch, 0), g)
-            for x, y, _ in (next(stream) for _ in range(plan.length)):
-                out[y.item()] = not torch.equal(x[0], torch.from_numpy(tagged_image(y.item())).permute(2, 0, 1))
-        assert sorted(out) == list(range(30))
+    def flipped(seed: int, world_size: int, workers: int, epoch: int = 0) -> dict[int, bool]:
+        cfg = data_cfg(tmp_path / "train", batch_size=world_size, num_workers=workers, random_flip=True)
+        got = epoch_samples(cfg, world_size, epoch, seed)
+        out = {i: not torch.equal(x, torch.from_numpy(tagged_image(i)).permute(2, 0, 1)) for _, _, i, x in got}
+        assert len(got) == 30 and sorted(out) == list(range(30))
         return out
 
-    one = flipped(0, 1)
-    assert one == flipped(0, 4) and 0 < sum(one.values()) < 30
-    assert one != flipped(0, 1, epoch=1) and one != flipped(1, 1)
+    one = flipped(0, 1, 0)
+    assert one == flipped(0, 2, 2) and 0 < sum(one.values()) < 30
+    assert one != flipped(0, 1, 0, epoch=1) and one != flipped(1, 1, 0)
 
 
 def test_too_few_samples_for_the_workers_is_a_clear_error(tmp_path):

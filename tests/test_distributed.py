@@ -1,7 +1,6 @@
 """Multi-process training through real launchers (torchrun, DeepSpeed on gloo), exact resume
 after SIGKILL, and W&B offline tracking."""
 
-import json
 import os
 import signal
 import subprocess
@@ -11,49 +10,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from flowscale.checkpoint import list_complete
-from flowscale.logging import read_metrics
-
-from conftest import clear_env, free_port
-
-SMALL = ["model.levels=2", "model.steps=2", "model.width=16", "data.train_size=512", "data.test_size=64",
-         "data.batch_size=16", "train.init_batch_size=64", "train.progress=false", "wandb.mode=disabled",
-         "train.eval_every=0", "train.sample_every=0", "train.log_every=1", "optim.warmup_steps=2"]
-
-
-def env_for(tmp_path):
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(DS_ACCELERATOR="cpu", TMPDIR=str(tmp_path), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    return env
+from helpers import SMALL_RUN, child_env, clear_env, final_weights, free_port, last_by_step, train_command
 
 
 def train_cmd(nproc, run_dir, *overrides):
-    args = ["-m", "flowscale.cli", "train", *SMALL, f"train.run_dir={run_dir}", *overrides]
-    if nproc == 1:
-        return [sys.executable, *args]
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-            f"--master_port={free_port()}", *args]
+    return train_command(*SMALL_RUN, f"train.run_dir={run_dir}", *overrides, nproc=nproc)
 
 
 def run(cmd, tmp_path, timeout=300):
-    p = subprocess.run(cmd, env=env_for(tmp_path), capture_output=True, text=True, timeout=timeout)
+    p = subprocess.run(cmd, env=child_env(tmp_path), capture_output=True, text=True, timeout=timeout)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return p
-
-
-def last_by_step(run_dir, key="bpd"):
-    out = {}
-    for r in read_metrics(run_dir):
-        if key in r:
-            out[r["step"]] = r[key]
-    return out
-
-
-def weights(run_dir):
-    return load_file(str(list_complete(run_dir)[-1] / "model.safetensors"))
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
@@ -66,13 +34,13 @@ def test_zero_stages_two_ranks(tmp_path, stage, precision):
     assert len(bpd) == 8 and all(v == v and v < 20 for v in bpd.values())
     assert sum(list(bpd.values())[-2:]) < sum(list(bpd.values())[:2]), bpd
     assert last_by_step(run_dir, "ranks_agree") == {8: 1}
-    w = weights(run_dir)
+    w = final_weights(run_dir)
     assert all(torch.isfinite(t).all() for t in w.values() if t.is_floating_point())
 
 
 def kill_after_checkpoint(cmd, tmp_path, run_dir, step):
     marker = Path(run_dir) / "checkpoints" / f"step_{step:08d}" / "COMPLETE"
-    p = subprocess.Popen(cmd, env=env_for(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    p = subprocess.Popen(cmd, env=child_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                          start_new_session=True)
     deadline = time.time() + 240
     while not marker.exists():
@@ -93,7 +61,7 @@ def test_exact_resume_after_sigkill(tmp_path, nproc, stage):
     kill_after_checkpoint(train_cmd(nproc, killed, *common), tmp_path, killed, 20)
     assert not (killed / "checkpoints" / "step_00000060").exists()
     run(train_cmd(nproc, killed, *common), tmp_path)  # resumes by default
-    a, b = weights(straight), weights(killed)
+    a, b = final_weights(straight), final_weights(killed)
     assert all(torch.equal(a[k], b[k]) for k in a)
     la, lb = last_by_step(straight), last_by_step(killed)
     assert len(la) == 60 and la == lb
@@ -102,8 +70,7 @@ def test_exact_resume_after_sigkill(tmp_path, nproc, stage):
 def test_wandb_offline_run_id_persists_and_no_secrets(tmp_path):
     run_dir = tmp_path / "run"
     secret = "wandb-secret-4c1f9e0d"
-    env = env_for(tmp_path)
-    env.update(WANDB_API_KEY=secret, WANDB_MODE="offline")
+    env = child_env(tmp_path, WANDB_API_KEY=secret, WANDB_MODE="offline")
     cmd = train_cmd(1, run_dir, "wandb.mode=offline", "train.sample_every=2", "train.steps=2", "train.checkpoint_every=2")
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -123,7 +90,7 @@ def test_wandb_offline_run_id_persists_and_no_secrets(tmp_path):
 def test_deepspeed_launcher(tmp_path):
     run_dir = tmp_path / "run"
     cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "--module", "flowscale.cli", "train",
-           *SMALL, f"train.run_dir={run_dir}", "train.steps=3", "engine.zero_stage=1"]
+           *SMALL_RUN, f"train.run_dir={run_dir}", "train.steps=3", "engine.zero_stage=1"]
     p = run(cmd, tmp_path)
     assert p.stdout.count("done: step 3") == 1, "only rank 0 reports"
     assert last_by_step(run_dir, "ranks_agree") == {3: 1}

@@ -3,19 +3,12 @@
 import json
 
 import pytest
-import torch
 
 from flowscale.bench.converge import count_params, first_reach, match_width, parse_spec
 from flowscale.cli import main as cli_main
 from flowscale.config import ModelConfig
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_match_width_equalises_parameter_counts():

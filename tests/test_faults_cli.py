@@ -4,13 +4,12 @@ keep theirs."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
 import pytest
 
-from data_files import write_split
+from helpers import child_env, write_split
 
 BASE = ["data.dataset=shards", "data.image_size=8", "data.batch_size=4", "data.shuffle_buffer=0",
         "model.levels=1", "model.steps=1", "model.width=8", "train.steps=5", "train.eval_every=0",
@@ -18,11 +17,7 @@ BASE = ["data.dataset=shards", "data.image_size=8", "data.batch_size=4", "data.s
 
 
 def _run(tmp_path, *args, debug=False):
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                             "MASTER_PORT")}
-    env.update(DS_ACCELERATOR="cpu", TMPDIR=str(tmp_path), OMP_NUM_THREADS="1")
-    if debug:
-        env["FLOWSCALE_DEBUG"] = "1"
+    env = child_env(tmp_path, **({"FLOWSCALE_DEBUG": "1"} if debug else {}))
     return subprocess.run([sys.executable, "-m", "flowscale.cli", "train", *BASE, *args], env=env,
                           capture_output=True, text=True, timeout=600)
 

@@ -26,17 +26,15 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from flowscale.checkpoint import CRASH_POINTS, list_complete
 
-from conftest import free_port
+from helpers import child_env, final_weights, train_command
 
 SMALL = ["model.levels=2", "model.steps=2", "model.width=16", "data.train_size=256", "data.test_size=32",
          "data.batch_size=8", "train.init_batch_size=32", "train.progress=false", "wandb.mode=disabled",
@@ -47,22 +45,8 @@ SEED = int(os.environ.get("FLOWSCALE_FAULT_SEED", time.time_ns() % 2 ** 31))
 REPLAY = f"(replay with FLOWSCALE_FAULT_SEED={SEED})"
 
 
-def _env(tmp_path, kill_at: str | None = None) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                             "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS",
-                                                             "FLOWSCALE_KILL_AT")}
-    env.update(DS_ACCELERATOR="cpu", TMPDIR=str(tmp_path), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    if kill_at:
-        env["FLOWSCALE_KILL_AT"] = kill_at
-    return env
-
-
 def _cmd(run_dir: Path, nproc: int = 1, *extra: str) -> list[str]:
-    args = ["-m", "flowscale.cli", "train", *SMALL, f"train.run_dir={run_dir}", *extra]
-    if nproc == 1:
-        return [sys.executable, *args]
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-            f"--master_port={free_port()}", *args]
+    return train_command(*SMALL, f"train.run_dir={run_dir}", *extra, nproc=nproc)
 
 
 def _bpd_steps(run_dir: Path) -> list[int]:
@@ -78,12 +62,6 @@ def _bpd_steps(run_dir: Path) -> list[int]:
     return steps
 
 
-def _final(run_dir: Path) -> dict:
-    last = list_complete(run_dir)[-1]
-    return {**load_file(str(last / "model.safetensors")),
-            **{f"ema.{k}": v for k, v in load_file(str(last / "ema.safetensors")).items()}}
-
-
 def _assert_same(a: dict, b: dict, what: str) -> None:
     assert a.keys() == b.keys(), what
     diff = [k for k in a if not torch.equal(a[k], b[k])]
@@ -93,7 +71,7 @@ def _assert_same(a: dict, b: dict, what: str) -> None:
 def _killed_at(run_dir: Path, point: str, step: int, tmp_path: Path) -> None:
     """Run the training (one rank) with a crash point armed; it must die by SIGKILL (not finish, not fail)."""
     p = subprocess.run(_cmd(run_dir, 1, f"train.steps={STEPS}", "train.checkpoint_every=3"),
-                       env=_env(tmp_path, f"{point}@{step}"), capture_output=True, text=True, timeout=600)
+                       env=child_env(tmp_path, f"{point}@{step}"), capture_output=True, text=True, timeout=600)
     assert p.returncode == -signal.SIGKILL, f"{point}@{step}: rc {p.returncode}\n{p.stderr[-3000:]}"
     assert max(_bpd_steps(run_dir)) == step, f"{point}@{step}: died at the wrong place"
 
@@ -108,7 +86,7 @@ def test_sigkill_at_every_crash_point_then_resume_is_exact(tmp_path):
     assert CRASH_POINTS == ("engine_state", "export", "complete", "prune")
     ref = tmp_path / "ref"
     reference = subprocess.Popen(_cmd(ref, 1, f"train.steps={STEPS}", "train.checkpoint_every=3"),
-                                 env=_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                                 env=child_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     run = tmp_path / "run"
     ckpts = run / "checkpoints"
 
@@ -138,7 +116,7 @@ def test_sigkill_at_every_crash_point_then_resume_is_exact(tmp_path):
     rng = random.Random(SEED)
     # An end far away (the schedule has no decay, so only the end point differs): the run is
     # still going when the kill comes, on a fast machine too.
-    proc = subprocess.Popen(_cmd(run, 1, "train.steps=100000", "train.checkpoint_every=3"), env=_env(tmp_path),
+    proc = subprocess.Popen(_cmd(run, 1, "train.steps=100000", "train.checkpoint_every=3"), env=child_env(tmp_path),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     target = 17 + rng.randrange(10)
     deadline = time.time() + 600
@@ -155,7 +133,7 @@ def test_sigkill_at_every_crash_point_then_resume_is_exact(tmp_path):
 
     # The same command runs to the end.
     partial = sorted({c.name for c in ckpts.iterdir()} - {c.name for c in list_complete(run)})
-    p = subprocess.run(_cmd(run, 1, f"train.steps={STEPS}", "train.checkpoint_every=3"), env=_env(tmp_path),
+    p = subprocess.run(_cmd(run, 1, f"train.steps={STEPS}", "train.checkpoint_every=3"), env=child_env(tmp_path),
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     if partial:  # the random kill fell inside a save or prune: cleared, and said once
@@ -166,8 +144,8 @@ def test_sigkill_at_every_crash_point_then_resume_is_exact(tmp_path):
     assert (run / "metrics.superseded.jsonl").is_file(), "the records of lost steps were moved aside"
     _check_folder(run, keep=2)
     assert reference.wait(timeout=600) == 0, reference.stderr.read()[-3000:]
-    _assert_same(_final(run), _final(ref), f"after kills at every crash point and a random one at step "
-                                           f">={target} (last logged {killed_after})")
+    _assert_same(final_weights(run, ema=True), final_weights(ref, ema=True),
+                 f"after kills at every crash point and a random one at step >={target} (last logged {killed_after})")
 
 
 def test_one_rank_killed_inside_a_checkpoint_write(tmp_path):
@@ -175,14 +153,14 @@ def test_one_rank_killed_inside_a_checkpoint_write(tmp_path):
     still writing; no COMPLETE appears, and the rerun resumes from step 3 and ends exact."""
     run, ref = tmp_path / "run", tmp_path / "ref"
     common = ("engine.zero_stage=2", "train.checkpoint_every=3", "train.steps=9")
-    p = subprocess.run(_cmd(run, 2, *common), env=_env(tmp_path, "engine_state@6:1"), capture_output=True,
+    p = subprocess.run(_cmd(run, 2, *common), env=child_env(tmp_path, "engine_state@6:1"), capture_output=True,
                        text=True, timeout=600)
     assert p.returncode != 0, "a run that lost a rank does not report success"
     assert [c.name for c in list_complete(run)] == ["step_00000003"], "no COMPLETE for the step being written"
     assert (run / "checkpoints" / "step_00000006").is_dir()
     outs = []
     for cmd_dir in (run, ref):
-        p = subprocess.run(_cmd(cmd_dir, 2, *common), env=_env(tmp_path), capture_output=True, text=True,
+        p = subprocess.run(_cmd(cmd_dir, 2, *common), env=child_env(tmp_path), capture_output=True, text=True,
                            timeout=600)
         assert p.returncode == 0, p.stderr[-3000:]
         outs.append(p.stdout)
@@ -190,4 +168,5 @@ def test_one_rank_killed_inside_a_checkpoint_write(tmp_path):
     assert "resumed from" in outs[0] and "step_00000003 at step 3" in outs[0]
     assert sorted(_bpd_steps(run)) == list(range(1, 10))
     _check_folder(run, keep=2)
-    _assert_same(_final(run), _final(ref), "two ranks, one killed inside the write of step 6")
+    _assert_same(final_weights(run, ema=True), final_weights(ref, ema=True),
+                 "two ranks, one killed inside the write of step 6")

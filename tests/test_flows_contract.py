@@ -14,57 +14,15 @@ from flowscale.flows.nets import glow_net
 from flowscale.flows.permutations import InvConv1x1, InvConv1x1LU, ReversePermutation, ShufflePermutation
 from flowscale.priors import SplitPrior, TopPrior, standard_normal_logprob
 
-from helpers import perturb_, small_flow
+from helpers import assert_jacobian, brute_force_logdet, flat_model, perturb_, randn, round_trip, small_flow
 
-
-
-@pytest.fixture(autouse=True)
-def float64_default():
-    """Layers built in this module are float64 (brute-force Jacobians); restored afterwards."""
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    torch.manual_seed(0)  # layer constructors draw from the global RNG: same weights in any test order
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64_default")  # layers built here are float64 (brute-force Jacobians)
 
 B, C, H, W = 3, 4, 4, 4
 
 
-def brute_force_logdet(fn, x):
-    """[B] log|det df/dx| per sample from the full float64 Jacobian."""
-    out = []
-    for i in range(x.shape[0]):
-        xi = x[i:i + 1]
-        jac = torch.autograd.functional.jacobian(lambda v: fn(v).reshape(-1), xi)
-        jac = jac.reshape(xi.numel(), xi.numel())
-        out.append(torch.linalg.slogdet(jac)[1])
-    return torch.stack(out)
-
-
-def assert_jacobian(layer, x, cond=None):
-    """Compare the layer's log-det to the brute-force one, sample by sample."""
-    z, ld = layer(x, cond=cond)
-    for i in range(x.shape[0]):
-        ci = None if cond is None else cond[i:i + 1]
-        bf = brute_force_logdet(lambda v: layer(v, cond=ci)[0], x[i:i + 1])
-        assert abs(bf.item() - ld[i].item()) < 1e-8, f"sample {i}: brute force {bf.item()} vs layer {ld[i].item()}"
-    # Sanity: the check must be able to fail (the log-det is not trivially 0 here).
-    return ld
-
-
-def round_trip(layer, x, cond=None, tol=1e-9):
-    z, ld = layer(x, cond=cond)
-    assert ld.shape == (x.shape[0],) and ld.dtype == torch.float64
-    x_back, ld_inv = layer(z, cond=cond, reverse=True)
-    assert (x - x_back).abs().max().item() < tol, "round trip"
-    assert (ld + ld_inv).abs().max().item() < tol, "logdet(forward) != -logdet(inverse)"
-    x_back2, ld_inv2 = layer.inverse(z, cond=cond)
-    assert torch.equal(x_back, x_back2) and torch.equal(ld_inv, ld_inv2)
-    return z, ld
-
-
 def data(shape=(B, C, H, W), seed=0):
-    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    return randn(shape, seed)
 
 
 LAYERS = {
@@ -150,11 +108,6 @@ def test_class_conditioning_changes_density():
     ld0 = prior(x, cond=torch.zeros(B, dtype=torch.long))[1]
     ld1 = prior(x, cond=torch.ones(B, dtype=torch.long))[1]
     assert (ld0 - ld1).abs().max() > 1e-3
-
-
-def flat_model(flow, x):
-    eps, _ = flow(x)
-    return torch.cat([e.reshape(x.shape[0], -1) for e in eps], dim=1)
 
 
 @pytest.mark.parametrize("preset", ["nice", "realnvp", "glow"])

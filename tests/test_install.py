@@ -2,11 +2,14 @@
 is not the checkout, the bundled configs are listed and a training run picks one by name and
 writes a checkpoint.
 
-The venv sees this machine's packages (``--system-site-packages``: torch, deepspeed, ... need no
-download), which include the editable install of the checkout. Nothing is uninstalled: the
-venv's own site-packages come first on ``sys.path`` and the editable finder sits at the end of
+The wheel is built once, offline, from a copy of the checkout (the copy then deleted), and
+installed into venvs that see the packages of the environment running the tests (torch,
+deepspeed, ... need no download): the system interpreter's, or, when the tests run inside a
+virtual environment, that environment's too (:func:`make_venv`). Nothing is uninstalled: a
+venv's own site-packages come first on ``sys.path`` and an editable finder sits at the end of
 ``sys.meta_path``, so the venv's copy is what gets imported -- asserted below through
-``flowscale.__file__``, with the source copy the wheel was built from deleted beforehand.
+``flowscale.__file__``. Every run also makes a venv inside a venv, so the route a user takes
+(the README's command in a fresh virtual environment) is exercised whatever runs the suite.
 """
 
 from __future__ import annotations
@@ -45,22 +48,89 @@ def _run(cmd, cwd, **kw) -> subprocess.CompletedProcess:
     return r
 
 
+# Exit status 0 where setuptools can build wheels: bdist_wheel is part of setuptools from 70.1 on,
+# older ones need the wheel package.
+BUILDS_WHEELS = ("import importlib.util as u; "
+                 "raise SystemExit(not (u.find_spec('setuptools.command.bdist_wheel') or u.find_spec('wheel')))")
+# The site-packages of the environment a python runs in, when that is a virtual environment.
+VENV_SITES = ("import json, site, sys; "
+              "print(json.dumps(site.getsitepackages([sys.prefix]) if sys.prefix != sys.base_prefix else []))")
+
+
+def site_packages(python: Path) -> Path:
+    return Path(_run([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"], cwd="/").stdout.strip())
+
+
+def make_venv(python: Path, target: Path) -> Path:
+    """A venv made by ``python`` that sees what ``python`` sees; returns the venv's python.
+
+    ``--system-site-packages`` gives it the BASE interpreter's packages only: made from inside a
+    virtual environment, a venv's base is that environment's base. So where ``python`` runs in a
+    venv, a .pth file adds that venv's site-packages (through ``site.addsitedir``, its own .pth
+    files included) right after the new venv's own and before the base's, the order ``python``
+    itself has. ``--without-pip``: the venv runs the pip it sees (ensurepip would put its own
+    pip and setuptools first)."""
+    _run([python, "-m", "venv", "--system-site-packages", "--without-pip", target], cwd=target.parent)
+    venv_python = target / "bin" / "python"
+    parent_sites = json.loads(_run([python, "-c", VENV_SITES], cwd=target.parent).stdout)
+    if parent_sites:
+        line = "import site; " + "; ".join(f"site.addsitedir({p!r})" for p in parent_sites)
+        (site_packages(venv_python) / "_parent_environment.pth").write_text(line + "\n")
+    return venv_python
+
+
+def wheel_builder() -> Path:
+    """This interpreter, or else its base interpreter, whichever has a setuptools that builds
+    wheels (a venv's own ensurepip setuptools may be too old). The wheel is pure Python: which
+    one builds it does not change what gets installed."""
+    base = Path(sys.base_prefix) / "bin" / f"python{sys.version_info.major}.{sys.version_info.minor}"
+    for python in dict.fromkeys([Path(sys.executable), base]):
+        if python.exists() and subprocess.run([python, "-c", BUILDS_WHEELS], env=_clean_env()).returncode == 0:
+            return python
+    pytest.fail("no setuptools that builds wheels here or in the base interpreter (setuptools >= 70.1, or an older "
+                "one with the wheel package): pip install -e '.[test]' installs one")
+
+
 @pytest.fixture(scope="module")
-def venv(tmp_path_factory) -> Path:
-    """A fresh venv with flowscale installed from a copy of this checkout, the copy then deleted."""
-    root = tmp_path_factory.mktemp("install")
+def wheel(tmp_path_factory) -> Path:
+    """flowscale's wheel, built offline from a copy of this checkout, the copy then deleted."""
+    root = tmp_path_factory.mktemp("wheel")
     src = root / "src"
     # Build from a copy: pip builds in the source tree (build/, *.egg-info), and the checkout is
     # shared with other runs; a copy also proves the install needs nothing from the checkout.
     shutil.copytree(REPO, src, symlinks=True, ignore=NOT_SOURCES)
-    env_dir = root / "venv"
-    # --without-pip: the venv runs this machine's pip and setuptools (ensurepip would put its own,
-    # older setuptools first, one without bdist_wheel); they install into the venv's prefix.
-    _run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", env_dir], cwd=root)
-    _run([env_dir / "bin" / "python", "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index",
-          "--quiet", src], cwd=root, timeout=600)
+    _run([wheel_builder(), "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "--quiet",
+          "--wheel-dir", root / "dist", src], cwd=root, timeout=600)
     shutil.rmtree(src)
+    (built,) = (root / "dist").glob("flowscale-*.whl")
+    return built
+
+
+def install(wheel: Path, python: Path) -> None:
+    _run([python, "-m", "pip", "install", "--no-deps", "--no-index", "--quiet", wheel], cwd=wheel.parent, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def venv(wheel, tmp_path_factory) -> Path:
+    """A fresh venv, made by the interpreter running the tests, with the wheel installed."""
+    env_dir = tmp_path_factory.mktemp("install") / "venv"
+    install(wheel, make_venv(Path(sys.executable), env_dir))
     return env_dir
+
+
+def test_a_venv_made_inside_a_venv_sees_that_venv(wheel, tmp_path):
+    """The venv route in every run: a venv made from inside another venv sees that venv's packages
+    (a module placed there), the base interpreter's (torch) and its own flowscale copy, first."""
+    outer = make_venv(Path(sys.executable), tmp_path / "outer")
+    (site_packages(outer) / "outer_environment_probe.py").write_text("")
+    inner = make_venv(outer, tmp_path / "inner")
+    install(wheel, inner)
+    probe = ("import json, outer_environment_probe as o, flowscale, torch; "
+             "print(json.dumps([o.__file__, flowscale.__file__, torch.__file__]))")
+    seen, own, torch_file = map(Path, json.loads(_run([inner, "-c", probe], cwd=tmp_path).stdout))
+    assert seen.parent == site_packages(outer)
+    assert own.is_relative_to(site_packages(inner)), own
+    assert not torch_file.is_relative_to(tmp_path), torch_file  # the environment running the tests provides it
 
 
 def test_the_venv_imports_its_own_copy(venv, tmp_path):

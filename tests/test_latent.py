@@ -31,7 +31,7 @@ def crops():
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     """A tiny demo model trained for 24 steps in this process (EMA kept), shared by the module."""
-    from conftest import free_port
+    from helpers import free_port
     from flowscale.train import main as train_main
 
     root = tmp_path_factory.mktemp("latent_run")

@@ -14,16 +14,10 @@ from flowscale.flows.spectral import BoundedSpectralNorm, spectral_norm_
 from flowscale.lipschitz import flow_regularizer, invconv_weights, logdet_stats, step_logdets
 from flowscale.loss import flow_bpd_dequantized
 
-from helpers import perturb_, small_flow
-from test_flows_contract import brute_force_logdet
+from helpers import brute_force_logdet, perturb_, small_flow
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def true_norm(w):

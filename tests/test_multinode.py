@@ -9,7 +9,7 @@ import uuid
 
 import pytest
 
-from test_distributed import SMALL, env_for, last_by_step, weights
+from helpers import SMALL_RUN, child_env, final_weights, last_by_step
 
 
 def _sh(*cmd):
@@ -56,11 +56,11 @@ def test_two_nodes_zero2_over_tcp(tmp_path, two_hosts):
     run_dir = tmp_path / "run"
     procs = []
     for rank, (ns, ifname) in enumerate(((ns_a, if_a), (ns_b, if_b))):
-        env = env_for(tmp_path)
+        env = child_env(tmp_path)
         # One process per node; the rendezvous crosses the veth link to node A's address.
         env.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR=ip_a, MASTER_PORT="29731",
                    GLOO_SOCKET_IFNAME=ifname)
-        cmd = ["ip", "netns", "exec", ns, sys.executable, "-m", "flowscale.cli", "train", *SMALL,
+        cmd = ["ip", "netns", "exec", ns, sys.executable, "-m", "flowscale.cli", "train", *SMALL_RUN,
                f"train.run_dir={run_dir}", "train.steps=4", "engine.zero_stage=2"]
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     outs = []
@@ -76,4 +76,4 @@ def test_two_nodes_zero2_over_tcp(tmp_path, two_hosts):
     assert "ranks=2" in outs[0]
     assert last_by_step(run_dir, "ranks_agree") == {4: 1}
     assert len(last_by_step(run_dir)) == 4
-    assert weights(run_dir)
+    assert final_weights(run_dir)

@@ -34,6 +34,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 # demo.yaml at width 256: 1.98M parameters (states of 12-20 bytes each: 24-40 MB), micro-batch 2.
 OVERRIDES = ["model.width=256", "optim.lr=1e-6", "wandb.mode=disabled"]
@@ -182,14 +184,6 @@ def _measure(case) -> dict:
     return out
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _run_all(out_dir: Path, slots: int = 2, timeout: int = 120) -> None:
     """Measure every case, each rank in a fresh forked process, ``slots`` processes at a time;
     writes <out_dir>/<case>.<rank>.json."""
@@ -215,7 +209,7 @@ def _run_all(out_dir: Path, slots: int = 2, timeout: int = 120) -> None:
     while pending or running:
         while pending and slots - len(running) >= pending[0][-1]:
             case = pending.pop(0)
-            port = _free_port()
+            port = free_port()
             for rank in range(case[-1]):
                 pid = os.fork()
                 if pid == 0:  # a fresh process for this rank of this case

@@ -16,12 +16,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from flowscale.checkpoint import list_complete
 from flowscale.preemption import EXIT_PREEMPTED
 
-from conftest import free_port
+from helpers import child_env, final_weights, free_port, train_command
 
 SMALL = ["model.levels=2", "model.steps=2", "model.width=16", "data.train_size=256", "data.test_size=32",
          "data.batch_size=8", "train.init_batch_size=32", "train.progress=false", "wandb.mode=disabled",
@@ -30,13 +29,6 @@ SMALL = ["model.levels=2", "model.steps=2", "model.width=16", "data.train_size=2
 # Far more steps than the test lets run: the signal always comes first; the periodic checkpoint
 # is never due.
 LONG = ["train.steps=100000", "train.checkpoint_every=100000"]
-
-
-def _env(tmp_path, **extra):
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                             "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS")}
-    env.update(DS_ACCELERATOR="cpu", TMPDIR=str(tmp_path), OMP_NUM_THREADS="1", **extra)
-    return env
 
 
 def _logged_steps(run_dir: Path) -> int:
@@ -59,20 +51,14 @@ def _wait_for_step(proc, run_dir: Path, n: int, timeout: float = 600) -> None:
 
 
 def _train_cmd(run_dir: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "flowscale.cli", "train", *SMALL, f"train.run_dir={run_dir}", *extra]
-
-
-def _final(run_dir: Path) -> dict:
-    last = list_complete(run_dir)[-1]
-    return {**load_file(str(last / "model.safetensors")),
-            **{f"ema.{k}": v for k, v in load_file(str(last / "ema.safetensors")).items()}}
+    return train_command(*SMALL, f"train.run_dir={run_dir}", *extra)
 
 
 def _uninterrupted(tmp_path, steps: int) -> dict:
     ref = tmp_path / "ref"
     subprocess.run(_train_cmd(ref, f"train.steps={steps}", f"train.checkpoint_every={steps}"),
-                   env=_env(tmp_path), check=True, capture_output=True, text=True, timeout=900)
-    return _final(ref)
+                   env=child_env(tmp_path), check=True, capture_output=True, text=True, timeout=900)
+    return final_weights(ref, ema=True)
 
 
 def _same(a: dict, b: dict) -> None:
@@ -85,7 +71,7 @@ def _same(a: dict, b: dict) -> None:
                          ids=["sigterm", "sigusr1-twice"])
 def test_signal_saves_the_step_reached_and_resume_is_exact(tmp_path, signum, twice):
     run = tmp_path / "run"
-    proc = subprocess.Popen(_train_cmd(run, *LONG), env=_env(tmp_path), stdout=subprocess.PIPE,
+    proc = subprocess.Popen(_train_cmd(run, *LONG), env=child_env(tmp_path), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     _wait_for_step(proc, run, 4)
     proc.send_signal(signum)
@@ -107,17 +93,17 @@ def test_signal_saves_the_step_reached_and_resume_is_exact(tmp_path, signum, twi
     assert f"at step {reached}" in err and "resume" in err and "Traceback" not in err, err[-2000:]
     # Rerun the same command (only the end point changes: no LR decay, so the schedule is the same).
     subprocess.run(_train_cmd(run, f"train.steps={reached + 3}", "train.checkpoint_every=100000"),
-                   env=_env(tmp_path), check=True, capture_output=True, text=True, timeout=900)
+                   env=child_env(tmp_path), check=True, capture_output=True, text=True, timeout=900)
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert sorted(r["step"] for r in records if "bpd" in r) == list(range(1, reached + 4)), "no step lost or repeated"
-    _same(_final(run), _uninterrupted(tmp_path, reached + 3))
+    _same(final_weights(run, ema=True), _uninterrupted(tmp_path, reached + 3))
 
 
 def test_two_ranks_agree_on_the_step_when_one_is_signalled(tmp_path):
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
            "-m", "flowscale.cli", "train", *SMALL, f"train.run_dir={run}", *LONG, "engine.zero_stage=2"]
-    proc = subprocess.Popen(cmd, env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, env=child_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for_step(proc, run, 3)
     children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
     ranks = {}

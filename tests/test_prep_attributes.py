@@ -16,7 +16,8 @@ from data_prep.attributes import CELEBA_ATTRIBUTES
 from data_prep.cli import main as prep
 from flowscale.data import DataError, demo_images, load_split
 from flowscale.data.attributes import attribute_batches
-from test_prep_convert import write_tfrecord
+
+from helpers import write_tfrecord
 
 
 @pytest.fixture(scope="module")

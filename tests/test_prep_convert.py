@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import pickle
-import struct
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +14,11 @@ import torch
 from PIL import Image
 
 from data_prep.cli import main as prep
-from data_prep.tfrecord import crc32c, masked_crc, parse_example, read_record, record_offsets
+from data_prep.tfrecord import crc32c, parse_example, read_record, record_offsets
 from flowscale.config import DataConfig
 from flowscale.data import demo_images, eval_split
+
+from helpers import write_tfrecord
 
 
 @pytest.fixture(scope="module")
@@ -106,33 +107,6 @@ def test_deterministic_and_resumable(tmp_path, photos):
     assert files(tmp_path / "b") == a
     # Same directory, other options: refused instead of mixing two conversions.
     assert prep(["folder", str(src), str(tmp_path / "b"), "--resolution", "16", *common]) == 1
-
-
-def write_tfrecord(path: Path, examples: list[dict]) -> None:
-    """A TFRecord of tf.train.Example protobufs, encoded here by hand from the wire format."""
-    def varint(n):
-        out = b""
-        while True:
-            b, n = n & 0x7F, n >> 7
-            out += bytes([b | (0x80 if n else 0)])
-            if not n:
-                return out
-
-    def ld(field, payload):
-        return varint(field << 3 | 2) + varint(len(payload)) + payload
-
-    with open(path, "wb") as f:
-        for ex in examples:
-            feats = b""
-            for name, value in ex.items():
-                if isinstance(value, bytes):
-                    feature = ld(1, ld(1, value))
-                else:
-                    feature = ld(3, ld(1, b"".join(varint(v) for v in value)))
-                feats += ld(1, ld(1, name.encode()) + ld(2, feature))
-            data = ld(1, feats)
-            head = struct.pack("<Q", len(data))
-            f.write(head + struct.pack("<I", masked_crc(head)) + data + struct.pack("<I", masked_crc(data)))
 
 
 def test_glow_tfrecords(tmp_path, photos):

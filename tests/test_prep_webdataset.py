@@ -25,7 +25,7 @@ from flowscale.cli import main as cli_main
 from flowscale.data import DataError, build_train_loader, eval_split, first_images
 from flowscale.data.manifest import Manifest, ShardEntry, sha256_file, write_manifest
 
-from data_files import data_cfg
+from helpers import data_cfg
 
 
 def photo(i: int, w: int = 12, h: int = 10) -> np.ndarray:

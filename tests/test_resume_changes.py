@@ -15,7 +15,7 @@ import pytest
 from flowscale.checkpoint import list_complete
 from flowscale.cli import main as cli_main
 
-from conftest import free_port
+from helpers import free_port
 
 SMALL = ["model.levels=2", "model.steps=1", "model.width=8", "data.train_size=64", "data.test_size=16",
          "data.batch_size=8", "train.init_batch_size=16", "train.progress=false", "wandb.mode=disabled",

@@ -10,17 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from flowscale.checkpoint import list_complete
-from flowscale.config import load_config
 from flowscale.logging import read_metrics
 from launch.submit import submit
 
+from helpers import SMALL_RUN as SMALL, final_weights, wait_for
+
 STATE = Path(os.environ.get("FLOWSCALE_SLURM_DIR", "/tmp/flowscale-slurm"))
-SMALL = ["model.levels=2", "model.steps=2", "model.width=16", "data.train_size=512", "data.test_size=64",
-         "data.batch_size=16", "train.init_batch_size=64", "train.progress=false", "wandb.mode=disabled",
-         "train.eval_every=0", "train.sample_every=0", "train.log_every=1", "optim.warmup_steps=2"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -36,21 +33,6 @@ def slurm_cluster():
         pytest.skip("Slurm does not answer (no idle node): run `bash launch/slurm_local/start.sh`")
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     yield
-
-
-def weights(run_dir):
-    return load_file(str(list_complete(run_dir)[-1] / "model.safetensors"))
-
-
-def wait_for(predicate, timeout, what, job=None):
-    """Poll ``predicate``; a ``job`` that ends meanwhile fails the wait at once with its error."""
-    deadline = time.time() + timeout
-    while not predicate():
-        assert time.time() < deadline, f"timed out waiting for {what}"
-        if job is not None and job.done() and not predicate():
-            job.results()  # raises the job's exception
-            raise AssertionError(f"the job finished before {what}")
-        time.sleep(0.5)
 
 
 def test_two_tasks_train_and_agree(tmp_path):
@@ -95,66 +77,65 @@ def test_preemption_requeues_and_resumes_exactly(tmp_path):
     steps = sorted(r["step"] for r in read_metrics(pre_dir) if "bpd" in r)
     assert steps == list(range(1, 241)) and not (pre_dir / "metrics.superseded.jsonl").exists(), "no step lost"
     ref.results()
-    a, b = weights(ref_dir), weights(pre_dir)
+    a, b = final_weights(ref_dir), final_weights(pre_dir)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def steps_per_second(tmp_path, overrides) -> float:
-    """This machine's training speed for ``overrides`` right now (in-process, same model)."""
-    from flowscale.train import main
+def _newest_step(run_dir: Path) -> int:
+    return max((int(p.name.split("_")[1]) for p in list_complete(run_dir)), default=0)
 
-    saved = dict(os.environ)
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        os.environ.pop(k, None)
-    try:
-        main(load_config(None, overrides + ["train.steps=20", f"train.run_dir={tmp_path / 'warm'}"]))
-        t0 = time.time()
-        main(load_config(None, overrides + ["train.steps=220", f"train.run_dir={tmp_path / 'warm'}"]))
-        return 200 / (time.time() - t0)
-    finally:  # the rendezvous variables main() filled in must not travel into the sbatch environment
-        os.environ.clear()
-        os.environ.update(saved)
+
+def _job_log(job) -> str:
+    """What the job's task wrote to stdout so far, every slot (a requeued job appends to the same file)."""
+    return Path(job.paths.stdout).read_text() if Path(job.paths.stdout).is_file() else ""
+
+
+def _saved_steps(job) -> list[int]:
+    return [int(s) for s in re.findall(r"preempted: saved step (\d+) in ", _job_log(job))]
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1800)  # up to max_timeouts slots of ~30 s
-def test_time_limit_requeues_until_done(tmp_path):
-    # A 1-minute limit with USR2 30 s before it (~20 s of training per slot after start-up) and
-    # ~35 s of training, sized from this machine's measured speed: the job must hit its time
-    # limit, be requeued under the same id, resume from its newest checkpoint, and finish; the
-    # time-out budget counts down from --max-timeouts (not submitit's default of 3).
-    # Slurm sends --signal "up to 60 seconds earlier than specified" (sbatch(1)), so a slot can
-    # end a few seconds after it starts, before Python is even up on a loaded machine: the
-    # budget is generous, and a run that needs all of it is stuck, not slow.
-    import pickle
+def test_time_limit_requeues_until_the_budget_is_spent(tmp_path):
+    """The time-limit path, at known points instead of by the clock. Ahead of the limit Slurm
+    sends USR2 alone (``--signal``; a preemption sends SIGTERM first), and submitit counts it as a
+    time-out once the job has run past its guaranteed time, min(80 % of the limit, the limit
+    - 10 min): always, within a 10-minute limit. The test sends that USR2 to the job's tasks,
+    as Slurm does (``scancel --signal=USR2``), each time once the current slot has written a
+    checkpoint, so its handlers are in place whatever the machine's speed. (Slurm may send its
+    signal up to 60 s early, so with a short limit it can come before Python is up, and the
+    job dies of it: that timing is Slurm's, and no part of what is tested here.)
 
-    max_timeouts = 30
-
-    common = SMALL + ["train.checkpoint_every=25"]
-    # No large floor: on a loaded machine 400 steps took 30 slots of a few seconds each.
-    steps = max(100, int(35 * steps_per_second(tmp_path, common)) // 25 * 25)
-    for attempt in range(3):
-        run_dir = tmp_path / f"run{attempt}"
-        (job,) = submit(None, common + [f"train.steps={steps}", f"train.run_dir={run_dir}"],
-                        tasks_per_node=1, time_min=1, signal_delay_s=30,
-                        max_timeouts=max_timeouts)
-        try:
-            results = job.results()
-        finally:
-            subprocess.run(["scancel", str(job.job_id)], check=False)
-        assert results[0]["step"] == steps
-        log = Path(job.paths.stdout).read_text()
-        resumes = log.count("resumed from")
-        if resumes:
-            break
-        # The machine got faster than measured and the whole run fit in one slot: that tests
-        # nothing, so again with three times the steps (speed is not this test's business).
-        steps *= 3
-    assert resumes >= 1, f"{steps // 3} steps fit in one 30 s slot three times"
-    # Requeues as submitit logs them: on a loaded machine a slot can end before its first
-    # checkpoint, and the next one then starts afresh, requeued but not "resumed from".
-    requeues = log.count(f"Requeued job {job.job_id} ")
-    assert requeues >= resumes
-    countdown = pickle.loads(Path(job.paths.submitted_pickle).read_bytes())._timeout_countdown
-    assert countdown == max_timeouts - requeues, "every requeue was a time-out, counted against --max-timeouts"
+    Each time-out must save the step reached and requeue the job under the same id with one
+    time-out fewer (--max-timeouts 2); each requeued job resumes at that step; the third
+    time-out ends the job, the budget spent, with every step up to its save in the metrics."""
+    max_timeouts = 2
+    run_dir = tmp_path / "run"
+    (job,) = submit(None, SMALL + ["train.steps=100000", "train.checkpoint_every=10", f"train.run_dir={run_dir}"],
+                    tasks_per_node=1, time_min=10, signal_delay_s=30, max_timeouts=max_timeouts)
+    try:
+        script = Path(job.paths.submission_file).read_text()
+        assert "#SBATCH --signal=USR2@30" in script and "#SBATCH --time=10" in script, script
+        saved = 0
+        for k in range(max_timeouts + 1):
+            wait_for(lambda: _newest_step(run_dir) > saved, 300, f"a checkpoint after step {saved}", job)
+            subprocess.run(["scancel", "--signal=USR2", str(job.job_id)], check=True)
+            if k < max_timeouts:
+                wait_for(lambda: len(_saved_steps(job)) > k, 300, f"the save on time-out {k + 1}", job)
+                saved = _saved_steps(job)[-1]
+        with pytest.raises(Exception, match="timed-out too many times"):
+            job.results()
+    finally:
+        subprocess.run(["scancel", str(job.job_id)], check=False)
+    log = _job_log(job)
+    saved = _saved_steps(job)
+    assert len(saved) == max_timeouts + 1 and saved == sorted(set(saved)), saved
+    assert log.count("this job is timed-out") == max_timeouts + 1, "every USR2 was a time-out (none a preemption)"
+    remaining = re.findall(rf"Requeued job {job.job_id} \((\d+) remaining timeouts\)", log)
+    assert remaining == [str(n) for n in range(max_timeouts - 1, -1, -1)], remaining
+    resumed = [int(s) for s in re.findall(r"resumed from \S+ at step (\d+)", log)]
+    assert resumed == saved[:-1], f"each requeued job resumes at the step saved on the time-out: {resumed} {saved}"
+    assert _newest_step(run_dir) == saved[-1]
+    steps = sorted(r["step"] for r in read_metrics(run_dir) if "bpd" in r)
+    assert steps == list(range(1, saved[-1] + 1)) and not (run_dir / "metrics.superseded.jsonl").exists(), \
+        "no step lost or repeated"
     assert sorted(p.name for p in (run_dir / "submitit").glob("*_log.out")) == [f"{job.job_id}_0_log.out"]

@@ -16,7 +16,8 @@ from flowscale.config import load_config
 from flowscale.flows.models import build_flow
 from flowscale.logging import read_metrics
 from launch.submit import submit
-from test_slurm import SMALL, wait_for
+
+from helpers import SMALL_RUN as SMALL, wait_for
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "launch" / "slurm_local"
 STATE = Path(os.environ.get("FLOWSCALE_SLURM2_DIR", "/tmp/flowscale-slurm2"))

@@ -5,7 +5,7 @@ import zlib
 
 import pytest
 
-from conftest import clear_env
+from helpers import clear_env
 from flowscale.cli import main as cli_main
 from flowscale.distributed import dist_env, master_port
 from launch.submit import load_sweep

@@ -18,18 +18,14 @@ about 1e-7 for the losses and 6e-8 for the weights (float32 ulps), well inside b
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
 from flowscale.checkpoint import list_complete
 
-from conftest import free_port
+from helpers import child_env, final_weights, train_command
 
 STEPS, LR = 30, 1e-3
 COMMON = ["model.levels=2", "model.steps=1", "model.width=8", "data.image_size=16", "data.train_size=64",
@@ -41,15 +37,10 @@ WEIGHT_TOL = STEPS * LR * 1e-3
 
 def _train(run_dir: Path, nproc: int, *overrides: str, tmp_path: Path, ok: bool = True,
            kill_at: str | None = None) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                             "MASTER_PORT", "FLOWSCALE_KILL_AT", "WANDB_DIR")}
-    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TMPDIR=str(tmp_path))
-    if kill_at:  # flowscale.checkpoint's crash points: SIGKILL inside a save
-        env["FLOWSCALE_KILL_AT"] = kill_at
-    args = ["-m", "flowscale.cli", "train", *COMMON, f"train.run_dir={run_dir}", *overrides]
-    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run",
-                                                    f"--nproc_per_node={nproc}", f"--master_port={free_port()}"]
-    p = subprocess.run(launcher + args, env=env, capture_output=True, text=True, timeout=900)
+    env = child_env(tmp_path, kill_at)  # kill_at: flowscale.checkpoint's crash points, SIGKILL inside a save
+    env.pop("WANDB_DIR", None)
+    p = subprocess.run(train_command(*COMMON, f"train.run_dir={run_dir}", *overrides, nproc=nproc), env=env,
+                       capture_output=True, text=True, timeout=900)
     if ok:
         assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     return p
@@ -62,15 +53,11 @@ def _bpd(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["bpd"] for r in rows if "bpd" in r}
 
 
-def _weights(run_dir: Path) -> dict:
-    return load_file(str(list_complete(run_dir)[-1] / "model.safetensors"))
-
-
 def _compare(a: Path, b: Path) -> tuple[float, float]:
     la, lb = _bpd(a), _bpd(b)
     assert la.keys() == lb.keys() == set(range(1, STEPS + 1))
     loss = max(abs(la[k] - lb[k]) / abs(la[k]) for k in la)
-    wa, wb = _weights(a), _weights(b)
+    wa, wb = final_weights(a), final_weights(b)
     weights = max((wa[k] - wb[k]).abs().max().item() for k in wa if wa[k].is_floating_point())
     print(f"{b.parent.name}: per-step bits/dim max relative difference {loss:.2e}, final weights {weights:.2e}")
     return loss, weights

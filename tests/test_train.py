@@ -16,6 +16,8 @@ from flowscale.lock import RunDirLocked, acquire, release
 from flowscale.logging import read_metrics
 from flowscale.train import main as train_main
 
+from helpers import final_weights
+
 SMALL = ["model.levels=2", "model.steps=2", "model.width=32", "data.train_size=1024", "data.test_size=128",
          "data.batch_size=16", "train.init_batch_size=64", "train.progress=false", "wandb.mode=disabled"]
 QUIET = ["train.eval_every=0", "train.sample_every=0"]
@@ -25,10 +27,6 @@ pytestmark = pytest.mark.usefixtures("single_process_env")
 
 def small_cfg(run_dir, *extra):
     return load_config(None, SMALL + [f"train.run_dir={run_dir}", *extra])
-
-
-def final_weights(run_dir):
-    return load_file(str(list_complete(run_dir)[-1] / "model.safetensors"))
 
 
 def test_short_demo_run_lowers_bits_per_dim(tmp_path):

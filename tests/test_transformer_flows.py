@@ -20,47 +20,14 @@ from flowscale.inverse_checkpoint import InvertibleSequence, inverse_checkpoint
 from flowscale.loss import objective
 from flowscale.sample import denoise
 
-from helpers import assert_same_loss_and_gradients, loss_and_grads, perturb_, worst_relative_difference
-from test_flows_contract import data, flat_model, round_trip
+from helpers import (assert_jacobian, assert_same_loss_and_gradients, brute_force_logdet, flat_model, jacobian,
+                     loss_and_grads, perturb_, randn, round_trip, worst_relative_difference)
 
 B, C, H, W = 1, 2, 4, 4  # 32 dimensions: brute-force Jacobians stay cheap on a loaded CPU
 
-
-@pytest.fixture(autouse=True)
-def float64_one_thread():
-    """float64 layers (brute-force Jacobians), and one intra-op thread: these models are tiny,
-    and on a loaded 2-core machine two OpenMP threads make each small op ~100x slower."""
-    old, threads = torch.get_default_dtype(), torch.get_num_threads()
-    torch.set_default_dtype(torch.float64)
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    yield
-    torch.set_default_dtype(old)
-    torch.set_num_threads(threads)
-
-
-def jacobian(fn, x):
-    """The float64 Jacobian [D_out, D_in] of ``fn`` at the single sample x [1, ...], by brute
-    force in one batched pass: x repeated D_in times, backward with the identity as output
-    gradient (each sample depends on its own input only), so row i is d out_i / dx."""
-    n = x.numel()
-    xs = x.detach().repeat(n, *([1] * (x.dim() - 1))).requires_grad_(True)
-    out = fn(xs).reshape(n, -1)
-    assert out.shape == (n, n)
-    out.backward(torch.eye(n, dtype=out.dtype))
-    return xs.grad.reshape(n, n)
-
-
-def brute_force_logdet(fn, x):
-    """[B] log|det df/dx| per sample from the full float64 Jacobian."""
-    return torch.stack([torch.linalg.slogdet(jacobian(fn, x[i:i + 1]))[1] for i in range(x.shape[0])])
-
-
-def assert_jacobian(layer, x):
-    _, ld = layer(x)
-    bf = brute_force_logdet(lambda v: layer(v)[0], x)
-    assert (bf - ld).abs().max().item() < 1e-8, f"brute force {bf.tolist()} vs layer {ld.tolist()}"
-    return ld
+# float64 layers (brute-force Jacobians), and one intra-op thread: these models are tiny, and on
+# a loaded 2-core machine two OpenMP threads make each small op ~100x slower.
+pytestmark = pytest.mark.usefixtures("float64_default", "one_thread")
 
 
 def tiny_vit(patch=1):
@@ -82,7 +49,7 @@ for pattern, parity in (("checkerboard", 0), ("checkerboard", 1), ("vstripes", 1
 @pytest.mark.parametrize("name", sorted(LAYERS))
 def test_layer_contract(name):
     layer = perturb_(LAYERS[name]().double(), 0.5, seed=1)
-    x = data((B, C, H, W))
+    x = randn((B, C, H, W))
     round_trip(layer, x)
     ld = assert_jacobian(layer, x)
     assert ld.abs().min() > 1e-2, "perturbed layer should change volume; the test would not detect a wrong log-det"
@@ -91,7 +58,7 @@ def test_layer_contract(name):
 @pytest.mark.parametrize("name", sorted(LAYERS))
 def test_layer_starts_as_identity(name):
     layer = LAYERS[name]().double()  # zero-initialised output layers: the identity
-    x = data((2, C, H, W))
+    x = randn((2, C, H, W))
     z, ld = layer(x)
     assert torch.equal(z, x) and torch.equal(ld, torch.zeros(2))
 
@@ -134,7 +101,7 @@ def token_jacobian(block, x):
 @pytest.mark.parametrize("reverse", [False, True])
 def test_tarflow_jacobian_is_triangular_in_token_order(reverse):
     block = perturb_(TarFlowBlock(C, H * W, width=8, depth=2, heads=2, reverse=reverse).double(), 0.5, seed=2)
-    x = data((1, C, H, W), seed=3)
+    x = randn((1, C, H, W), seed=3)
     jac = token_jacobian(block, x)
     n = block.tokens
     above = torch.stack([jac[i, :, j] for i in range(n) for j in range(i + 1, n)])
@@ -152,7 +119,7 @@ def test_tarflow_jacobian_is_triangular_in_token_order(reverse):
 @pytest.mark.parametrize("reverse", [False, True])
 def test_tarflow_cached_inverse_equals_uncached(reverse):
     block = perturb_(TarFlowBlock(4, 16, width=8, depth=2, heads=2, reverse=reverse).double(), 0.5, seed=4)
-    z = data((3, 4, 4, 4), seed=5)
+    z = randn((3, 4, 4, 4), seed=5)
     x_cached, ld_cached = block(z, reverse=True)
     block.kv_cache = False
     x_plain, ld_plain = block(z, reverse=True)

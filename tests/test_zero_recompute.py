@@ -23,7 +23,7 @@ import math
 
 import pytest
 
-from conftest import free_port
+from helpers import free_port
 
 from flowscale.bench import zero
 

@@ -42,7 +42,7 @@ import torch
 from .order import check_sharing
 from .reader import BadDataPolicy
 from .splits import Split, resolve_split
-from .workers import BatchRing, _ignore_job_signals, _Stream, _Streams, worker_batches  # noqa: F401 (worker_batches: API)
+from .workers import BatchRing, _ignore_job_signals, _Stream, _Streams
 
 
 def _close_at_exit(ref: weakref.ref) -> None:

@@ -1,9 +1,9 @@
 """The worker side of the training stream: what one DataLoader worker (or the training process
 itself, with data.num_workers=0) reads and yields.
 
-:func:`worker_batches` is global worker (or canonical stream) ``g`` of ``G``: the emission
+:class:`_StreamReader` is global worker (or canonical stream) ``g`` of ``G``: the emission
 order of :class:`.order.EpochPlan`, read through :class:`_PlanReader` (the bytes of samples
-still to come, everything already delivered skipped unread), decoded, flipped, stacked into
+still to come, everything already delivered skipped unread), decoded, flipped, written into
 batches. :class:`_Stream` plays one worker per rank (the round-robin order), :class:`_Streams`
 several canonical streams per worker (``data.streams``). :mod:`.loader` is the main-process side.
 """
@@ -13,14 +13,13 @@ from __future__ import annotations
 import os
 import signal
 import weakref
-from typing import Iterator
 
 import numpy as np
 import torch
 
 from .. import seeds
 from .order import EpochPlan
-from .reader import BadDataPolicy, SampleDecoder, ShardCursor, stack_batch
+from .reader import BadDataPolicy, SampleDecoder, ShardCursor
 from .splits import Split
 
 class _PlanReader:
@@ -126,20 +125,6 @@ class _StreamReader:
 def _batch_arrays(b: int, split: Split) -> tuple[np.ndarray, np.ndarray | None]:
     return (np.empty((b, *split.image_shape), dtype=np.uint8),
             np.empty(b, dtype=np.int64) if split.manifest.labels else None)
-
-
-def worker_batches(split: Split, data_cfg, seed: int, g: int, G: int, batch_size: int, start: tuple[int, int],
-                   worker: int, known: dict | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor | None, tuple]]:
-    """Global worker g's infinite stream of (x uint8 [B, C, H, W], y int64 [B] | None,
-    (worker, epoch, t, met) after the batch), from ``start`` = (epoch, t) (see :class:`_StreamReader`)."""
-    reader = _StreamReader(split, data_cfg, seed, g, G, start, known)
-    try:
-        while True:
-            x, y = _batch_arrays(batch_size, split)
-            epoch, t, met = reader.fill(x, y)
-            yield torch.from_numpy(x), None if y is None else torch.from_numpy(y), (worker, epoch, t, met)
-    finally:
-        reader.close()
 
 
 class BatchRing:
