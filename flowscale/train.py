@@ -200,7 +200,7 @@ class Trainer:
 
     def restore(self, resume: bool, chosen: Path | None, universal_from: Path | None) -> bool:
         """Load the checkpoint to continue from, if any (every rank); True when one was loaded."""
-        cfg, info, engine = self.cfg, self.info, self.run.engine
+        info, engine = self.info, self.run.engine
         if universal_from is not None:  # the checkpoint resume_changes checked, through its universal copy
             found = (universal_from, *ckpt_io.load(engine, universal_from, info.rank, universal=True))
         elif chosen is not None:  # picked by the user: no silent fallback to another one

@@ -11,6 +11,7 @@ import from here, never from each other (tests/test_suite_rules.py checks it).
 
 from __future__ import annotations
 
+import gzip
 import os
 import socket
 import struct
@@ -317,3 +318,33 @@ def wait_for(predicate, timeout, what, job=None):
             job.results()  # raises the job's exception
             raise AssertionError(f"the job finished before {what}")
         time.sleep(0.5)
+
+
+def gray_crops(n: int, size: int, seed: int) -> np.ndarray:
+    """n real grayscale photo crops, uint8 [n, size, size] (PIL's luma of the demo crops)."""
+    from PIL import Image
+
+    from flowscale.data import demo_images
+
+    rgb = demo_images("train", n, size, seed=seed).permute(0, 2, 3, 1).numpy()
+    return np.stack([np.asarray(Image.fromarray(x).convert("L")) for x in rgb])
+
+
+def write_idx(path: Path, arr: np.ndarray, gz: bool) -> Path:
+    """An IDX file as MNIST ships them: 0x0000 08 <ndim>, big-endian uint32 dims, the uint8 values."""
+    data = struct.pack(">HBB", 0, 0x08, arr.ndim) + struct.pack(f">{arr.ndim}I", *arr.shape) + arr.tobytes()
+    path.write_bytes(gzip.compress(data) if gz else data)
+    return path
+
+
+def write_mnist(root: Path, n_train: int = 20, n_test: int = 8, gz_train: bool = True, gz_test: bool = False):
+    """MNIST-format files (train gzipped, t10k raw by default); returns {split: (images, labels)}."""
+    root.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for prefix, split, n, gz, seed in (("train", "train", n_train, gz_train, 1), ("t10k", "test", n_test, gz_test, 2)):
+        x, y = gray_crops(n, 28, seed), (np.arange(n) * 7 % 10).astype(np.uint8)
+        ext = ".gz" if gz else ""
+        write_idx(root / f"{prefix}-images-idx3-ubyte{ext}", x, gz)
+        write_idx(root / f"{prefix}-labels-idx1-ubyte{ext}", y, gz)
+        out[split] = (x, y)
+    return out

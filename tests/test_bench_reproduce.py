@@ -61,7 +61,7 @@ def fashion_or_written_idx(root: Path) -> Path:
     crops written here (the official format, byte for byte)."""
     if (FASHION / "t10k-images-idx3-ubyte.gz").is_file():
         return FASHION
-    from test_prep_classic import write_mnist
+    from helpers import write_mnist
 
     write_mnist(root, n_train=300, n_test=200)
     return root
