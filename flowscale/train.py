@@ -156,10 +156,13 @@ class TrainState:
     def load_state_dict(self, d: dict) -> None:
         self.step, self.bad_in_row, self.skipped_total = d["step"], d["bad_in_row"], d["skipped_total"]
 
-    def count(self, skipped: bool, max_bad_steps: int) -> None:
-        """Account for the step just taken; ``max_bad_steps`` vetoed in a row stop the run."""
+    def count(self, skipped: bool) -> None:
+        """Account for the step just taken."""
         self.bad_in_row = self.bad_in_row + 1 if skipped else 0
         self.skipped_total += int(skipped)
+
+    def stop_if_diverged(self, max_bad_steps: int) -> None:
+        """``max_bad_steps`` vetoed steps in a row stop the run (before any eval or save)."""
         if self.bad_in_row >= max_bad_steps:
             raise FloatingPointError(
                 f"non-finite loss or gradient in {self.bad_in_row} steps in a row (last at step {self.step}); lower "
@@ -284,7 +287,7 @@ class Trainer:
                 shapes = run.module.latent_shapes(self.cfg.data.channels, self.cfg.data.image_size)
                 sample_grid(run.module, shapes, self.cfg.data.n_bits, t.temperatures, path, seed=t.seed,
                             device=self.device, write=self.info.is_main, dtype=run.dtype,
-                            denoise_std=self.cfg.data.noise_std)
+                            denoise_std=self.cfg.data.noise_std, num_classes=self.cfg.model.num_classes)
                 out["samples"] = str(path)
                 self.log.images(step, {"samples": str(path)})
         if out:
@@ -327,10 +330,12 @@ class Trainer:
 
     # -- the loop ----------------------------------------------------------------------------------
 
-    def train(self) -> dict:
+    def train(self, resumed: bool) -> dict:
+        """The loop from the restored step to train.steps. ``resumed``: the current step is a
+        checkpoint already (a preemption right away need not save it again)."""
         cfg, state, engine, loader = self.cfg, self.state, self.run.engine, self.loader
         start_step, last_save, metrics = state.step, time.time(), {}
-        saved_step = state.step if start_step else -1
+        saved_step = state.step if resumed else -1
         throughput = Throughput(self.info.world_size)
         with PreemptionGuard() as guard:  # SIGTERM/USR1/USR2 -> save at the next step boundary
             while state.step < cfg.train.steps:
@@ -347,12 +352,13 @@ class Trainer:
                 state.step += 1
                 if cfg.train.record_batches:
                     record_batch(self.run_dir, self.info.rank, state.step, x)
-                state.count(bool(metrics["skipped"]), cfg.engine.max_bad_steps)
+                state.count(bool(metrics["skipped"]))
                 if not metrics["skipped"]:
                     if self.run.ema is not None:
                         self.run.ema.update(self.run.module)
                     throughput.add(len(x))
                 self.log_train(metrics, throughput)
+                state.stop_if_diverged(cfg.engine.max_bad_steps)
                 metrics.update(self.evaluate_and_sample(final=state.step == cfg.train.steps))
                 if self.save_due(last_save):
                     self.save()
@@ -392,7 +398,7 @@ def _train(cfg: Config, info: DistInfo, log: RunLogger, resume: bool, chosen: Pa
     log.begin(trainer.state.step)
     if not resumed:
         trainer.log_bound()
-    return trainer.train()
+    return trainer.train(resumed)
 
 
 def _memory_gb(device: torch.device) -> float:
