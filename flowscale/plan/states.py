@@ -49,14 +49,10 @@ def model_state_bytes(n_params: int, precision: str, zero_stage: int, gpus: int,
     on every rank.
     """
     if zero is None:
-        from types import SimpleNamespace
-
+        from ..config import EngineConfig
         from ..engine import zero_optimization
 
-        zero = zero_optimization(SimpleNamespace(zero_stage=zero_stage, overlap_comm=None, contiguous_gradients=None,
-                                                 reduce_bucket_size=None, allgather_bucket_size=None,
-                                                 prefetch_bucket_size=None, param_persistence_threshold=None,
-                                                 max_live_parameters=None))
+        zero = zero_optimization(EngineConfig(zero_stage=zero_stage))  # every setting at its default
     P, N = n_params, gpus
     w = 4 if precision == "fp32" else 2
     moments = _OPT_MOMENTS[optimizer] * 4
