@@ -10,6 +10,12 @@ Layout of one checkpoint, ``<run_dir>/checkpoints/step_XXXXXXXX/``::
     config.yaml              the resolved config
     COMPLETE                 written last, by rank 0, after every rank finished writing
 
+Beside them, ``<run_dir>/checkpoints/latest`` holds the tag of the newest complete checkpoint
+(``step_XXXXXXXX``): DeepSpeed's own pointer, which its ``zero_to_fp32.py`` (copied into
+``checkpoints/`` by DeepSpeed) and ``load_checkpoint(tag=None)`` read. flowscale never reads it;
+:func:`point_latest` rewrites it (atomically) from :func:`resolve_latest` whenever the set of
+complete checkpoints changes, so it never names an incomplete, pruned or set-aside one.
+
 The W&B run id lives beside the checkpoints, in ``<run_dir>/wandb_id.txt`` (see :mod:`flowscale.logging`).
 
 A directory without COMPLETE is a save that crashed midway and is never resumed from, so a
@@ -82,6 +88,24 @@ def resolve_latest(run_dir: str | Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
+LATEST = "latest"
+"""DeepSpeed's pointer file in ``checkpoints/``: the tag of the newest complete checkpoint."""
+
+
+def point_latest(run_dir: str | Path) -> str | None:
+    """Make DeepSpeed's ``checkpoints/latest`` name :func:`resolve_latest` (written to a temporary
+    file, then renamed over it: a crash leaves the old pointer or the new one, never a torn one);
+    removed when no checkpoint is complete. Returns the tag, or None. Rank 0 only."""
+    latest = resolve_latest(run_dir)
+    path = checkpoint_dir(run_dir) / LATEST
+    if latest is None:
+        path.unlink(missing_ok=True)
+        return None
+    if not path.is_file() or path.read_text() != latest.name:
+        _atomic_write_bytes(path, latest.name.encode())
+    return latest.name
+
+
 def resolve(path: str | Path) -> Path:
     """A checkpoint directory from a run directory (its latest) or a checkpoint directory."""
     p = Path(path)
@@ -117,6 +141,7 @@ def set_aside_newer(run_dir: str | Path, step: int) -> Path | None:
     dest.mkdir(parents=True, exist_ok=True)
     for p in newer:
         p.rename(dest / p.name)
+    point_latest(run_dir)
     return dest
 
 
@@ -191,6 +216,7 @@ def save(engine, run_dir: str | Path, step: int, rank: int, rank_state: dict, cl
              f"took {_fmt_bytes(needed)}: the next save may fail; free space or lower train.keep_last")
     if rank == 0 and (path / "COMPLETE").exists():
         (path / "COMPLETE").unlink()  # re-saving a step: it is incomplete until rewritten
+        point_latest(run_dir)  # and DeepSpeed's "latest" must not name it meanwhile
     barrier()
     failure: BaseException | None = None
     try:
@@ -221,8 +247,9 @@ def save(engine, run_dir: str | Path, step: int, rank: int, rank_state: dict, cl
     if rank == 0:
         _atomic_write_bytes(path / "COMPLETE", json.dumps({"step": step, "world_size": world_size(),
                                                            "time": time.time()}).encode())
+        point_latest(run_dir)  # only now: a crash before it leaves "latest" at the previous complete one
         _crash_point("complete", step, rank)
-        for old in list_complete(run_dir)[:-keep_last]:
+        for old in list_complete(run_dir)[:-keep_last]:  # never the newest (keep_last >= 1): "latest" stays valid
             doomed = old.with_name(_DELETING + old.name)
             old.rename(doomed)  # atomic: from here on it is not a checkpoint, whatever rmtree reaches
             _crash_point("prune", step, rank)

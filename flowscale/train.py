@@ -131,6 +131,7 @@ def _prepare_run_dir(cfg: Config, resume: bool, chosen: Path | None, log: RunLog
     if gone:  # a save or prune that a crash interrupted: never resumable, only taking space
         log.info(f"removed {len(gone)} unfinished checkpoint director{'y' if len(gone) == 1 else 'ies'} "
                  f"left by an interrupted run: {', '.join(gone)}")
+    ckpt_io.point_latest(run_dir)  # DeepSpeed's "latest" after a crash, a set-aside, or a run saved before it was kept
     latest = ckpt_io.resolve_latest(run_dir)
     if latest is not None and not resume:
         release(lock)
