@@ -245,6 +245,14 @@ def all_gather_objects(obj) -> list:
     return out
 
 
+def topology(info: DistInfo) -> dict:
+    """Collective: ``{"world_size", "nodes", "ranks_per_node"}`` as the launcher laid the ranks
+    out (a node = the ranks that share one local-rank numbering: one local rank 0 per node)."""
+    local_ranks = all_gather_objects(info.local_rank)
+    nodes = max(1, sum(r == 0 for r in local_ranks))
+    return {"world_size": info.world_size, "nodes": nodes, "ranks_per_node": max(local_ranks) + 1}
+
+
 def rank0_decides(flag: bool) -> bool:
     """Rank 0's ``flag`` on every rank (for decisions taken from a clock, which ranks read differently)."""
     if not _active():

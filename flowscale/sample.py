@@ -53,6 +53,13 @@ def save_grid(images_uint8: torch.Tensor, path: str | Path, nrow: int) -> Path:
     return path
 
 
+def grid_caption(temperatures: list[float], num_classes: int = 0, n_per_row: int = 8) -> str:
+    """What the rows (and columns) of a :func:`sample_grid` are, in words, for its image caption."""
+    rows = "; ".join(f"row {i + 1}: T={t:g}" for i, t in enumerate(temperatures))
+    columns = (f"; column j: class j mod {num_classes}" if num_classes > 0 else "")
+    return f"{rows} (the same {n_per_row} draws at each temperature{columns})"
+
+
 def sample_grid(flow, shapes, n_bits: int, temperatures: list[float], path: str | Path, n_per_row: int = 8,
                 seed: int = 0, device="cpu", y: torch.Tensor | None = None, write: bool = True,
                 dtype: torch.dtype = torch.float32, denoise_std: float = 0.0, num_classes: int = 0) -> Path:

@@ -30,7 +30,7 @@ from .build import build_training, pick_device
 from .config import Config, to_dict, to_yaml
 from .data import build_train_loader, eval_split, first_images
 from .distributed import (DistInfo, all_equal, all_gather_objects, barrier, cleanup, cpu_threads, init_distributed,
-                          max_over_ranks, rank0_decides, rng_state, set_rng_state)
+                          max_over_ranks, rank0_decides, rng_state, set_rng_state, topology)
 from .engine import train_step
 from .evaluate import evaluate_bpd
 from .inverse_checkpoint import UnstableSteps, reconstruction_tolerance
@@ -41,7 +41,7 @@ from .loss import sample_noise, training_loss
 from .preemption import PreemptionGuard
 from .data.quantize import preprocess
 from .data.splits import resolve_split
-from .sample import sample_grid
+from .sample import grid_caption, sample_grid
 
 
 def health_metrics(flow, batch: torch.Tensor, cfg: Config, dtype: torch.dtype, unstable: UnstableSteps,
@@ -267,7 +267,9 @@ class Trainer:
         if self.cfg.data.bad_data == "skip":  # distinct bad samples/shards met by any rank (collective: all log here)
             self.loader.merge_bad_keys(all_gather_objects(self.loader.bad_keys))  # run-wide count, limit and ledger
             metrics["data_skipped"] = self.loader.skipped
-        self.log.log(step, {k: v for k, v in metrics.items() if k != "loss" or self.cfg.optim.invconv_l2})
+        # "loss" is bits/dim itself unless a penalty is added; "skipped" is 0 here (vetoes log skipped_steps above).
+        self.log.log(step, {k: v for k, v in metrics.items()
+                            if k != "skipped" and (k != "loss" or self.cfg.optim.invconv_l2)})
 
     def evaluate_and_sample(self, final: bool) -> dict:
         """Test bits/dim and a sample grid when due (every rank: both are collective), with EMA
@@ -290,7 +292,8 @@ class Trainer:
                             device=self.device, write=self.info.is_main, dtype=run.dtype,
                             denoise_std=self.cfg.data.noise_std, num_classes=self.cfg.model.num_classes)
                 out["samples"] = str(path)
-                self.log.images(step, {"samples": str(path)})
+                caption = grid_caption(t.temperatures, self.cfg.model.num_classes)
+                self.log.images(step, {"samples": (str(path), caption)})
         if out:
             self.log.log(step, out)
         return out
@@ -311,14 +314,18 @@ class Trainer:
                             cfg.train.keep_last, run.ema.state_dict() if run.ema is not None else None,
                             warn=lambda m: self.log.info(f"warning: {m}"))
 
-    def describe(self) -> None:
+    def describe(self) -> dict:
+        """Say what runs where, in one line; returns the parameter count and the topology (for the
+        W&B run config). Collective (the topology is gathered from every rank)."""
         cfg, run, info = self.cfg, self.run, self.info
-        layout = run.layout
+        layout, topo = run.layout, topology(info)
         self.log.info(f"model: {cfg.model.preset} L={cfg.model.levels} K={cfg.model.steps} "
                       f"width={cfg.model.widths or cfg.model.width} params={run.n_params / 1e6:.2f}M | "
-                      f"ranks={info.world_size} global batch={layout['global']} micro-batch={layout['micro']} x "
-                      f"accum={layout['accum']} | ZeRO-{cfg.engine.zero_stage} {cfg.engine.precision} | "
-                      f"device={self.device} run_dir={self.run_dir}")
+                      f"ranks={info.world_size} ({topo['nodes']} node(s) x {topo['ranks_per_node']}) global "
+                      f"batch={layout['global']} micro-batch={layout['micro']} x accum={layout['accum']} | "
+                      f"ZeRO-{cfg.engine.zero_stage} {cfg.engine.precision} | device={self.device} run_dir={self.run_dir}")
+        return {"params": run.n_params, "topology": {**topo, "zero_stage": cfg.engine.zero_stage,
+                                                    "precision": cfg.engine.precision}}
 
     def log_bound(self) -> None:
         """train.bound_images: the floor of any linear flow, logged once beside bits/dim."""
@@ -395,8 +402,7 @@ def _train(cfg: Config, info: DistInfo, log: RunLogger, resume: bool, chosen: Pa
     trainer = Trainer(cfg, info, log)
     trainer.build(universal_from)
     resumed = trainer.restore(resume, chosen, universal_from)
-    trainer.describe()
-    log.begin(trainer.state.step)
+    log.begin(trainer.state.step, run_info=trainer.describe())
     if not resumed:
         trainer.log_bound()
     return trainer.train(resumed)

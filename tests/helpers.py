@@ -309,6 +309,34 @@ def last_by_step(run_dir, key="bpd") -> dict[int, float]:
     return out
 
 
+def wandb_records(path) -> list:
+    """The records of an offline W&B run file (``run-<id>.wandb``), as wandb's own protobuf
+    ``Record`` messages (wandb.proto.wandb_internal_pb2). wandb 0.31 keeps no Python reader of
+    the file (its writer and reader are in wandb-core, in Go), so the framing is read here: a
+    7-byte header (":W&B", magic, version), then LevelDB's log format, 32 KiB blocks of chunks
+    (crc32 4 bytes, length 2, type 1: full / first / middle / last)."""
+    from wandb.proto import wandb_internal_pb2
+
+    data = Path(path).read_bytes()
+    assert data[:4] == b":W&B", f"{path} is not a W&B run file"
+    block, pos, pending, out = 32768, 7, b"", []
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if kind == 0:  # zero padding to the end of the block
+            pos += block - pos % block
+            continue
+        pending = (b"" if kind in (1, 2) else pending) + data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            out.append(record)
+    return out
+
+
 def wait_for(predicate, timeout, what, job=None):
     """Poll ``predicate``; a submitit ``job`` that ends meanwhile fails the wait at once with its error."""
     deadline = time.time() + timeout
