@@ -378,8 +378,8 @@ class EngineConfig:
 @dataclass
 class WandbConfig:
     mode: Literal["offline", "online", "disabled"] = "offline"
-    """Weights & Biases mode. offline writes the run under <run_dir>/wandb for a later `wandb sync`;
-    online needs WANDB_API_KEY in the environment (it is never written to configs, logs or checkpoints)."""
+    """Weights & Biases mode. offline writes the run under <run_dir>/wandb for a later `wandb sync`
+    (the run says where, and the exact command, when it starts and ends); online needs WANDB_API_KEY in the environment (it is never written to configs, logs or checkpoints)."""
     project: str = "flowscale"
     """W&B project name."""
     entity: Optional[str] = None
@@ -387,7 +387,8 @@ class WandbConfig:
     name: Optional[str] = None
     """Run display name; null = the run directory's name."""
     log_images: bool = True
-    """Log sample grids as wandb.Image at every sampling step."""
+    """Log sample grids as wandb.Image at every sampling step (captioned with each row's temperature);
+    false = the PNGs under <run_dir>/samples only."""
 
 
 @dataclass
@@ -415,10 +416,10 @@ class MemoryConfig:
     """What inverse recompute does with a step whose reconstruction error exceeds
     max_reconstruction_error: store = run it with ordinary autograd, keeping its activations
     (logged once whenever the set changes: how many steps, on which levels, and the bytes they
-    add; W&B gets recon_stored_steps and recon_stored_mib); error = stop with one line naming
+    add; W&B gets health/recon_stored_steps and health/recon_stored_mib); error = stop with one line naming
     the steps, so memory never silently grows."""
     check_every: int = 100
-    """Measure reconstruction errors (logged as recon_err/level_i) every this many steps; 0 = never."""
+    """Measure reconstruction errors (logged as health/recon_err/level_i) every this many steps; 0 = never."""
     check_batch_size: int = 8
     """Images used for the reconstruction check."""
 
@@ -458,7 +459,7 @@ class TrainConfig:
     bound_images: int = 0
     """At the start of a run, compute the linear-flow bound (`flowscale bound`: the best bits/dim any
     linear flow with a Gaussian base reaches) from this many train images and log it as
-    linear_bound_bpd beside bits/dim; 0 = skip. Needs more images than C*H*W dimensions."""
+    train/linear_bound_bpd beside bits/dim; 0 = skip. Needs more images than C*H*W dimensions."""
     progress: bool = True
     """Show a tqdm progress bar when stdout is a terminal (plain log lines otherwise)."""
     record_batches: bool = False

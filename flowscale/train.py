@@ -292,8 +292,9 @@ class Trainer:
                             device=self.device, write=self.info.is_main, dtype=run.dtype,
                             denoise_std=self.cfg.data.noise_std, num_classes=self.cfg.model.num_classes)
                 out["samples"] = str(path)
-                caption = grid_caption(t.temperatures, self.cfg.model.num_classes)
-                self.log.images(step, {"samples": (str(path), caption)})
+                if self.cfg.wandb.log_images:
+                    caption = grid_caption(t.temperatures, self.cfg.model.num_classes)
+                    self.log.images(step, {"samples": (str(path), caption)})
         if out:
             self.log.log(step, out)
         return out

@@ -298,7 +298,7 @@ def final_weights(run_dir, ema: bool = False) -> dict[str, torch.Tensor]:
     return weights
 
 
-def last_by_step(run_dir, key="bpd") -> dict[int, float]:
+def last_by_step(run_dir, key="train/bpd") -> dict[int, float]:
     """step -> the last value of metric ``key`` logged for it."""
     from flowscale.logging import read_metrics
 

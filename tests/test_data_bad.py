@@ -191,11 +191,11 @@ def test_training_logs_the_skip_count(tmp_path):
                              "train.eval_every=0", "train.sample_every=0", "train.init_batch_size=4",
                              "train.progress=false", "wandb.mode=disabled", f"train.run_dir={run_dir}"])
     main(cfg)
-    logged = [(r["step"], r["data_skipped"]) for r in read_metrics(run_dir) if "data_skipped" in r]
+    logged = [(r["step"], r["data/skipped_samples"]) for r in read_metrics(run_dir) if "data/skipped_samples" in r]
     # 4 images per step from 16 with ids 3 and 9 bad: step 1 reads ids 0-4, step 3 reaches id 9, and the
     # second epoch (from step 4 on) meets id 3 again at step 5: already counted, the count stays.
     assert logged == [(1, 1), (2, 1), (3, 2), (4, 2), (5, 2)]
-    assert all(r["epoch"] >= 0 for r in read_metrics(run_dir) if "epoch" in r)
+    assert all(r["data/epoch"] >= 0 for r in read_metrics(run_dir) if "data/epoch" in r)
 
 
 # -- a long run: bad data is named and counted once, and the count survives a resume ------------------
@@ -326,7 +326,7 @@ def test_training_run_and_resume_count_a_rotten_sample_once(tmp_path, capfd):
     main(cfg(2))
     assert named(capfd.readouterr().err, "'s000003'") == 1
     main(cfg(20))
-    logged = {r["step"]: r["data_skipped"] for r in read_metrics(run_dir) if "data_skipped" in r}
+    logged = {r["step"]: r["data/skipped_samples"] for r in read_metrics(run_dir) if "data/skipped_samples" in r}
     # Step 1 meets id 3; steps 3 and 4 do not (without the saved ledger they would log 0), step 5 meets it again.
     assert logged == {s: 1 for s in range(1, 21)}
     assert named(capfd.readouterr().err, "'s000003'") == 0

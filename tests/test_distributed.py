@@ -33,7 +33,7 @@ def test_zero_stages_two_ranks(tmp_path, stage, precision):
     bpd = last_by_step(run_dir)
     assert len(bpd) == 8 and all(v == v and v < 20 for v in bpd.values())
     assert sum(list(bpd.values())[-2:]) < sum(list(bpd.values())[:2]), bpd
-    assert last_by_step(run_dir, "ranks_agree") == {8: 1}
+    assert last_by_step(run_dir, "health/ranks_agree") == {8: 1}
     w = final_weights(run_dir)
     assert all(torch.isfinite(t).all() for t in w.values() if t.is_floating_point())
 
@@ -93,7 +93,7 @@ def test_deepspeed_launcher(tmp_path):
            *SMALL_RUN, f"train.run_dir={run_dir}", "train.steps=3", "engine.zero_stage=1"]
     p = run(cmd, tmp_path)
     assert p.stdout.count("done: step 3") == 1, "only rank 0 reports"
-    assert last_by_step(run_dir, "ranks_agree") == {3: 1}
+    assert last_by_step(run_dir, "health/ranks_agree") == {3: 1}
 
 
 def test_eval_across_ranks_matches_one_rank(tmp_path):

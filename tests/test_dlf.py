@@ -239,9 +239,9 @@ def test_dlf_trains_through_the_trainer_and_logs_the_bound(tmp_path):
                              "wandb.mode=disabled", f"train.run_dir={tmp_path / 'run'}"])
     result = train_main(cfg)
     records = read_metrics(cfg.train.run_dir)
-    bound = [r for r in records if "linear_bound_bpd" in r]
-    assert len(bound) == 1 and bound[0]["step"] == 0 and 0 < bound[0]["linear_bound_bpd"] < 8
-    bpd = [r["bpd"] for r in records if "bpd" in r]
+    bound = [r for r in records if "train/linear_bound_bpd" in r]
+    assert len(bound) == 1 and bound[0]["step"] == 0 and 0 < bound[0]["train/linear_bound_bpd"] < 8
+    bpd = [r["train/bpd"] for r in records if "train/bpd" in r]
     assert len(bpd) == 4 and bpd[-1] < bpd[0] and torch.isfinite(torch.tensor(result["test_bpd"]))
 
 

@@ -57,7 +57,7 @@ def _bpd_steps(run_dir: Path) -> list[int]:
             r = json.loads(line)
         except json.JSONDecodeError:  # the line a kill tore
             continue
-        if "bpd" in r:
+        if "train/bpd" in r:
             steps.append(r["step"])
     return steps
 

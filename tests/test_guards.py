@@ -110,5 +110,5 @@ def test_a_vetoed_last_step_still_ends_with_eval_and_a_checkpoint(tmp_path, monk
     assert out["step"] == 4 and out["skipped"] == 1 and "test_bpd" in out
     assert [p.name for p in list_complete(tmp_path)] == ["step_00000004"]
     records = read_metrics(tmp_path)
-    assert {"step": 4, "skipped_steps": 1} in records
-    assert any(r["step"] == 4 and "test_bpd" in r for r in records)
+    assert {"step": 4, "optim/skipped_steps": 1} in records
+    assert any(r["step"] == 4 and "test/bpd" in r for r in records)

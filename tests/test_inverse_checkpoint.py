@@ -242,14 +242,14 @@ def test_training_logs_reconstruction_health(tmp_path):
                              "train.sample_every=0", "memory.inverse_recompute=true", "memory.check_every=3",
                              f"train.run_dir={tmp_path}", "train.progress=false"])
     main(cfg)
-    health = [r for r in read_metrics(tmp_path) if "recon_err/level_0" in r]
+    health = [r for r in read_metrics(tmp_path) if "health/recon_err/level_0" in r]
     assert [r["step"] for r in health] == [0, 3]
-    assert all(0 <= r["recon_err/level_1"] < 1e-4 and r["recon_unstable_steps"] == 0 for r in health)
+    assert all(0 <= r["health/recon_err/level_1"] < 1e-4 and r["health/recon_unstable_steps"] == 0 for r in health)
     for r in health:  # per-level log-det statistics ride along with the reconstruction check
         for lvl in (0, 1):
-            lo, mean, hi = (r[f"logdet_step/level_{lvl}/{k}"] for k in ("min", "mean", "max"))
+            lo, mean, hi = (r[f"health/logdet_step/level_{lvl}/{k}"] for k in ("min", "mean", "max"))
             assert lo <= mean <= hi and math.isfinite(lo) and math.isfinite(hi)
-            assert r["logdet_step/max_abs"] >= max(abs(lo), abs(hi)) - 1e-12
+            assert r["health/logdet_step/max_abs"] >= max(abs(lo), abs(hi)) - 1e-12
 
 
 def test_bench_memory_command(tmp_path, capsys):
@@ -308,7 +308,7 @@ def _train_bf16(tmp_path, *extra):
                              "engine.precision=bf16", f"train.run_dir={tmp_path}", "train.progress=false",
                              "wandb.mode=disabled", *extra])
     main(cfg)
-    return [r for r in read_metrics(tmp_path) if "recon_err/level_0" in r]
+    return [r for r in read_metrics(tmp_path) if "health/recon_err/level_0" in r]
 
 
 @pytest.mark.usefixtures("single_process_env")
@@ -322,8 +322,8 @@ def test_bf16_recompute_stays_on_at_the_precision_tolerance(tmp_path, capsys):
     assert reconstruction_tolerance(5e-2, torch.float32) == 5e-2
     health = _train_bf16(tmp_path)
     assert [r["step"] for r in health] == [0, 2]
-    assert all(r["recon_stored_steps"] == 0 and r["recon_stored_mib"] == 0 for r in health), health
-    assert all(1e-4 < r["recon_err/step_max"] < 4 * 2 ** -7 for r in health), health  # bf16-sized, under the bound
+    assert all(r["health/recon_stored_steps"] == 0 and r["health/recon_stored_mib"] == 0 for r in health), health
+    assert all(1e-4 < r["health/recon_err/step_max"] < 4 * 2 ** -7 for r in health), health  # bf16-sized, under the bound
     assert "store their activations" not in capsys.readouterr().out
 
 
@@ -335,6 +335,6 @@ def test_steps_made_to_store_activations_are_said_once_and_can_be_an_error(tmp_p
     assert len(lines) == 1, out  # the set did not change between the two checks: said once
     assert "6 of 6 steps" in lines[0] and "level 0: steps [0, 1, 2]; level 1: steps [0, 1, 2]" in lines[0], lines
     assert "MiB per micro-batch of 8" in lines[0], lines
-    assert all(r["recon_stored_steps"] == 6 and r["recon_stored_mib"] > 0 for r in health), health
+    assert all(r["health/recon_stored_steps"] == 6 and r["health/recon_stored_mib"] > 0 for r in health), health
     with pytest.raises(FloatingPointError, match=r"step 0: 6 of 6 recomputed flow steps .* memory.on_unstable=error"):
         _train_bf16(tmp_path / "error", "memory.max_reconstruction_error=1e-6", "memory.on_unstable=error")

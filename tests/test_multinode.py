@@ -74,6 +74,6 @@ def test_two_nodes_zero2_over_tcp(tmp_path, two_hosts):
         outs.append(out)
         assert p.returncode == 0, out[-3000:]
     assert "ranks=2" in outs[0]
-    assert last_by_step(run_dir, "ranks_agree") == {4: 1}
+    assert last_by_step(run_dir, "health/ranks_agree") == {4: 1}
     assert len(last_by_step(run_dir)) == 4
     assert final_weights(run_dir)

@@ -35,7 +35,7 @@ def _logged_steps(run_dir: Path) -> int:
     f = run_dir / "metrics.jsonl"
     if not f.is_file():
         return 0
-    steps = [json.loads(line).get("step", 0) for line in f.read_text().splitlines() if '"bpd"' in line]
+    steps = [json.loads(line).get("step", 0) for line in f.read_text().splitlines() if '"train/bpd"' in line]
     return max(steps, default=0)
 
 
@@ -95,7 +95,7 @@ def test_signal_saves_the_step_reached_and_resume_is_exact(tmp_path, signum, twi
     subprocess.run(_train_cmd(run, f"train.steps={reached + 3}", "train.checkpoint_every=100000"),
                    env=child_env(tmp_path), check=True, capture_output=True, text=True, timeout=900)
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert sorted(r["step"] for r in records if "bpd" in r) == list(range(1, reached + 4)), "no step lost or repeated"
+    assert sorted(r["step"] for r in records if "train/bpd" in r) == list(range(1, reached + 4)), "no step lost or repeated"
     _same(final_weights(run, ema=True), _uninterrupted(tmp_path, reached + 3))
 
 

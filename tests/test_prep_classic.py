@@ -211,7 +211,7 @@ def test_grayscale_prep_then_train(tmp_path):
                                     "train.eval_every=4", "train.sample_every=4", "train.checkpoint_every=4"])
     result = train_main(cfg)
     assert np.isfinite(result["test_bpd"]) and 0 < result["test_bpd"] < 16
-    rows = [r for r in read_metrics(cfg.train.run_dir) if "bpd" in r]
-    assert len(rows) == 4 and all(np.isfinite(r["bpd"]) for r in rows)
+    rows = [r for r in read_metrics(cfg.train.run_dir) if "train/bpd" in r]
+    assert len(rows) == 4 and all(np.isfinite(r["train/bpd"]) for r in rows)
     with Image.open(tmp_path / "run" / "samples" / "step_00000004.png") as im:
         assert im.mode == "L" and im.size[0] > 28

@@ -164,7 +164,7 @@ def test_img2dataset_and_hf_layouts_convert_and_train(tmp_path, capsys, single_p
                              "train.progress=false", "wandb.mode=disabled", f"train.run_dir={run_dir}"])
     result = train_main(cfg)
     assert result["step"] == 2 and np.isfinite(result["test_bpd"])
-    assert [r["step"] for r in read_metrics(run_dir) if "bpd" in r] == [1, 2]
+    assert [r["step"] for r in read_metrics(run_dir) if "train/bpd" in r] == [1, 2]
     assert (run_dir / "samples" / "step_00000002.png").is_file()
 
 

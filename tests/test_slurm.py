@@ -41,7 +41,7 @@ def test_two_tasks_train_and_agree(tmp_path):
     results = job.results()
     assert sorted(r["rank"] for r in results) == [0, 1]
     assert all(r["step"] == 6 for r in results)
-    assert {r["step"]: r["ranks_agree"] for r in read_metrics(run_dir) if "ranks_agree" in r} == {6: 1}
+    assert {r["step"]: r["health/ranks_agree"] for r in read_metrics(run_dir) if "health/ranks_agree" in r} == {6: 1}
     assert (run_dir / "submitit").is_dir()
     # Slurm's --cpus-per-task 1 (submitit's default), not every core of the node per task
     assert "threads per process: 1 (" in Path(job.paths.stdout).read_text()
@@ -74,7 +74,7 @@ def test_preemption_requeues_and_resumes_exactly(tmp_path):
     resumed = re.findall(r"resumed from \S+ at step (\d+)", logs)
     assert len(saved) == 1 and resumed == saved, f"the requeued job resumes at the step it reached: {saved} {resumed}"
     assert int(saved[0]) >= int(done_before[-1].split("_")[1]), "saved on the signal, at the step reached"
-    steps = sorted(r["step"] for r in read_metrics(pre_dir) if "bpd" in r)
+    steps = sorted(r["step"] for r in read_metrics(pre_dir) if "train/bpd" in r)
     assert steps == list(range(1, 241)) and not (pre_dir / "metrics.superseded.jsonl").exists(), "no step lost"
     ref.results()
     a, b = final_weights(ref_dir), final_weights(pre_dir)
@@ -135,7 +135,7 @@ def test_time_limit_requeues_until_the_budget_is_spent(tmp_path):
     resumed = [int(s) for s in re.findall(r"resumed from \S+ at step (\d+)", log)]
     assert resumed == saved[:-1], f"each requeued job resumes at the step saved on the time-out: {resumed} {saved}"
     assert _newest_step(run_dir) == saved[-1]
-    steps = sorted(r["step"] for r in read_metrics(run_dir) if "bpd" in r)
+    steps = sorted(r["step"] for r in read_metrics(run_dir) if "train/bpd" in r)
     assert steps == list(range(1, saved[-1] + 1)) and not (run_dir / "metrics.superseded.jsonl").exists(), \
         "no step lost or repeated"
     assert sorted(p.name for p in (run_dir / "submitit").glob("*_log.out")) == [f"{job.job_id}_0_log.out"]

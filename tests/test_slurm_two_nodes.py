@@ -78,7 +78,7 @@ def test_two_nodes_zero2_train_and_agree(tmp_path, two_node_cluster, monkeypatch
 
     assert sorted(r["rank"] for r in results) == [0, 1]
     assert all(r["step"] == 4 for r in results)
-    assert {r["step"]: r["ranks_agree"] for r in read_metrics(run_dir) if "ranks_agree" in r} == {4: 1}
+    assert {r["step"]: r["health/ranks_agree"] for r in read_metrics(run_dir) if "health/ranks_agree" in r} == {4: 1}
 
     # One task on each node: Slurm's record, and each task's own view (its hostname is its node's).
     assert job.get_info()["NodeList"] == "node[1-2]"
@@ -120,5 +120,5 @@ def test_two_nodes_zero2_train_and_agree(tmp_path, two_node_cluster, monkeypatch
     log = Path(job.paths.stdout).read_text()
     assert "resuming step_00000004 written by 2 rank(s) (ZeRO-2) on 1 (ZeRO-2): optimizer state resharded (universal checkpoint)" in log
     assert result["step"] == 8
-    assert sorted(r["step"] for r in read_metrics(run_dir) if "bpd" in r) == list(range(1, 9)), "every step once"
+    assert sorted(r["step"] for r in read_metrics(run_dir) if "train/bpd" in r) == list(range(1, 9)), "every step once"
 

@@ -48,9 +48,9 @@ def _train(run_dir: Path, nproc: int, *overrides: str, tmp_path: Path, ok: bool 
 
 def _bpd(run_dir: Path) -> dict[int, float]:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    steps = [r["step"] for r in rows if "bpd" in r]
+    steps = [r["step"] for r in rows if "train/bpd" in r]
     assert sorted(steps) == list(range(1, len(steps) + 1)), "every step once"
-    return {r["step"]: r["bpd"] for r in rows if "bpd" in r}
+    return {r["step"]: r["train/bpd"] for r in rows if "train/bpd" in r}
 
 
 def _compare(a: Path, b: Path) -> tuple[float, float]:

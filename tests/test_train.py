@@ -33,7 +33,7 @@ def test_short_demo_run_lowers_bits_per_dim(tmp_path):
     cfg = small_cfg(tmp_path / "run", "train.steps=150", "train.log_every=10", "optim.warmup_steps=10",
                     "train.eval_every=0", "train.sample_every=0", "train.checkpoint_every=150")
     result = train_main(cfg)
-    train_bpd = [r["bpd"] for r in read_metrics(cfg.train.run_dir) if "bpd" in r]
+    train_bpd = [r["train/bpd"] for r in read_metrics(cfg.train.run_dir) if "train/bpd" in r]
     assert len(train_bpd) == 15
     first, last = sum(train_bpd[:2]) / 2, sum(train_bpd[-2:]) / 2
     assert last < first - 0.5, f"bits/dim did not fall: {train_bpd}"
@@ -68,8 +68,8 @@ def test_resume_continues_exactly(tmp_path):
     ema_a = load_file(str(list_complete(tmp_path / "a")[-1] / "ema.safetensors"))
     ema_b = load_file(str(list_complete(tmp_path / "b")[-1] / "ema.safetensors"))
     assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
-    loss_a = [r["bpd"] for r in read_metrics(tmp_path / "a") if "bpd" in r]
-    loss_b = [r["bpd"] for r in read_metrics(tmp_path / "b") if "bpd" in r]
+    loss_a = [r["train/bpd"] for r in read_metrics(tmp_path / "a") if "train/bpd" in r]
+    loss_b = [r["train/bpd"] for r in read_metrics(tmp_path / "b") if "train/bpd" in r]
     assert loss_a == loss_b and len(loss_a) == 12
 
 
@@ -97,7 +97,7 @@ def test_resume_from_a_chosen_checkpoint(tmp_path, capsys):
     assert cli_main(argv + ["--trust-checkpoint"]) == 0
     final_b = final_weights(b)
     assert all(torch.equal(final_a[k], final_b[k]) for k in final_a)
-    assert [r["step"] for r in read_metrics(b) if "bpd" in r] == [5, 6, 7, 8]
+    assert [r["step"] for r in read_metrics(b) if "train/bpd" in r] == [5, 6, 7, 8]
 
     train_main(small_cfg(a, *common), resume_from=mid)  # own run: no trust needed
     aside = [p for p in (a / "checkpoints").iterdir() if p.name.startswith("superseded-")]
@@ -126,7 +126,7 @@ def test_incomplete_and_corrupt_checkpoints_are_not_resumed(tmp_path):
     with pytest.warns(UserWarning, match="unreadable"):
         result = train_main(small_cfg(run, "train.steps=6", "train.checkpoint_every=2", *QUIET))
     assert result["step"] == 6
-    rows = [r for r in read_metrics(run) if "bpd" in r]
+    rows = [r for r in read_metrics(run) if "train/bpd" in r]
     assert rows[-1]["step"] == 6
 
 
@@ -136,7 +136,7 @@ def test_non_finite_loss_skips_then_stops_with_the_step(tmp_path):
     with pytest.raises(FloatingPointError, match=r"3 steps in a row \(last at step \d+\)"):
         train_main(cfg)
     assert list_complete(tmp_path / "run") == [], "no checkpoint may be written from bad weights"
-    skipped = [r["skipped_steps"] for r in read_metrics(tmp_path / "run") if "skipped_steps" in r]
+    skipped = [r["optim/skipped_steps"] for r in read_metrics(tmp_path / "run") if "optim/skipped_steps" in r]
     assert skipped[-3:] == [skipped[-1] - 2, skipped[-1] - 1, skipped[-1]]
 
 

@@ -266,7 +266,7 @@ def train_bpd(run_dir, *overrides):
     torch.set_default_dtype(torch.float32)
     cfg = load_config(None, TRAIN + [f"train.run_dir={run_dir}", *overrides])
     result = train_main(cfg)
-    return [r["bpd"] for r in read_metrics(run_dir) if "bpd" in r], result
+    return [r["train/bpd"] for r in read_metrics(run_dir) if "train/bpd" in r], result
 
 
 @pytest.mark.usefixtures("single_process_env")
