@@ -80,6 +80,7 @@ def _check_folder(run_dir: Path, keep: int) -> None:
     names = sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.is_dir())  # DeepSpeed adds zero_to_*.py
     complete = [p.name for p in list_complete(run_dir)]
     assert names == complete and len(complete) == keep, f"only the {keep} newest complete checkpoints: {names}"
+    assert (run_dir / "checkpoints" / "latest").read_text() == complete[-1], "DeepSpeed's latest names the newest"
 
 
 def test_sigkill_at_every_crash_point_then_resume_is_exact(tmp_path):
@@ -132,7 +133,7 @@ def test_sigkill_at_every_crash_point_then_resume_is_exact(tmp_path):
     assert killed_after < STEPS, f"killed after step {killed_after}: past the end of the comparison {REPLAY}"
 
     # The same command runs to the end.
-    partial = sorted({c.name for c in ckpts.iterdir()} - {c.name for c in list_complete(run)})
+    partial = sorted({c.name for c in ckpts.iterdir() if c.is_dir()} - {c.name for c in list_complete(run)})
     p = subprocess.run(_cmd(run, 1, f"train.steps={STEPS}", "train.checkpoint_every=3"), env=child_env(tmp_path),
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]

@@ -111,7 +111,8 @@ def test_resume_from_a_chosen_checkpoint(tmp_path, capsys):
 def test_keep_last_k(tmp_path):
     train_main(small_cfg(tmp_path / "run", "train.steps=8", "train.checkpoint_every=2", "train.keep_last=2", *QUIET))
     names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
-    assert names == ["step_00000006", "step_00000008"]
+    assert names == ["latest", "step_00000006", "step_00000008"]
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step_00000008"  # DeepSpeed's pointer
 
 
 def test_incomplete_and_corrupt_checkpoints_are_not_resumed(tmp_path):
