@@ -21,33 +21,22 @@ TINY = ["model.levels=2", "model.steps=2", "model.width=8", "data.train_size=64"
         "data.batch_size=8", "train.init_batch_size=16", "train.progress=false", "train.log_every=1"]
 
 
-def test_offline_wandb_run_has_sectioned_metrics_captioned_grid_and_topology(tmp_path, monkeypatch, capsys,
-                                                                             single_process_env):
+def _offline_run(tmp_path, monkeypatch, *extra: str):
+    """A 2-step training run in W&B offline mode: (cfg, its run file)."""
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb_dir"))
     monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / "wandb_cache"))
-    run_dir = tmp_path / "run"
-    cfg = load_config(None, TINY + [f"train.run_dir={run_dir}", "wandb.mode=offline", "train.steps=2",
-                                    "train.eval_every=2", "train.sample_every=2", "train.temperatures=[0.0,0.7]",
-                                    "memory.check_every=1"])
+    cfg = load_config(None, TINY + [f"train.run_dir={tmp_path / 'run'}", "wandb.mode=offline", "train.steps=2",
+                                    "train.eval_every=2", "train.sample_every=2", *extra])
     train_main(cfg)
-    out = capsys.readouterr().out
-
-    files = list(run_dir.glob("wandb/offline-run-*/run-*.wandb"))
+    files = list((tmp_path / "run").glob("wandb/offline-run-*/run-*.wandb"))
     assert len(files) == 1, files
-    sync_dir = files[0].parent
-    hints = [line for line in out.splitlines() if f"wandb sync {sync_dir}" in line]
-    assert len(hints) == 2 and hints[0].startswith(f"W&B run offline: {sync_dir};"), out[-2000:]
+    return cfg, files[0]
 
-    records = wandb_records(files[0])
-    config = {u.key: json.loads(u.value_json) for r in records if r.HasField("run") for u in r.run.config.update}
-    config.update({u.key: json.loads(u.value_json) for r in records if r.HasField("config") for u in r.config.update})
-    assert config["params"] == sum(p.numel() for p in build_model(cfg).parameters()) > 0
-    assert config["topology"] == {"world_size": 1, "nodes": 1, "ranks_per_node": 1, "zero_stage": 0,
-                                  "precision": "fp32"}
-    assert config["model"]["levels"] == 2  # the resolved config is there too
 
-    history = {}  # step -> {name: value}
+def _history(records) -> dict[int, dict]:
+    """step -> {name: value} of a W&B run's history records (a media value: a dict of its fields)."""
+    history = {}
     for r in records:
         if r.HasField("history"):
             items = {}  # a W&B media value comes as one item per field: nested_key = [name, field]
@@ -59,6 +48,28 @@ def test_offline_wandb_run_has_sectioned_metrics_captioned_grid_and_topology(tmp
                 else:
                     items[name] = value
             history.setdefault(items["_step"], {}).update(items)
+    return history
+
+
+def test_offline_wandb_run_has_sectioned_metrics_captioned_grid_and_topology(tmp_path, monkeypatch, capsys,
+                                                                             single_process_env):
+    cfg, run_file = _offline_run(tmp_path, monkeypatch, "train.temperatures=[0.0,0.7]", "memory.check_every=1")
+    run_dir = tmp_path / "run"
+    out = capsys.readouterr().out
+
+    sync_dir = run_file.parent
+    hints = [line for line in out.splitlines() if f"wandb sync {sync_dir}" in line]
+    assert len(hints) == 2 and hints[0].startswith(f"W&B run offline: {sync_dir};"), out[-2000:]
+
+    records = wandb_records(run_file)
+    config = {u.key: json.loads(u.value_json) for r in records if r.HasField("run") for u in r.run.config.update}
+    config.update({u.key: json.loads(u.value_json) for r in records if r.HasField("config") for u in r.config.update})
+    assert config["params"] == sum(p.numel() for p in build_model(cfg).parameters()) > 0
+    assert config["topology"] == {"world_size": 1, "nodes": 1, "ranks_per_node": 1, "zero_stage": 0,
+                                  "precision": "fp32"}
+    assert config["model"]["levels"] == 2  # the resolved config is there too
+
+    history = _history(records)
     logged = {k for items in history.values() for k in items if not k.startswith("_")}
     assert {"train/bpd", "test/bpd", "optim/lr", "optim/grad_norm", "perf/images_per_s", "perf/mem_gb",
             "data/epoch", "health/recon_err/level_0", "health/logdet_step/max_abs", "samples/grid"} <= logged
@@ -73,6 +84,13 @@ def test_offline_wandb_run_has_sectioned_metrics_captioned_grid_and_topology(tmp
     assert names == logged, names ^ logged
     assert {r["step"] for r in written} == set(history) == {0, 1, 2}  # step 0: the health check before the first step
     assert history[2]["test/bpd"] == next(r["test/bpd"] for r in written if "test/bpd" in r)
+
+
+def test_log_images_false_keeps_the_grid_out_of_wandb(tmp_path, monkeypatch, single_process_env):
+    _, run_file = _offline_run(tmp_path, monkeypatch, "wandb.log_images=false")
+    history = _history(wandb_records(run_file))
+    assert "test/bpd" in history[2] and "samples/grid" not in history[2], history[2]
+    assert (tmp_path / "run" / "samples" / "step_00000002.png").is_file()
 
 
 def test_older_runs_read_under_the_new_names(tmp_path):
