@@ -21,7 +21,8 @@ from . import seeds
 from .config import Config, ConfigError
 from .data.quantize import preprocess
 from .distributed import DistInfo, all_reduce_sum_, seed_everything, seed_rank_streams
-from .engine import EMA, batch_layout, initialize, model_dtype
+from .ema import EMA
+from .engine import batch_layout, initialize, model_dtype
 from .flows.actnorm import initialize_actnorm
 from .flows.models import build_flow
 from .flows.nets import compile_networks

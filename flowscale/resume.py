@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from .distributed import barrier
+from .engine import client_optimizer
 
 
 # What a resumed run may not change: the model, what the data stream and its order are made
@@ -258,7 +259,7 @@ def load_whole(engine, folder: Path) -> None:
 
     states = torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
     zero = folder / "zero"
-    module, optimizer = engine.module, engine.flowscale_client_optimizer
+    module, optimizer = engine.module, client_optimizer(engine)
 
     def part(name: str, key: str):
         t = torch.load(zero / name / f"{key}.pt", map_location="cpu", weights_only=False)
