@@ -29,10 +29,12 @@ from .analysis.audit import BATCHES, record_batch, rewind_batches
 from .build import build_training, pick_device
 from .config import Config, to_dict, to_yaml
 from .data import build_train_loader, eval_split, first_images
-from .distributed import (DistInfo, all_equal, all_gather_objects, barrier, cleanup, cpu_threads, init_distributed,
-                          max_over_ranks, rank0_decides, rng_state, set_rng_state)
+from .distributed import (DistInfo, all_gather_objects, barrier, bit_identical_on_ranks, cleanup, init_distributed,
+                          max_over_ranks, rank0_decides)
 from .engine import train_step
 from .evaluate import evaluate_bpd
+from .seeds import rng_state, set_rng_state
+from .threads import cpu_threads
 from .inverse_checkpoint import UnstableSteps, reconstruction_tolerance
 from .analysis.lipschitz import logdet_stats
 from .lock import acquire, release
@@ -413,6 +415,4 @@ def _memory_gb(device: torch.device) -> float:
 def ranks_agree(engine) -> bool:
     """Collective: True when every rank holds bit-identical full model weights."""
     state = ckpt_io.consolidated_state_dict(engine)
-    digest = torch.tensor([sum(float(v.double().sum()) + float((v.double() ** 2).sum()) * 1e-3
-                               for v in state.values() if v.is_floating_point())], dtype=torch.float64)
-    return all_equal(digest)
+    return bit_identical_on_ranks({k: v for k, v in state.items() if v.is_floating_point()})

@@ -61,4 +61,5 @@ def test_bare_srun_task_environment(monkeypatch):
     import os
 
     assert (info.rank, info.world_size, info.local_rank) == (3, 8, 1)
-    assert os.environ["MASTER_ADDR"] == "gpu012" and os.environ["MASTER_PORT"] == str(master_port("777"))
+    assert info.master_addr == "gpu012" and info.master_port == master_port("777")
+    assert not {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"} & set(os.environ)  # nothing written
