@@ -146,6 +146,13 @@ class Trainer:
                             keep_last=self.cfg.train.keep_last, rank=self.info.rank,
                             warn=lambda m: self.log.info(f"warning: {m}"))
 
+    def hand_over(self, guard: PreemptionGuard, saved: bool) -> None:
+        """Preempted: save this step (unless it is a checkpoint already), then requeue through
+        submitit, or raise Preempted (exit code 75)."""
+        path = ckpt_io.checkpoint_dir(self.run_dir) / ckpt_io.tag_for(self.state.step) if saved else self.save()
+        self.log.info(f"preempted: saved step {self.state.step} in {path} after {guard.names()}; handing over")
+        guard.hand_over(self.state.step, path)
+
     def describe(self) -> None:
         cfg, run, info = self.cfg, self.run, self.info
         layout = run.layout
@@ -176,10 +183,7 @@ class Trainer:
         with PreemptionGuard() as guard:  # SIGTERM/USR1/USR2 -> save at the next step boundary
             while state.step < cfg.train.steps:
                 if guard.requested(self.device):  # a signal reached some rank: save this step on all, then stop
-                    path = self.save() if saved_step != state.step else ckpt_io.checkpoint_dir(self.run_dir) / \
-                        ckpt_io.tag_for(state.step)
-                    self.log.info(f"preempted: saved step {state.step} in {path} after {guard.names()}; handing over")
-                    guard.hand_over(state.step, path)  # submitit requeues; otherwise Preempted (exit code 75)
+                    self.hand_over(guard, saved=saved_step == state.step)
                 x, y = next(loader)  # uint8 [B, C, H, W]; labels int64 [B] when the shards have them, else None
                 self.health(self.run.module, x, state.step)  # when due: reconstruction error, log-det statistics
                 loss_fn = faults.loss_at(state.step + 1, self.info.rank, self.loss_fn)  # the declared fault point
