@@ -89,6 +89,7 @@ class Trainer:
     def build(self, plan: RestorePlan) -> None:
         cfg, info = self.cfg, self.info
         self.loader = build_train_loader(cfg.data, rank=info.rank, world_size=info.world_size, seed=cfg.data.seed)
+        self.test_x = eval_split(cfg.data, "test")  # streamed from its shards at every eval
         init = first_images(cfg.data, cfg.train.init_batch_size)  # ActNorm's data init; resume overwrites it
         if not cfg.data.streams:  # each rank initialises from its share (data.streams: all from all, see build)
             init = init.chunk(info.world_size)[info.rank] if len(init) >= info.world_size else init
@@ -97,7 +98,7 @@ class Trainer:
                                   load_universal=plan.universal and cfg.engine.zero_stage > 0)
         self.loss_fn = training_loss(cfg, self.device, self.run.dtype)  # bits/dim (+ the 1x1-conv penalty)
         self.health = HealthCheck(cfg, self.run.dtype, self.run.layout["micro"], self.log)
-        self.periodic_eval = PeriodicEval(cfg, self.run, eval_split(cfg.data, "test"), info, self.log)
+        self.periodic_eval = PeriodicEval(cfg, self.run, self.test_x, info, self.log)
 
     def restore(self, plan: RestorePlan) -> bool:
         """Carry out the restore plan (every rank); True when a checkpoint was loaded."""
