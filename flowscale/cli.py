@@ -182,7 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name, helptext in (("eval", "bits/dim of a trained model on a data split"),
                            ("sample", "write a PNG grid of samples at several temperatures")):
         s = sub.add_parser(name, help=helptext, description=helptext)
-        s.add_argument("checkpoint", help="a run directory (its newest checkpoint is used) or a checkpoint .pt file")
+        s.add_argument("checkpoint", help="a run directory (its newest complete checkpoint is used) or one checkpoint "
+                                         "directory, RUN_DIR/checkpoints/step_XXXXXXXX; only its model.safetensors "
+                                         "(ema.safetensors when there) and config.yaml are read")
         s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run (default: auto)")
         s.add_argument("--seed", type=int, default=0, help="seed for dequantisation noise / latent draws (default: 0)")
         if name == "eval":
@@ -266,7 +268,7 @@ EXIT_CODES = {
     "RunDirLocked": 5,           # another live run holds train.run_dir
     "Preempted": 75,             # stopped by a signal after saving the step reached: rerun to resume
 }
-EXIT_OTHER = 1                   # missing file, existing run with --no-resume, untrusted checkpoint, NaN loss
+EXIT_OTHER = 1                   # missing file, existing run with --no-resume, untrusted checkpoint, NaN loss, unsupported DeepSpeed
 
 
 def _one_line(e: BaseException) -> str:
@@ -282,13 +284,14 @@ def _one_line(e: BaseException) -> str:
 def _expected(e: BaseException) -> int | None:
     from .checkpoint import CheckpointWriteError
     from .data import DataError
+    from .deepspeed_universal import UnsupportedDeepSpeed
     from .lock import RunDirLocked
     from .preemption import Preempted
 
     for cls in (ConfigError, DataError, CheckpointWriteError, RunDirLocked, Preempted):
         if isinstance(e, cls):
             return EXIT_CODES[cls.__name__]
-    if isinstance(e, (FileNotFoundError, FileExistsError, FloatingPointError, PermissionError)):
+    if isinstance(e, (FileNotFoundError, FileExistsError, FloatingPointError, PermissionError, UnsupportedDeepSpeed)):
         return EXIT_OTHER
     return None
 

@@ -465,7 +465,7 @@ class TrainConfig:
     """Audit the data order: every rank appends, per step, a fingerprint of each image of its
     batch (64-bit BLAKE2b of its uint8 pixels, after the flip) to
     ``run_dir/batches/rank_XXXXX.jsonl``; records past the step a run resumes from are moved to
-    ``batches/superseded.jsonl``. :func:`flowscale.logging.batch_keys` maps them to sample keys."""
+    ``batches/superseded.jsonl``. :func:`flowscale.analysis.audit.batch_keys` maps them to sample keys."""
 
     def __post_init__(self):
         _at_least(self, "train", steps=1)

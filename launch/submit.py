@@ -69,21 +69,13 @@ def load_sweep(path: str) -> list[dict]:
 def check_resume(cfg, world_size: int) -> list[str]:
     """What changes when the job continues ``train.run_dir``'s newest checkpoint on ``world_size``
     ranks (printed, as the job will); raises ConfigError, before anything is submitted, for a
-    change the checkpoint cannot honour (flowscale.resume.resume_changes)."""
-    from flowscale.checkpoint import resolve_latest
-    from flowscale.config import to_dict
-    from flowscale.resume import resume_changes, written_by
+    change the checkpoint cannot honour. The same plan the job makes (flowscale.restore.plan_restore)."""
+    from flowscale.restore import plan_restore
 
-    ckpt = resolve_latest(cfg.train.run_dir)
-    if ckpt is None:
-        return []
-    changes = resume_changes(ckpt, to_dict(cfg), world_size)
-    by = written_by(ckpt)
-    if by != world_size:
-        changes = [f"ranks {by} -> {world_size}", *changes]
-    if changes:
-        print(f"the job resumes {ckpt} with: {', '.join(changes)}")
-    return changes
+    plan = plan_restore(cfg, world_size)
+    if plan.differences:
+        print(f"the job resumes {plan.checkpoint} with: {', '.join(plan.differences)}")
+    return plan.differences
 
 
 def tasks_per_node_of(tasks_per_node: int | None, gpus_per_node: int) -> int:

@@ -171,7 +171,7 @@ def test_zero_layout_changes_allowed_and_refused(tmp_path):
     """Which ZeRO changes resume_changes allows, from a ZeRO-2 checkpoint of 2 ranks: any ranks
     and any stage (fp32, Adam); refused, naming the field: crossing with ZeRO-0 in bf16, Adamax
     into ZeRO-3 on another layout, and data.streams (fixed when the run was created)."""
-    from flowscale.resume import resume_changes
+    from flowscale.restore import resume_changes
     from flowscale.config import ConfigError, load_config, to_dict
 
     run = tmp_path / "run"
