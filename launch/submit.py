@@ -10,6 +10,10 @@ resubmission of the same callable -- no collective save can run there -- and req
 job. The job id, the submitit folder and the run directory stay the same, and the requeued
 job resumes through the one resolve-latest function from the newest complete checkpoint,
 which the training loop writes every ``train.checkpoint_every`` steps / ``train.checkpoint_minutes``.
+
+Where the job goes is never guessed: Slurm's commands must be on PATH (:class:`SlurmNotFound`
+otherwise), ``local=True`` asks for submitit's local executor, and ``dry_run=True`` returns the
+script the Slurm executor would hand to sbatch, built by the same function on any machine.
 """
 
 from __future__ import annotations
