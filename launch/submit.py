@@ -173,17 +173,18 @@ def _slurm_executor(cls, folder: Path, max_timeouts: int, nodes: int, tasks: int
     ex = cls(folder=str(folder), max_num_timeout=max_timeouts)
     params = dict(job_name="flowscale", nodes=nodes, ntasks_per_node=tasks, cpus_per_task=cpus, time=time_min,
                   signal_delay_s=signal_delay_s)
+    mem = None if not mem_gb else f"{int(mem_gb)}GB" if mem_gb == int(mem_gb) else f"{int(mem_gb * 1024)}MB"
     optional = dict(gpus_per_node=gpus_per_node or None, partition=partition, account=account, constraint=constraint,
-                    mem=None if not mem_gb else f"{int(mem_gb)}GB" if mem_gb == int(mem_gb) else f"{int(mem_gb * 1024)}MB",
-                    additional_parameters=dict(slurm) or None)
+                    mem=mem, additional_parameters=dict(slurm) or None)
     ex.update_parameters(**params, **{k: v for k, v in optional.items() if v is not None})
     return ex
 
 
 def _plan(config_path: str | None, overrides: list[str], array: str | None) \
-        -> tuple[str | None, list[str], Config, list[list[str]]]:
+        -> tuple[str | None, list[str], Config, list[list[str]], list[Config]]:
     """(the config file pinned to an absolute path, the overrides every job shares, their config,
-    each job's overrides), every job's config validated before anything is submitted."""
+    each job's overrides, each job's config): every job's config is validated before anything is
+    submitted."""
     # The job reads the config file on the node: pin a bundled name or a relative path to the
     # absolute file now, so the job's working directory (and requeues) cannot change which one.
     if config_path is not None:
@@ -191,13 +192,10 @@ def _plan(config_path: str | None, overrides: list[str], array: str | None) \
     base = _absolute_run_dir(config_path, list(overrides))
     cfg = load_config(config_path, base)
     if array is None:
-        return config_path, base, cfg, [base]
-    jobs = []
-    for i, point in enumerate(load_sweep(array)):
-        ov = base + [f"{k}={v}" for k, v in point.items()] + [f"train.run_dir={Path(cfg.train.run_dir) / f'sweep_{i:03d}'}"]
-        load_config(config_path, ov)
-        jobs.append(ov)
-    return config_path, base, cfg, jobs
+        return config_path, base, cfg, [base], [cfg]
+    jobs = [base + [f"{k}={v}" for k, v in point.items()] + [f"train.run_dir={Path(cfg.train.run_dir) / f'sweep_{i:03d}'}"]
+            for i, point in enumerate(load_sweep(array))]
+    return config_path, base, cfg, jobs, [load_config(config_path, ov) for ov in jobs]
 
 
 def _note(line: str) -> None:
@@ -225,16 +223,16 @@ def submit(config_path: str | None, overrides: list[str], nodes: int = 1, gpus_p
                           "job script to print (drop --dry-run, or --nodes)")
     if not local and not dry_run:
         require_slurm()  # before anything is checked or written
-    config_path, base, cfg, jobs = _plan(config_path, overrides, array)
+    config_path, base, cfg, jobs, job_cfgs = _plan(config_path, overrides, array)
     tasks = tasks_per_node_of(tasks_per_node, gpus_per_node)
-    cpus, why = cpus_per_task_of([load_config(config_path, ov) for ov in jobs], cpus_per_task)
-    _note(f"cpus per task: {cpus} ({why})")
     folder = Path(cfg.train.run_dir) / "submitit"
     if local:
         ex = submitit.AutoExecutor(folder=str(folder), cluster="local")
         ex.update_parameters(nodes=1, tasks_per_node=tasks, timeout_min=time_min, name="flowscale",
                              **({"gpus_per_node": gpus_per_node} if gpus_per_node else {}))
     else:
+        cpus, why = cpus_per_task_of(job_cfgs, cpus_per_task)
+        _note(f"cpus per task: {cpus} ({why})")
         ex = _slurm_executor(_ScriptOnly if dry_run else submitit.SlurmExecutor, folder, max_timeouts, nodes, tasks,
                              cpus, gpus_per_node, time_min, signal_delay_s, partition, account, constraint, mem_gb,
                              slurm or {})
@@ -243,6 +241,7 @@ def submit(config_path: str | None, overrides: list[str], nodes: int = 1, gpus_p
             ex.parameters["map_count"] = len(jobs)
             for i, ov in enumerate(jobs):
                 _note(f"array task {i}: {' '.join(ov[len(base):])}")
+        # the text SlurmExecutor._submit_command writes to the file it hands to sbatch
         return ex._make_submission_file_text(ex._submitit_command_str, "dry-run")
     if array is None:  # an existing run on another topology: refused here, not after waiting in the queue
         check_resume(cfg, nodes * tasks)
