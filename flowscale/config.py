@@ -98,7 +98,8 @@ class ModelConfig:
     patch_size: int = 4
     """jet, tarflow: the image is cut into patch_size x patch_size patches, the tokens of the
     flow (a space-to-depth by patch_size: C*patch_size^2 features each). image_size must be
-    divisible by it (jet's spatial couplings also need an even number of patches per side)."""
+    divisible by it (jet's spatial couplings also need an even number of patches per side;
+    tarflow at least 2 per side: a one-token tarflow would be the identity)."""
     jet_spatial_every: int = 5
     """jet: every n-th coupling splits the tokens spatially (cycling checkerboard, vertical
     stripes, horizontal stripes, each with both parities); the others split the channels after
@@ -175,6 +176,10 @@ class ModelConfig:
                f"must be > 0 or null, got {self.lu_max_log_s}")
 
 
+SHARDS_ONLY = ("train_manifest", "test_manifest", "train_shards", "test_shards")
+"""Data fields only data.dataset=shards reads (refused with the demo dataset)."""
+
+
 @dataclass
 class DataConfig:
     dataset: Literal["demo", "shards"] = "demo"
@@ -185,7 +190,8 @@ class DataConfig:
     e.g. by img2dataset or on the HF hub, are converted once with `flowscale prep webdataset`)."""
     train_manifest: Optional[str] = None
     """shards: the train split's manifest.json (or its directory, or an http(s) URL), as written
-    by `flowscale prep`. Shards are read next to it unless train_shards is set."""
+    by `flowscale prep`. Shards are read next to it unless train_shards is set. With
+    dataset=demo this and the other manifest/shards fields are refused, not ignored."""
     test_manifest: Optional[str] = None
     """shards: the test split's manifest.json (or its directory, or a URL); used for test bits/dim."""
     train_shards: Optional[str] = None
@@ -259,6 +265,11 @@ class DataConfig:
             for split in ("train", "test"):
                 _check(bool(getattr(self, f"{split}_manifest")), f"data.{split}_manifest",
                        f"required for data.dataset=shards (the {split} split's manifest.json from `flowscale prep`)")
+        else:  # the demo reads none of these: a run must not train on the demo photos while the user meant shards
+            for name in SHARDS_ONLY:
+                _check(getattr(self, name) is None, f"data.{name}",
+                       f"set, but data.dataset=demo does not read it; add data.dataset=shards to train on shards, "
+                       f"or drop data.{name} for the demo")
         _at_least(self, "data", num_workers=0, shuffle_buffer=0, max_skipped=0, streams=0)
         _check(self.streams == 0 or self.batch_size % self.streams == 0, "data.streams",
                f"data.batch_size={self.batch_size} must be a multiple of data.streams={self.streams}")
@@ -509,6 +520,11 @@ class Config:
         if m.is_patch_flow:
             _check(size % m.patch_size == 0, "model.patch_size",
                    f"data.image_size={size} must be divisible by patch_size={m.patch_size}")
+            # Each block's first token gets (mu, a) = (0, 0): with one token every block is the identity.
+            _check(m.preset != "tarflow" or size // m.patch_size >= 2, "model.patch_size",
+                   f"tarflow needs at least 2x2 patch tokens, but patch_size={m.patch_size} cuts data.image_size={size} "
+                   f"into one, which every block leaves unchanged (the first token of an autoregressive block is "
+                   f"never transformed); use patch_size <= {size // 2}")
             spatial = m.preset == "jet" and m.jet_spatial_every > 0 and m.steps >= m.jet_spatial_every
             _check(not spatial or (size // m.patch_size) % 2 == 0, "model.patch_size",
                    f"jet's spatial couplings need an even number of patches per side, got "

@@ -163,6 +163,11 @@ class Trainer:
                       f"ranks={info.world_size} global batch={layout['global']} micro-batch={layout['micro']} x "
                       f"accum={layout['accum']} | ZeRO-{cfg.engine.zero_stage} {cfg.engine.precision} | "
                       f"device={self.device} run_dir={self.run_dir}")
+        d, train_split = cfg.data, self.loader.split
+        source = "demo photos (scikit-image)" if d.dataset == "demo" else "shards"
+        self.log.info(f"data: {source}, train {train_split.manifest.num_samples} images ({train_split.where}), test "
+                      f"{len(self.test_x)} images ({self.test_x.split.where}) | {d.channels}x{d.image_size}x"
+                      f"{d.image_size} {d.n_bits}-bit")
 
     def log_bound(self) -> None:
         """train.bound_images: the floor of any linear flow, logged once beside bits/dim."""
