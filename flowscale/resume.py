@@ -93,6 +93,27 @@ def resume_changes(ckpt: Path, config: dict, world_size: int) -> list[str]:
     return [f"{field} {old!r} -> {new!r}" for field, old, new in diffs if field != "train.run_dir"]
 
 
+def canonical_streams(data_cfg, ckpt: Path | None, world_size: int) -> tuple[int, str]:
+    """data.streams=null resolved, and why (one line): the value ``ckpt`` was written with when
+    resuming (0 for a checkpoint from before the field existed: it ran with the per-rank
+    order, which it keeps), else the new run's choice by
+    :func:`flowscale.data.order.choose_streams` from the global batch, the training shards and
+    this topology. The caller writes it into the config, so config.yaml records it."""
+    from .data.order import choose_streams
+    from .data.splits import resolve_split
+
+    if ckpt is not None:
+        recorded = saved_config(ckpt).get("data.streams")
+        if not recorded:
+            return 0, (f"recorded by {ckpt.name} ({'0' if recorded == 0 else 'not recorded: a run from before it'}): "
+                       f"the per-rank order of its ranks x workers, kept")
+        return int(recorded), (f"recorded by {ckpt.name} when the run was created; any ranks x workers dividing "
+                               f"{recorded} can resume it")
+    split = resolve_split(data_cfg, "train")
+    S, why = choose_streams(data_cfg.batch_size, split.counts, world_size, data_cfg.num_workers)
+    return S, f"chosen for this new run: {why}"
+
+
 UNIVERSAL = "universal"  # <ckpt>/universal/: DeepSpeed's topology-free copy of a ZeRO-1/2/3 checkpoint
 
 

@@ -71,8 +71,9 @@ def main(cfg: Config, resume: bool = True, resume_from: str | Path | None = None
     chosen = _check_resume_from(cfg, resume, resume_from, trust_checkpoint)
     pick_device(cfg.train.device)  # a device that is not there is refused before anything starts
     info = init_distributed(cfg.engine.backend, cfg.train.device)
+    config = to_dict(cfg)  # W&B's copy of the config (filled in below with the resolved data.streams)
     log = RunLogger(cfg.train.run_dir, cfg.train.steps, is_main=info.is_main, progress=cfg.train.progress,
-                    wandb_cfg=cfg.wandb, config_dict=to_dict(cfg))
+                    wandb_cfg=cfg.wandb, config_dict=config)
     lock, threads_before = None, torch.get_num_threads()
     try:
         threads, why = cpu_threads(cfg.engine.threads, cfg.data.num_workers)
@@ -80,6 +81,10 @@ def main(cfg: Config, resume: bool = True, resume_from: str | Path | None = None
         log.info(f"threads per process: {threads} ({why})")
         # Checked on every rank from the files alone, before anything is written.
         ckpt = chosen if chosen is not None else (ckpt_io.resolve_latest(cfg.train.run_dir) if resume else None)
+        if cfg.data.streams is None:  # a new run chooses, a resumed one takes its record; config.yaml keeps it
+            cfg.data.streams, why = resume_io.canonical_streams(cfg.data, ckpt, info.world_size)
+            config["data"]["streams"] = cfg.data.streams
+            log.info(f"data.streams={cfg.data.streams}: {why}")
         changes = resume_io.resume_changes(ckpt, to_dict(cfg), info.world_size) if ckpt is not None else []
         if changes:
             log.info(f"resuming {ckpt.name} with changed settings: {', '.join(changes)}")
