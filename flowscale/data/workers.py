@@ -71,6 +71,7 @@ class _StreamReader:
                  known: dict | None = None, buffer: int = READ_AHEAD):
         self.split, self.cfg, self.seed, self.g, self.G, self.buffer = split, data_cfg, seed, g, G, buffer
         self.epoch, self.t = start
+        self.counts = split.counts  # a list made from the manifest on every access: once, not per fill
         self.decode = SampleDecoder(split.manifest)
         self.policy = BadDataPolicy(data_cfg.bad_data, data_cfg.max_skipped, split.where, known, echo=False,
                                     advice=split.convert_advice)
@@ -86,7 +87,7 @@ class _StreamReader:
         """Write the next len(x) samples into ``x`` (uint8 [b, C, H, W]) and their labels into ``y``
         (int64 [b], or None); returns (epoch, t, met) after them. ``met``: the bad data first met
         while filling, as :attr:`.reader.BadDataPolicy.met` lists it."""
-        split, counts, decode, flip, i, b = self.split, self.split.counts, self.decode, self.cfg.random_flip, 0, len(x)
+        split, counts, decode, flip, i, b = self.split, self.counts, self.decode, self.cfg.random_flip, 0, len(x)
         while i < b:
             if self.plan is None:
                 self.plan = EpochPlan(counts, self.epoch, self.seed, self.g, self.G, self.cfg.shuffle_buffer)
