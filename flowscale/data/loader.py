@@ -60,7 +60,9 @@ class ShardLoader:
     With ``data.streams`` = S > 0 the order is the canonical streams' (see :class:`_Streams` and
     the config field): global batch t is the same for every world size and worker count that
     divide S, and the state holds every stream's position once the ranks have exchanged theirs
-    (:meth:`stream_positions` / :meth:`adopt_positions`), so any such topology can resume it."""
+    (:meth:`stream_positions` / :meth:`adopt_positions`), so any such topology can resume it.
+    ``data.streams`` = None takes :func:`.order.choose_streams`'s S for this topology (what a new
+    run chooses; ``flowscale train`` resolves it first, to the recorded value on a resume)."""
 
     PREFETCH = 2
     """The DataLoader's prefetch_factor: items asked of each worker ahead of the one being read."""
