@@ -98,7 +98,7 @@ def choose_streams(batch_size: int, counts: list[int], world_size: int, num_work
     any ranks x workers dividing S, so the more streams the more topologies (a power of two
     batch gives a power of two S: every smaller power of two). Up to the shard count, because
     streams beyond it share shards, each reading the whole shard to decode its strided part
-    (measured: 64 streams on 16 shards cost 2.6x the loader CPU per batch of 16 streams; m times
+    (measured: 64 streams on 16 shards cost 2.3-2.4x the loader CPU per batch of 16 streams; m times
     the bytes for remote shards), but at least AUTO_STREAMS_FLOOR (1, 2, 4 or 8 processes):
     a split with fewer shards is small, and its parts cost little. When P is beyond that, the
     fewest streams P allows (the least sharing). Off (0) when no multiple of P divides the
