@@ -207,13 +207,18 @@ class DataConfig:
     """Loader worker processes per rank; 0 = read in the training process (enough for the demo
     and npy shards; use 4-8 for PNG shards feeding a GPU). With data.streams=0 the sample order
     depends on it: resume with the same value."""
-    streams: int = 0
-    """Canonical data streams, fixed when the run is created (0 = off: the order follows the
-    ranks x workers of the run). With S > 0 the training data is S streams, each reading its
-    share of the shards sequentially, and global batch t is data.batch_size / S samples of
-    each stream, in stream order: the same images in the same order for every world size and
-    data.num_workers such that world size x max(1, num_workers) divides S. data.batch_size
-    must be a multiple of S. E.g. 16 serves 1, 2, 4, 8 or 16 ranks x workers."""
+    streams: Optional[int] = None
+    """Canonical data streams, fixed when the run is created. With S > 0 the training data is S
+    streams, each reading its share of the shards sequentially, and global batch t is
+    data.batch_size / S samples of each stream, in stream order: the same images in the same
+    order for every world size and data.num_workers such that world size x max(1, num_workers)
+    divides S, so the run can resume on any of them. data.batch_size must be a multiple of S.
+    E.g. 16 serves 1, 2, 4, 8 or 16 ranks x workers. null (the default) = chosen by a new run
+    (printed at start, recorded in its config.yaml; a resume takes the recorded value): the
+    largest divisor of data.batch_size that is a multiple of this run's ranks x workers and at
+    most max(training shards, 8), see README "Changing the number of GPUs". A checkpoint
+    without a recorded value ran with 0 and keeps that order. 0 = off: the order follows the
+    ranks x workers of the run, which must then stay the same on resume."""
     shuffle_buffer: int = 1000
     """Samples held by each worker's shuffle buffer (shard order is reshuffled every epoch as
     well); 0 or 1 = read shards in order."""
@@ -270,8 +275,10 @@ class DataConfig:
                 _check(getattr(self, name) is None, f"data.{name}",
                        f"set, but data.dataset=demo does not read it; add data.dataset=shards to train on shards, "
                        f"or drop data.{name} for the demo")
-        _at_least(self, "data", num_workers=0, shuffle_buffer=0, max_skipped=0, streams=0)
-        _check(self.streams == 0 or self.batch_size % self.streams == 0, "data.streams",
+        _at_least(self, "data", num_workers=0, shuffle_buffer=0, max_skipped=0)
+        _check(self.streams is None or self.streams >= 0, "data.streams",
+               f"must be >= 0 (0 = off) or null (chosen by the run), got {self.streams}")
+        _check(not self.streams or self.batch_size % self.streams == 0, "data.streams",
                f"data.batch_size={self.batch_size} must be a multiple of data.streams={self.streams}")
         _check(self.worker_timeout_s >= 0, "data.worker_timeout_s", f"must be >= 0 (0 = no limit), got {self.worker_timeout_s}")
         _at_least(self, "data", image_size=2, channels=1, batch_size=1, train_size=1, test_size=1)

@@ -156,6 +156,8 @@ class RestorePlan:
     """The ZeRO stage ``checkpoint`` was written with."""
     universal: bool = False
     """The optimizer state moves to another layout through DeepSpeed's universal checkpoint."""
+    streams_note: str = ""
+    """How ``data.streams=null`` was resolved (the checkpoint's record, or a new run's choice); empty when given."""
 
     @property
     def differences(self) -> list[str]:
@@ -165,7 +167,7 @@ class RestorePlan:
 
     def notes(self) -> list[str]:
         """The lines a resuming run prints about what changed."""
-        out = []
+        out = [self.streams_note] if self.streams_note else []
         if self.changes:
             out.append(f"resuming {self.checkpoint.name} with changed settings: {', '.join(self.changes)}")
         if self.checkpoint is not None and (self.written_by != self.world_size or self.universal):
@@ -230,6 +232,27 @@ class RestorePlan:
         return None
 
 
+def canonical_streams(data_cfg, ckpt: Path | None, world_size: int) -> tuple[int, str]:
+    """data.streams=null resolved, and why (one line): the value ``ckpt`` was written with when
+    resuming (0 for a checkpoint from before the field existed: it ran with the per-rank
+    order, which it keeps), else the new run's choice by
+    :func:`flowscale.data.order.choose_streams` from the global batch, the training shards and
+    this topology. The caller writes it into the config, so config.yaml records it."""
+    from .data.order import choose_streams
+    from .data.splits import resolve_split
+
+    if ckpt is not None:
+        recorded = saved_config(ckpt).get("data.streams")
+        if not recorded:
+            return 0, (f"recorded by {ckpt.name} ({'0' if recorded == 0 else 'not recorded: a run from before it'}): "
+                       f"the per-rank order of its ranks x workers, kept")
+        return int(recorded), (f"recorded by {ckpt.name} when the run was created; any ranks x workers dividing "
+                               f"{recorded} can resume it")
+    split = resolve_split(data_cfg, "train")
+    S, why = choose_streams(data_cfg.batch_size, split.counts, world_size, data_cfg.num_workers)
+    return S, f"chosen for this new run: {why}"
+
+
 def plan_restore(cfg: Config, world_size: int, *, resume: bool = True, resume_from: str | Path | None = None,
                  trust: bool = False) -> RestorePlan:
     """Decide, from the files alone, where a run of ``cfg`` on ``world_size`` ranks continues from.
@@ -252,6 +275,9 @@ def plan_restore(cfg: Config, world_size: int, *, resume: bool = True, resume_fr
                 f"model.safetensors (flowscale sample/eval read only safetensors). Nothing was written.")
     elif resume:
         plan.checkpoint = ckpt_io.resolve_latest(run_dir)
+    if cfg.data.streams is None:  # a new run chooses, a resumed one takes its record; config.yaml keeps it
+        cfg.data.streams, why = canonical_streams(cfg.data, plan.checkpoint, world_size)
+        plan.streams_note = f"data.streams={cfg.data.streams}: {why}"
     if plan.checkpoint is not None:
         plan.changes = resume_changes(plan.checkpoint, to_dict(cfg), world_size)
         plan.written_by, plan.saved_stage = written_by(plan.checkpoint), saved_stage(plan.checkpoint)

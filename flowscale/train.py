@@ -53,8 +53,9 @@ def main(cfg: Config, resume: bool = True, resume_from: str | Path | None = None
     check_version()  # the DeepSpeed whose checkpoint layout flowscale.deepspeed_universal knows
     pick_device(cfg.train.device)  # a device that is not there is refused before anything starts
     info = init_distributed(cfg.engine.backend, cfg.train.device)
+    config = to_dict(cfg)  # W&B's copy of the config (filled in below with the resolved data.streams)
     log = RunLogger(cfg.train.run_dir, cfg.train.steps, is_main=info.is_main, progress=cfg.train.progress,
-                    wandb_cfg=cfg.wandb, config_dict=to_dict(cfg))
+                    wandb_cfg=cfg.wandb, config_dict=config)
     lock, threads_before = None, torch.get_num_threads()
     try:
         # Decided on every rank from the files alone, before anything is written.
@@ -62,6 +63,7 @@ def main(cfg: Config, resume: bool = True, resume_from: str | Path | None = None
         threads, why = cpu_threads(cfg.engine.threads, cfg.data.num_workers)
         torch.set_num_threads(threads)  # several tasks on one node must not each take every core
         log.info(f"threads per process: {threads} ({why})")
+        config["data"]["streams"] = cfg.data.streams  # resolved by plan_restore when it was null
         for line in plan.notes():
             log.info(line)
         for split in ("train", "test"):  # data unlike the config (channels, size) is refused before any write
