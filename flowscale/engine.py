@@ -100,6 +100,15 @@ def guard_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     return optimizer
 
 
+def scale_lr(engine, factor: float) -> None:
+    """Multiply the LR of the next optimizer step by ``factor``. The LR schedule (a LambdaLR,
+    not chained) sets every step's LR afresh from the step count, so the change lasts one step."""
+    if factor == 1.0:
+        return
+    for group in engine.flowscale_client_optimizer.param_groups:
+        group["lr"] *= factor
+
+
 def initialize(cfg: Config, flow, optimizer, schedule, world_size: int, load_universal: bool = False):
     """deepspeed.initialize with the generated config; returns the engine."""
     import deepspeed

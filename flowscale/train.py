@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -29,9 +29,10 @@ from .audit import BATCHES, record_batch, rewind_batches
 from .build import build_training, pick_device
 from .config import Config, to_dict, to_yaml
 from .data import build_train_loader, eval_split, first_images
+from .divergence import DivergenceWatch, Rollback, rollback_target
 from .distributed import (DistInfo, all_equal, all_gather_objects, barrier, cleanup, cpu_threads, init_distributed,
                           max_over_ranks, rank0_decides, rng_state, set_rng_state)
-from .engine import train_step
+from .engine import scale_lr, train_step
 from .evaluate import evaluate_bpd
 from .inverse_checkpoint import UnstableSteps, reconstruction_tolerance
 from .lipschitz import logdet_stats
@@ -149,25 +150,40 @@ class TrainState:
     """Vetoed (non-finite) steps in a row, up to the last one."""
     skipped_total: int = 0
     """Vetoed steps over the whole run."""
+    divergence: DivergenceWatch = field(default_factory=DivergenceWatch)
+    """The divergence watch: running statistics, current streak, rollbacks so far."""
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "bad_in_row": self.bad_in_row, "skipped_total": self.skipped_total}
+        return {"step": self.step, "bad_in_row": self.bad_in_row, "skipped_total": self.skipped_total,
+                "divergence": self.divergence.state_dict(), "healthy": self.healthy}
 
     def load_state_dict(self, d: dict) -> None:
         self.step, self.bad_in_row, self.skipped_total = d["step"], d["bad_in_row"], d["skipped_total"]
+        self.divergence = DivergenceWatch()  # checkpoints from before the watch start it afresh
+        self.divergence.load_state_dict(d.get("divergence", {}))
+
+    @property
+    def healthy(self) -> bool:
+        """No step of a running streak was flagged or vetoed: a checkpoint now may be rolled back to."""
+        return self.divergence.healthy and self.bad_in_row == 0
 
     def count(self, skipped: bool) -> None:
         """Account for the step just taken."""
         self.bad_in_row = self.bad_in_row + 1 if skipped else 0
         self.skipped_total += int(skipped)
 
-    def stop_if_diverged(self, max_bad_steps: int) -> None:
-        """``max_bad_steps`` vetoed steps in a row stop the run (before any eval or save)."""
-        if self.bad_in_row >= max_bad_steps:
-            raise FloatingPointError(
-                f"non-finite loss or gradient in {self.bad_in_row} steps in a row (last at step {self.step}); lower "
-                f"optim.lr, raise optim.warmup_steps, or use bounded scales (model.scale_fn). No checkpoint was "
-                f"written from these weights.")
+
+class Diverged(FloatingPointError):
+    """The run diverged and was stopped (train.on_divergence=abort, or no rollback allowed)."""
+
+
+ADVICE = ("lower optim.lr, raise optim.warmup_steps, or use bounded scales (model.scale_fn); to tune the watch "
+          "see README: Divergence. No checkpoint was written from these weights.")
+
+
+def _written_healthy(ckpt: Path) -> bool:
+    """The ``healthy`` flag of a checkpoint's client state (checkpoints from before the flag: True)."""
+    return bool(torch.load(ckpt / "client.pt", map_location="cpu", weights_only=True).get("healthy", True))
 
 
 class Trainer:
@@ -178,6 +194,7 @@ class Trainer:
         self.run_dir = Path(cfg.train.run_dir)
         self.device = pick_device(cfg.train.device, info.local_rank)
         self.state = TrainState()
+        self.health: dict | None = None  # the health check's numbers for the step about to run
 
     # -- build and restore --------------------------------------------------------------------------
 
@@ -242,6 +259,7 @@ class Trainer:
         health, line = health_metrics(self.run.module, x[:self.cfg.memory.check_batch_size], self.cfg, self.run.dtype,
                                       self.unstable, self.state.step)
         self.log.log(self.state.step, health, echo=False)
+        self.health = health
         if line:
             self.log.info(f"step {self.state.step}: {line}")
 
@@ -294,6 +312,55 @@ class Trainer:
             self.log.log(step, out)
         return out
 
+    def diverged(self, metrics: dict) -> bool:
+        """The step's flags, agreed over ranks (one all-reduce), into the divergence watch; on
+        divergence abort (raises :class:`Diverged`) or roll back. True after a rollback."""
+        d, state = self.cfg.divergence, self.state
+        local = torch.tensor(state.divergence.flags(d, metrics, self.health), device=self.device)
+        self.health = None
+        why = state.divergence.observe(d, state.step, max_over_ranks(local).tolist(), metrics, state.bad_in_row,
+                                       self.cfg.engine.max_bad_steps)
+        if why is None:
+            return False
+        self.roll_back(why)
+        return True
+
+    def roll_back(self, why: str) -> None:
+        """Restore the newest checkpoint written while healthy before the streak began (through
+        :meth:`restore`), keep the data position (the diverged window's batches are not replayed),
+        lower the LR for divergence.lr_steps steps and record the rollback (in the watch's state,
+        so in every later checkpoint, and in metrics.jsonl / W&B). Every rank, the same decision."""
+        cfg, state, watch = self.cfg, self.state, self.state.divergence
+        at, first_bad = state.step, watch.first_bad
+        line = f"diverged at step {at}: {why}"
+        if cfg.train.on_divergence == "abort":
+            raise Diverged(f"{line} (last at step {at}); stopped (train.on_divergence=abort). {ADVICE}")
+        target = rollback_target(ckpt_io.list_complete(self.run_dir), _written_healthy, first_bad)
+        to = int(target.name.split("_")[1]) if target is not None else -1
+        refused = (f"no checkpoint written while healthy at step <= {first_bad - 2} to roll back to "
+                   f"(train.checkpoint_every={cfg.train.checkpoint_every})" if target is None
+                   else watch.refusal(cfg.divergence, to))
+        if refused:
+            raise Diverged(f"{line} (last at step {at}); not rolled back: {refused}. {ADVICE}")
+        batches = at - to
+        record = Rollback(at_step=at, to_step=to, first_bad=first_bad, reason=why, skipped_batches=batches,
+                          skipped_samples=batches * self.run.layout["global"], lr_factor=cfg.divergence.lr_factor,
+                          lr_until=to + cfg.divergence.lr_steps)
+        history = [*watch.rollbacks, asdict(record)]
+        position = self.loader.state_dict()  # past the diverged window
+        if self.info.is_main:  # the diverged trajectory's checkpoints: kept aside, never "latest"
+            ckpt_io.set_aside_newer(self.run_dir, to)
+        barrier()
+        self.restore(True, target, None)
+        self.loader.load_state_dict(position)
+        self.state.divergence.rollbacks = history
+        self.log.info(f"{line}; rollback {len(history)}/{cfg.divergence.max_rollbacks}: restored {target.name}, "
+                      f"skipping the data of steps {to + 1}-{at} ({record.skipped_samples} samples), LR x"
+                      f"{record.lr_factor:g} until step {record.lr_until}")
+        self.log.log(to, {"rollback": len(history), "rollback_from_step": at, "rollback_first_bad": first_bad,
+                          "rollback_skipped_samples": record.skipped_samples, "rollback_lr_factor": record.lr_factor},
+                     echo=False)
+
     def save_due(self, last_save: float) -> bool:
         t, step = self.cfg.train, self.state.step
         due_time = t.checkpoint_minutes > 0 and time.time() - last_save > 60 * t.checkpoint_minutes
@@ -304,7 +371,7 @@ class Trainer:
         cfg, info, run = self.cfg, self.info, self.run
         if cfg.data.streams:  # every rank's file then holds every stream's place: any topology can resume
             self.loader.adopt_positions(all_gather_objects(self.loader.stream_positions()))
-        client = {**self.state.state_dict(), "config": to_dict(cfg)}
+        client = {**self.state.state_dict(), "config": to_dict(cfg)}  # with "healthy": a rollback target?
         return ckpt_io.save(run.engine, self.run_dir, self.state.step, info.rank,
                             {"loader": self.loader.state_dict(), "rng": rng_state()}, client, to_yaml(cfg),
                             cfg.train.keep_last, run.ema.state_dict() if run.ema is not None else None,
@@ -347,7 +414,8 @@ class Trainer:
                 x, y = next(loader)  # uint8 [B, C, H, W]; labels int64 [B] when the shards have them, else None
                 if self.health_due(start_step):
                     self.check_health(x)
-                loss_fn = faults.loss_at(state.step + 1, self.info.rank, self.loss_fn)  # the declared fault point
+                loss_fn = faults.loss_at(state.step + 1, self.info.rank, self.loss_fn, self.loader.batches)  # the fault point
+                scale_lr(engine, state.divergence.lr_factor(state.step + 1))  # lowered after a rollback, else 1
                 metrics = train_step(engine, (x, y, *self.noise(x)), loss_fn)  # bits/dim, backward, step (or veto)
                 state.step += 1
                 if cfg.train.record_batches:
@@ -358,7 +426,9 @@ class Trainer:
                         self.run.ema.update(self.run.module)
                     throughput.add(len(x))
                 self.log_train(metrics, throughput)
-                state.stop_if_diverged(cfg.engine.max_bad_steps)
+                if self.diverged(metrics):  # abort: raises; rollback: back at a healthy checkpoint, past this data
+                    saved_step = state.step
+                    continue
                 metrics.update(self.evaluate_and_sample(final=state.step == cfg.train.steps))
                 if self.save_due(last_save):
                     self.save()
@@ -370,7 +440,7 @@ class Trainer:
                 warnings.warn("model replicas differ across ranks at the end of training")
         if not metrics:  # resumed a finished run: report its final state without training
             metrics = self.evaluate_and_sample(final=True)
-        return {"step": state.step, **metrics}
+        return {"step": state.step, **metrics, "rollbacks": list(state.divergence.rollbacks)}
 
 
 class Throughput:
