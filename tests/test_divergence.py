@@ -172,3 +172,33 @@ def test_watch_flags_spikes_after_warmup_and_keeps_them_out_of_its_statistics():
     assert w2 == w
     w.rollbacks = [{"to_step": 10, "lr_until": 20, "lr_factor": 0.5}, {"to_step": 10, "lr_until": 15, "lr_factor": 0.5}]
     assert [w.lr_factor(s) for s in (10, 11, 15, 16, 20, 21)] == [1.0, 0.25, 0.25, 0.5, 0.5, 1.0]
+
+
+@pytest.mark.slow
+def test_rollback_on_two_ranks_killed_and_resumed_on_one_with_data_streams(tmp_path):
+    """data.streams=2: two ranks diverge, roll back (every rank the same decision) and die
+    after the first checkpoint past the rollback; the run resumed on one rank ends with the
+    rollback record and, within the topology tolerance (README: Changing the number of GPUs),
+    the weights of a one-rank run that healed itself uninterrupted."""
+    streams = ("data.streams=2",)
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    env = child_env(tmp_path, FLOWSCALE_FAULT=POISON)
+    p = subprocess.run(train_command(*RUN, *streams, f"train.run_dir={ref}"), env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    p = subprocess.run(train_command(*RUN, *streams, f"train.run_dir={run}", nproc=2),
+                       env=child_env(tmp_path, "complete@20:0", FLOWSCALE_FAULT=POISON), capture_output=True,
+                       text=True, timeout=600)
+    assert p.returncode != 0 and "rollback 1/3: restored step_00000010" in p.stdout, p.stdout[-3000:]
+    assert list_complete(run)[-1].name == "step_00000020"
+    p = subprocess.run(train_command(*RUN, *streams, f"train.run_dir={run}"), env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "written by 2 rank(s)" in p.stdout and "1 rollback: step 17 -> 10 (56 samples skipped)" in p.stdout
+    records = [torch.load(list_complete(d)[-1] / "client.pt", weights_only=True)["divergence"]["rollbacks"]
+               for d in (ref, run)]
+    assert records[0] == records[1]
+    a, b = final_weights(run), final_weights(ref)
+    worst = max(((a[k] - b[k]).abs().max() / b[k].abs().max().clamp_min(1e-12)).item() for k in a)
+    assert worst < 1e-5, worst
+    assert sorted(r["step"] for r in read_metrics(run) if "bpd" in r) == list(range(1, 25))
