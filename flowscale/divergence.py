@@ -61,8 +61,11 @@ class DivergenceWatch:
     seen: int = 0
     """Clean applied steps that entered the statistics."""
     bpd_mean: float = 0.0
+    """EMA of bits/dim (decay divergence.ema_decay)."""
     bpd_var: float = 0.0
+    """EMA of the squared deviation of bits/dim from bpd_mean."""
     grad_mean: float = 0.0
+    """EMA of the gradient norm (before clipping)."""
     streak: int = 0
     """Flagged steps in a row, up to the last one."""
     first_bad: int = 0
