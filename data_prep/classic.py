@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .sources import SplitPlan, shuffled
+from .plans import SplitPlan, shuffled
 
 KINDS = ("idx", "cifar")
 

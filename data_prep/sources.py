@@ -15,47 +15,20 @@ import hashlib
 import pickle
 import re
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from .attributes import CELEBA_ATTRIBUTES, bits_from_ints, celebahq_attributes, lookup_file, read_csv_attributes
 from .images import IMAGE_SUFFIXES, center_square, file_channels, load_file, match_channels, pad_square, resize_box
+from . import classic
+from .plans import SplitPlan, sanitize, shuffled  # noqa: F401 - re-exported for the converters
 from .tfrecord import parse_example, read_record, record_offsets
 
 OORD_COUNTS = {"train": 1_281_149, "valid": 49_999}
 CELEBAHQ_TOTAL, CELEBAHQ_TRAIN = 30_000, 27_000
 VARIANT_NOTE = ("bits/dim are comparable only within one variant: oord2016 (van den Oord PNG folders, reported by "
                 "Glow, Flow++, DLF) and chrabaszcz2017 (image-net.org batches) are different downsamplings")
-
-
-@dataclass
-class SplitPlan:
-    items: list[tuple]
-    dataset: str
-    variant: str
-    resolution: int
-    resize: str
-    """none | box | center-crop+box | pad (zero padding up to the resolution)"""
-    split_rule: str
-    labels: bool = False
-    classes: list[str] = field(default_factory=list)
-    source: dict = field(default_factory=dict)
-    attributes: list[str] = field(default_factory=list)
-    """Names of the per-sample binary attributes (stored as <key>.attr); empty = none."""
-    channels: int = 3
-    """1 (grayscale) or 3 (RGB): every item is stored with this many; an item with the other
-    count is converted with a note (L->RGB, RGB->L) counted in the manifest."""
-
-
-def sanitize(s: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_\-]", "_", s)
-
-
-def shuffled(items: list, seed: int) -> list:
-    order = np.random.default_rng([seed, 0x5EED]).permutation(len(items))
-    return [items[i] for i in order]
 
 
 def _files(root: Path, recursive: bool = True) -> list[Path]:
@@ -108,8 +81,6 @@ def load_item(item: tuple, resolution: int, resize: str,
         r = int(round((data.shape[1] // 3) ** 0.5))
         x = data[index].reshape(3, r, r).transpose(1, 2, 0)  # channel-planar rows
     elif kind in ("idx", "cifar"):
-        from . import classic  # here: classic builds on this module's SplitPlan
-
         x = classic.load(kind, where)
     else:
         raise ValueError(f"unknown item kind {kind!r}")

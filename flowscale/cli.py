@@ -112,7 +112,7 @@ def cmd_sample(ns) -> int:
 
 
 def cmd_bound(ns) -> int:
-    from .bound import dataset_bound
+    from .analysis.bound import dataset_bound
 
     path, overrides = _split_config_and_overrides(ns.args)
     cfg = load_config(path, overrides)
@@ -244,15 +244,15 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Convert datasets into shards (parallel, resumable, deterministic) or verify them.")
     add_prep_parsers(pr.add_subparsers(dest="prep", required=True, metavar="DATASET"))
 
-    from .plan import add_parser as add_plan_parser
+    from .tools.plan import add_parser as add_plan_parser
 
     add_plan_parser(sub)
-    from .latent_cli import add_parsers as add_latent_parsers
+    from .tools.latent_cli import add_parsers as add_latent_parsers
 
     add_latent_parsers(sub)  # encode, interpolate, manipulate, sweep
     b = sub.add_parser("bench", help="benchmarks that print a table (memory, ...)",
                        description="Benchmarks. Each prints a table; ratios are measured side by side in one run.")
-    from .bench import add_parsers
+    from .tools.bench import add_parsers
 
     add_parsers(b.add_subparsers(dest="bench", required=True, metavar="BENCHMARK"))
     return p

@@ -294,7 +294,7 @@ class OptimConfig:
     """L2 penalty on the invertible 1x1-conv weights, added to the bits/dim loss:
     invconv_l2 * sum(W^2) / (2 n) over all n entries of every 1x1-conv W (DLF's --l2_factor,
     0.1 for CelebA-HQ, against 'input is not invertible' NaNs); 0 disables it. See
-    flowscale.lipschitz.flow_regularizer."""
+    flowscale.loss.flow_regularizer."""
 
     def __post_init__(self):
         _check(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")

@@ -44,7 +44,7 @@ from .flows.base import Flow, FlowSequence, run_chain, zeros_logdet
 
 
 def _autocast_state(device_type: str):
-    if device_type == "meta":  # shape/memory planning (flowscale.plan): autocast has no meta backend
+    if device_type == "meta":  # shape/memory planning (flowscale.tools.plan): autocast has no meta backend
         return None
     if torch.is_autocast_enabled(device_type):
         return {"device_type": device_type, "dtype": torch.get_autocast_dtype(device_type), "enabled": True}

@@ -16,11 +16,12 @@ import math
 from typing import NamedTuple
 
 import torch
+from torch import nn
 
 from . import seeds
 from .data.quantize import preprocess
-from .lipschitz import flow_regularizer
-from .priors import standard_normal_logprob
+from .flows.permutations import InvConv1x1, InvConv1x1LU
+from .flows.priors import standard_normal_logprob
 
 
 def bits_per_dim(log_pz: torch.Tensor, logdet: torch.Tensor, n_dims: int, n_bits: int) -> torch.Tensor:
@@ -120,3 +121,34 @@ def training_loss(cfg, device: torch.device | str, dtype: torch.dtype):
                           "logdet_per_dim": out.logdet.detach().float().mean() / x[0].numel()}
 
     return loss_fn
+
+
+def invconv_weights(flow: nn.Module) -> list[torch.Tensor]:
+    """The W of every invertible 1x1 conv in ``flow`` (LU convs: the composed P L U)."""
+    out = []
+    for m in flow.modules():
+        if isinstance(m, InvConv1x1):
+            out.append(m.weight)
+        elif isinstance(m, InvConv1x1LU):
+            out.append(m.weight_and_logdet(m.lower.dtype)[0])
+    return out
+
+
+def flow_regularizer(flow: nn.Module, cfg) -> torch.Tensor:
+    """The penalty to add to the mean bits/dim loss (a scalar tensor, 0 when switched off):
+
+        optim.invconv_l2 * sum_W sum(W^2) / (2 n),   n = the number of 1x1-conv weight entries
+
+    ``cfg`` is the factor itself, the Config or its OptimConfig. Mirrors naturomics/DLF
+    (l2_factor / n times tf.nn.l2_loss of every invconv W)."""
+    factor = float(cfg) if isinstance(cfg, (int, float)) else getattr(getattr(cfg, "optim", cfg), "invconv_l2", 0.0)
+    param = next(flow.parameters())
+    if not factor:
+        return torch.zeros((), device=param.device)
+    ws = invconv_weights(flow)
+    if not ws:
+        return torch.zeros((), device=param.device)
+    n = sum(w.numel() for w in ws)
+    if n == 0:  # ZeRO-3 keeps only a partition of each parameter outside its module's call
+        raise RuntimeError("flow_regularizer needs the full 1x1-conv weights; use engine.zero_stage 0-2 with optim.invconv_l2")
+    return factor * sum(w.float().pow(2).sum() for w in ws) / (2 * n)

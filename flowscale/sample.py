@@ -9,7 +9,7 @@ import torchvision
 
 from . import seeds
 from .data.quantize import postprocess
-from .priors import standard_normal_logprob
+from .flows.priors import standard_normal_logprob
 
 
 @torch.no_grad()

@@ -25,7 +25,7 @@ from . import checkpoint as ckpt_io
 from . import faults
 from . import resume as resume_io
 from . import seeds
-from .audit import BATCHES, record_batch, rewind_batches
+from .analysis.audit import BATCHES, record_batch, rewind_batches
 from .build import build_training, pick_device
 from .config import Config, to_dict, to_yaml
 from .data import build_train_loader, eval_split, first_images
@@ -35,7 +35,7 @@ from .distributed import (DistInfo, all_equal, all_gather_objects, barrier, clea
 from .engine import scale_lr, train_step
 from .evaluate import evaluate_bpd
 from .inverse_checkpoint import UnstableSteps, reconstruction_tolerance
-from .lipschitz import logdet_stats
+from .analysis.lipschitz import logdet_stats
 from .lock import acquire, release
 from .logging import RunLogger
 from .loss import sample_noise, training_loss
@@ -389,7 +389,7 @@ class Trainer:
     def log_bound(self) -> None:
         """train.bound_images: the floor of any linear flow, logged once beside bits/dim."""
         if self.cfg.train.bound_images and self.info.is_main:
-            from .bound import dataset_bound
+            from .analysis.bound import dataset_bound
 
             bound = dataset_bound(self.cfg.data, "train", self.cfg.train.bound_images, seed=self.cfg.train.seed)
             self.log.log(self.state.step, {"linear_bound_bpd": bound["bpd"],

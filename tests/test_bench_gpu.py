@@ -78,8 +78,8 @@ def test_failing_cases_are_rows(tmp_path):
 def test_planner_batches():
     """Without --micro-batch each mode runs at the planner's largest batch, capped; --same-batch
     runs inverse at plain's; a config that fits nowhere is a row saying so."""
-    plan = pytest.importorskip("flowscale.plan")
-    from flowscale.bench.gpu import _add_args, case_config, plan_cases
+    plan = pytest.importorskip("flowscale.tools.plan")
+    from flowscale.tools.bench.gpu import _add_args, case_config, plan_cases
 
     def choose(*argv, gpu_mem):
         ap = argparse.ArgumentParser()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from flowscale.bench.reference import (ReferenceMismatch, check_param_counts, format_table, load_reference,
+from flowscale.tools.bench.reference import (ReferenceMismatch, check_param_counts, format_table, load_reference,
                                        measure)
 
 REF = os.environ.get("FLOWSCALE_REFERENCE_GLOW")

@@ -15,7 +15,7 @@ import torch
 
 from data_prep.cli import main as prep
 from data_prep.classic import idx_array
-from flowscale.bench.reproduce import PUBLISHED, histogram_bpd
+from flowscale.tools.bench.reproduce import PUBLISHED, histogram_bpd
 from flowscale.cli import main as cli_main
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")

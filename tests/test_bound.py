@@ -6,13 +6,13 @@ import math
 import pytest
 import torch
 
-from flowscale.bound import (CovarianceAccumulator, bound_from_covariance, dataset_bound, gaussian_nll_nats,
+from flowscale.analysis.bound import (CovarianceAccumulator, bound_from_covariance, dataset_bound, gaussian_nll_nats,
                              linear_flow_bound, nats_to_bpd)
 from flowscale.cli import main as cli_main
 from flowscale.config import load_config
 from flowscale.flows.permutations import InvConv1x1LU
 from flowscale.loss import bits_per_dim
-from flowscale.priors import standard_normal_logprob
+from flowscale.flows.priors import standard_normal_logprob
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from flowscale.bench.converge import count_params, first_reach, match_width, parse_spec
+from flowscale.tools.bench.converge import count_params, first_reach, match_width, parse_spec
 from flowscale.cli import main as cli_main
 from flowscale.config import ModelConfig
 

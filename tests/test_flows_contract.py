@@ -12,7 +12,7 @@ from flowscale.flows.couplings import Coupling
 from flowscale.flows.multiscale import Squeeze
 from flowscale.flows.nets import glow_net
 from flowscale.flows.permutations import InvConv1x1, InvConv1x1LU, ReversePermutation, ShufflePermutation
-from flowscale.priors import SplitPrior, TopPrior, standard_normal_logprob
+from flowscale.flows.priors import SplitPrior, TopPrior, standard_normal_logprob
 
 from helpers import assert_jacobian, brute_force_logdet, flat_model, perturb_, randn, round_trip, small_flow
 

@@ -12,11 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
-from flowscale import latent
+from flowscale.analysis import latent
 from flowscale.cli import main as cli_main
 from flowscale.config import load_config
 from flowscale.data import demo_images
-from flowscale.latent_cli import DIRECTIONS_FILE, load_directions
+from flowscale.tools.latent_cli import DIRECTIONS_FILE, load_directions
 from helpers import small_flow
 
 SCALES = [-1.0, -0.5, 0.0, 0.5, 1.0]
@@ -98,7 +98,7 @@ def test_round_trip_every_preset(preset, crops):
 def test_grayscale_model_images_and_grids(crops, tmp_path):
     """1 channel: the latent round trip, images read as grayscale (an RGB file converted to luma,
     as PIL's L), and a labelled grid written as a grayscale PNG."""
-    from flowscale.latent_cli import load_images, save_labelled_grid
+    from flowscale.tools.latent_cli import load_images, save_labelled_grid
 
     gray = torch.stack([torch.from_numpy(np.array(Image.fromarray(x.permute(1, 2, 0).numpy()).convert("L")))
                         for x in crops])[:, None]

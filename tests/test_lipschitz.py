@@ -11,7 +11,8 @@ from flowscale.flows.models import build_flow
 from flowscale.flows.nets import glow_net
 from flowscale.flows.permutations import InvConv1x1LU
 from flowscale.flows.spectral import BoundedSpectralNorm, spectral_norm_
-from flowscale.lipschitz import flow_regularizer, invconv_weights, logdet_stats, step_logdets
+from flowscale.analysis.lipschitz import logdet_stats, step_logdets
+from flowscale.loss import flow_regularizer, invconv_weights
 from flowscale.loss import flow_bpd_dequantized
 
 from helpers import brute_force_logdet, perturb_, small_flow

@@ -101,7 +101,7 @@ def test_objective_from_pixels_uses_the_same_definition():
 def test_objective_adds_the_invconv_penalty():
     from flowscale.config import ModelConfig
     from flowscale.flows.models import build_flow
-    from flowscale.lipschitz import flow_regularizer
+    from flowscale.loss import flow_regularizer
 
     flow = build_flow(ModelConfig(preset="glow", levels=1, steps=1, width=4), 3, 4)
     x = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)

@@ -12,7 +12,7 @@ import yaml
 from flowscale.config import ConfigError, ModelConfig, load_config
 from flowscale.flows.models import build_flow
 from flowscale.loss import flow_bpd_dequantized
-from flowscale.plan import meta_flow
+from flowscale.tools.plan import meta_flow
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 PAPER = {"glow_celebahq1024", "glow_celebahq256", "glow_imagenet32", "glow_imagenet64", "realnvp_imagenet32",
@@ -30,7 +30,7 @@ def test_the_issue_s_configs_exist():
 def test_small_image_configs_match_their_data_and_the_published_table(name, capsys):
     """D is the dataset's own (MNIST family 1x28x28 = 784, unpadded, as the published figures; CIFAR-10
     3x32x32), the comment states the figure `bench reproduce` compares with, and `flowscale plan` runs."""
-    from flowscale.bench.reproduce import PUBLISHED
+    from flowscale.tools.bench.reproduce import PUBLISHED
     from flowscale.cli import main as cli_main
 
     variant = SMALL[name]
@@ -104,7 +104,7 @@ def test_per_level_widths_build_and_validate():
 def test_config_batch_fits_8_x_80gb_in_the_mode_it_chooses(path):
     """What each paper config promises in its comments: its micro-batch per GPU on 8 x 80 GB
     fits with the memory mode it sets (plain autograd unless it turns inverse recompute on)."""
-    from flowscale.plan import GIB, plan
+    from flowscale.tools.plan import GIB, plan
 
     cfg = load_config(path)
     p = plan(cfg, 80 * GIB, gpus=8, with_flops=False)

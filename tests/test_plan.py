@@ -18,7 +18,7 @@ from flowscale.flows.actnorm import initialize_actnorm
 from flowscale.flows.models import build_flow
 from flowscale.inverse_checkpoint import inverse_checkpoint
 from flowscale.loss import flow_bpd_dequantized
-from flowscale.plan import GIB, model_state_bytes, parse_bytes, plan
+from flowscale.tools.plan import GIB, model_state_bytes, parse_bytes, plan
 
 ROOT = Path(__file__).parent.parent
 SMALL = "model.steps=2 model.width=16"

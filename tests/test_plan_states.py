@@ -1,4 +1,4 @@
-"""flowscale plan's model states (:func:`flowscale.plan.model_state_bytes`) against a real
+"""flowscale plan's model states (:func:`flowscale.tools.plan.model_state_bytes`) against a real
 DeepSpeed engine on CPU (gloo), ZeRO-0..3, fp32 and bf16, Adam and Adamax, with and without EMA,
 on one rank and on two.
 
@@ -259,7 +259,7 @@ def measured(tmp_path_factory):
 
 def expected(case, r: dict) -> dict:
     """What model_state_bytes says each moment should hold."""
-    from flowscale.plan import model_state_bytes
+    from flowscale.tools.plan import model_state_bytes
 
     prec, z, opt, ema, n = case
     s = model_state_bytes(r["params"], prec, z, n, opt, ema)

@@ -103,7 +103,7 @@ def test_killed_mid_epoch_on_2_ranks_zero2_resumed_on_1_rank_zero1_then_4_ranks_
     Optimizer state crosses every layout through DeepSpeed's universal checkpoint. Data coverage is counted from sample keys
     (train.record_batches, matched against the shards): every image exactly once per epoch, and
     the steps redone after the kill saw the very batches the killed run saw."""
-    from flowscale.audit import batch_keys, read_batches
+    from flowscale.analysis.audit import batch_keys, read_batches
     from flowscale.config import load_config
 
     run = tmp_path / "run"

@@ -302,7 +302,7 @@ def test_steps_under_deepspeed_zero(tmp_path, preset, stage, extra):
 def test_bench_converge_matches_transformer_widths():
     from dataclasses import replace
 
-    from flowscale.bench.converge import count_params, match_width
+    from flowscale.tools.bench.converge import count_params, match_width
 
     target = count_params(ModelConfig(preset="glow", levels=2, steps=2, width=16), 3, 8)
     for preset in ("jet", "tarflow"):

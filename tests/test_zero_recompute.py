@@ -25,7 +25,7 @@ import pytest
 
 from helpers import free_port
 
-from flowscale.bench import zero
+from flowscale.tools.bench import zero
 
 
 def test_inverse_recompute_on_every_zero_setting(tmp_path, monkeypatch, capsys):

@@ -18,7 +18,7 @@ from dataclasses import replace
 
 from .. import seeds
 from ..config import ModelConfig
-from ..priors import SplitPrior, TopPrior
+from .priors import SplitPrior, TopPrior
 from .actnorm import ActNorm
 from .base import FlowSequence
 from .couplings import Coupling

@@ -62,7 +62,7 @@ def _exact(x: torch.Tensor):
     GPUs; W x and W^-1 z would then each lose ~1e-3 relative accuracy and the inverse
     reconstruction would drift step after step (seen on an H100 at K=32 as NaN weights).
     """
-    if x.device.type == "meta":  # shape/memory planning (flowscale.plan): no autocast on meta
+    if x.device.type == "meta":  # shape/memory planning (flowscale.tools.plan): no autocast on meta
         return contextlib.nullcontext()
     cudnn = torch.backends.cudnn
     guards = contextlib.ExitStack()

@@ -44,7 +44,7 @@ from pathlib import Path
 CASES = ("fp32-plain", "fp32-inverse", "bf16-plain", "bf16-inverse")
 def default_configs() -> list[str]:
     """Every bundled config but the demo (they ship inside the package)."""
-    from ..config import list_configs
+    from ...config import list_configs
 
     return [str(p) for name, p in list_configs().items() if name != "demo"]
 
@@ -52,7 +52,7 @@ def default_configs() -> list[str]:
 def case_config(path: str, overrides: list[str], case: str, micro_batch: int | None = None):
     """The config of one case: the user's overrides, then the case's precision and recompute,
     then data.batch_size = micro_batch * grad_accum (one rank: DeepSpeed's micro-batch is micro_batch)."""
-    from ..config import load_config
+    from ...config import load_config
 
     precision, mode = case.split("-")
     # Only the cost of a step is measured; a tiny LR keeps a deep flow on random batches from
@@ -72,10 +72,10 @@ def run_case(path: str, overrides: list[str], case: str, micro_batch: int, steps
 
     import torch
 
-    from ..build import build_training
-    from ..distributed import cleanup, init_distributed
-    from ..engine import train_step
-    from ..loss import training_loss
+    from ...build import build_training
+    from ...distributed import cleanup, init_distributed
+    from ...engine import train_step
+    from ...loss import training_loss
 
     cfg = case_config(path, overrides, case, micro_batch)
     dev = torch.device(device)
@@ -177,7 +177,7 @@ def _one_line(e: BaseException) -> str:
 
 
 def _subprocess(args, path: str, case: str, micro_batch: int) -> dict:
-    from ..distributed import _free_port
+    from ...distributed import _free_port
 
     env = dict(os.environ, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                MASTER_PORT=str(_free_port()), PYTHONUNBUFFERED="1")
@@ -185,7 +185,7 @@ def _subprocess(args, path: str, case: str, micro_batch: int) -> dict:
         env.update(DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="")
     else:
         env["DS_ACCELERATOR"] = "cuda"
-    cmd = [sys.executable, "-m", "flowscale.bench.gpu", "--one", case, "--configs", path,
+    cmd = [sys.executable, "-m", "flowscale.tools.bench.gpu", "--one", case, "--configs", path,
            "--override", *args.override, "--micro-batch", str(micro_batch), "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--device", args.device]
     try:
@@ -245,7 +245,7 @@ def run(args) -> int:
     if args.device == "cpu":
         machine = probe("cpu")
     else:  # in a subprocess, so that this process never holds a CUDA context
-        pr = subprocess.run([sys.executable, "-m", "flowscale.bench.gpu", "--probe", "--device", "cuda"],
+        pr = subprocess.run([sys.executable, "-m", "flowscale.tools.bench.gpu", "--probe", "--device", "cuda"],
                             capture_output=True, text=True)
         if pr.returncode != 0:
             print(f"flowscale: error: could not read the GPU: {pr.stderr.strip()[-500:]}", file=sys.stderr)

@@ -28,12 +28,12 @@ CASES = ("torch", "deepspeed", "ds+inverse")
 def run_case(case: str, config: str | None, overrides: list[str], steps: int, warmup: int) -> dict:
     import torch
 
-    from ..build import build_initialized_flow, build_optimizer, build_training, pick_device
-    from ..config import load_config
-    from ..data import build_datasets
-    from ..distributed import cleanup, init_distributed
-    from ..engine import train_step
-    from ..loss import training_loss
+    from ...build import build_initialized_flow, build_optimizer, build_training, pick_device
+    from ...config import load_config
+    from ...data import build_datasets
+    from ...distributed import cleanup, init_distributed
+    from ...engine import train_step
+    from ...loss import training_loss
 
     extra = ["memory.inverse_recompute=true"] if case == "ds+inverse" else []
     cfg = load_config(config, list(overrides) + extra + ["wandb.mode=disabled"])
@@ -88,7 +88,7 @@ def run(args) -> int:
     _normalise(args)
     rows = []
     for case in args.cases:
-        cmd = [sys.executable, "-m", "flowscale.bench.step", "--one", case, "--steps", str(args.steps),
+        cmd = [sys.executable, "-m", "flowscale.tools.bench.step", "--one", case, "--steps", str(args.steps),
                "--warmup", str(args.warmup), *([args.config] if args.config else []), *args.overrides]
         env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
         p = subprocess.run(cmd, capture_output=True, text=True, env=env)

@@ -7,7 +7,7 @@ import json
 import re
 import sys
 
-from ..config import ConfigError, load_config
+from ...config import ConfigError, load_config
 from . import DEFAULT_FRAGMENTATION, plan
 from . import __doc__ as DESCRIPTION  # the package's docstring describes the command
 from .report import OPTIONS_HEADER, SUMMARY_HEADER, best_option, format_plan, gib, option_row, summary_row

@@ -3,7 +3,7 @@ put its test bits/dim next to a per-pixel histogram baseline and the published f
 
 The model trains on the training path of ``flowscale train`` (:func:`flowscale.build.build_training`,
 the objective, DeepSpeed's ``train_step``, EMA when ``optim.ema_decay > 0``; the loop is
-:func:`flowscale.bench.converge.train_one`), fed by the shard loader of ``flowscale train``, for
+:func:`flowscale.tools.bench.converge.train_one`), fed by the shard loader of ``flowscale train``, for
 ``--steps`` steps or ``--minutes`` of training time, whichever ends first. Every ``--eval-every``
 steps and at the end it scores the WHOLE test split (every image of the test manifest, e.g.
 the official 10,000 of Fashion-MNIST; fixed dequantisation noise).
@@ -72,7 +72,7 @@ NOTES = {
 
 def _bins(x, n_bits: int):
     """uint8 [B, C, H, W] -> int64 bins [B, D] in [0, 2^n_bits)."""
-    from ..data.quantize import reduce_bits
+    from ...data.quantize import reduce_bits
 
     return reduce_bits(x, n_bits).long().flatten(1)
 
@@ -110,7 +110,7 @@ def histogram_bpd(train_batches, test_batches, n_bits: int) -> dict:
 
 def split_batches(data_cfg, split: str, batch_size: int = 1000):
     """uint8 batches of a whole split, read once in stored order."""
-    from ..data import iter_eval_batches
+    from ...data import iter_eval_batches
 
     for x, _ in iter_eval_batches(data_cfg, split, batch_size=batch_size):
         yield x
@@ -130,10 +130,10 @@ def _machine(threads: int) -> str:
 def run(args) -> int:
     import torch
 
-    from ..config import ConfigError, load_config
-    from ..data import build_train_loader, eval_split, first_images
-    from ..data.splits import resolve_split
-    from ..distributed import cleanup, cpu_threads, init_distributed
+    from ...config import ConfigError, load_config
+    from ...data import build_train_loader, eval_split, first_images
+    from ...data.splits import resolve_split
+    from ...distributed import cleanup, cpu_threads, init_distributed
     from .converge import train_one
 
     if args.steps is None and args.minutes is None:

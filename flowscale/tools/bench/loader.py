@@ -26,9 +26,9 @@ from pathlib import Path
 def _write_inputs(root: Path, size: int, n: int) -> dict[str, Path]:
     from PIL import Image
 
-    from ..data import demo_images
-    from ..data.manifest import Manifest
-    from ..data.tar import write_shards
+    from ...data import demo_images
+    from ...data.manifest import Manifest
+    from ...data.tar import write_shards
 
     x = demo_images("train", n, size, seed=size).permute(0, 2, 3, 1).numpy()
     folder = root / f"folder{size}" / "photos"
@@ -92,8 +92,8 @@ def measure(size: int, n: int, workers: int, batch_size: int, tmp: Path, streams
     import torch
     import torchvision
 
-    from ..config import DataConfig
-    from ..data import build_train_loader
+    from ...config import DataConfig
+    from ...data import build_train_loader
 
     paths = _write_inputs(tmp, size, n)
 
@@ -119,7 +119,7 @@ def measure(size: int, n: int, workers: int, batch_size: int, tmp: Path, streams
 
 
 def run(ns) -> int:
-    from ..data.codec import default_encoding
+    from ...data.codec import default_encoding
 
     rows = []
     with tempfile.TemporaryDirectory(dir=ns.dir) as d:

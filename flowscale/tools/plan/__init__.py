@@ -31,8 +31,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import Config, ConfigError
-from ..engine import batch_layout, deepspeed_config, zero_optimization
+from ...config import Config, ConfigError
+from ...engine import batch_layout, deepspeed_config, zero_optimization
 from .report import GIB, SUMMARY_HEADER, format_plan, summary_row, verdict
 from .states import model_state_bytes
 from .trace import count_flops, largest_step_bytes, level_bytes, meta_flow, meta_inputs, saved_bytes_by_label
@@ -139,8 +139,8 @@ def plan(cfg: Config, gpu_mem_bytes: int, gpus: int = 1, reserve_bytes: int = DE
     autograd and inverse recompute (whatever ``cfg.memory.inverse_recompute`` says)."""
     if gpus < 1:
         raise ConfigError(f"--gpus must be >= 1, got {gpus}")
-    from ..engine import model_dtype
-    from ..inverse_checkpoint import inverse_checkpoint
+    from ...engine import model_dtype
+    from ...inverse_checkpoint import inverse_checkpoint
 
     # One meta model, traced plain, then switched to inverse recompute in place and traced
     # again. Two micro-batches give the batch-independent part and the per-image slope exactly.

@@ -96,7 +96,7 @@ def check_param_counts(n_reference: int, n_flowscale: int, tolerance: float = 0.
 
 def flowscale_config(k: int, levels: int, width: int, batch: int, inverse: bool):
     """The config of flowscale's side: the glow preset with LU 1x1 convs, 32x32x3, fp32."""
-    from ..config import load_config
+    from ...config import load_config
 
     return load_config(None, ["model.preset=glow", "model.permutation=invconv_lu", f"model.levels={levels}",
                               f"model.steps={k}", f"model.width={width}", "data.image_size=32", "data.channels=3",
@@ -112,11 +112,11 @@ def build_cases(k: int, levels: int, width: int, batch: int, ref_module=None, se
     (:func:`flowscale.flows.nets.fold_norms`), as "plain_folded" and "inverse_folded"."""
     import torch
 
-    from .. import seeds
-    from ..build import build_initialized_flow, build_optimizer
-    from ..data.quantize import preprocess
-    from ..flows.nets import fold_norms
-    from ..loss import bits_per_dim, objective
+    from ... import seeds
+    from ...build import build_initialized_flow, build_optimizer
+    from ...data.quantize import preprocess
+    from ...flows.nets import fold_norms
+    from ...loss import bits_per_dim, objective
 
     g = torch.Generator().manual_seed(seed)
     init = torch.randint(0, 256, (4 * batch, 3, 32, 32), dtype=torch.uint8, generator=g)
@@ -177,7 +177,7 @@ def time_alternating(cases: dict, repeats: int, warmup: int) -> dict:
 
 def saved_mib(cases: dict) -> dict:
     """MiB of activations each case saves for backward in one forward (parameters excluded)."""
-    from ..inverse_checkpoint import saved_activation_bytes
+    from ...inverse_checkpoint import saved_activation_bytes
 
     out = {}
     for case, (model, opt, loss_fn) in cases.items():
@@ -201,7 +201,7 @@ def time_levels(flow, x, repeats: int, warmup: int = 1) -> list[dict]:
     (F), forward + backward with plain autograd, and with inverse recompute, alternating."""
     import torch
 
-    from ..inverse_checkpoint import InvertibleSequence
+    from ...inverse_checkpoint import InvertibleSequence
 
     rows = []
     for i, (level, h) in enumerate(zip(flow.step_chains(), level_inputs(flow, x))):
@@ -276,7 +276,7 @@ def measure(k: int, levels: int, width: int, batch: int, repeats: int, warmup: i
     if per_level:
         import torch
 
-        from ..data.quantize import preprocess
+        from ...data.quantize import preprocess
 
         flow = cases["plain"][0]
         x = preprocess(torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8), 8)

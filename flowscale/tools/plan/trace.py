@@ -6,14 +6,14 @@ from __future__ import annotations
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ..config import Config
+from ...config import Config
 
 
 def meta_flow(cfg: Config, inverse: bool, dtype: torch.dtype | None = None):
     """The config's flow on the meta device, in the training dtype, optionally with inverse recompute."""
-    from ..engine import model_dtype
-    from ..flows.models import build_flow
-    from ..inverse_checkpoint import inverse_checkpoint
+    from ...engine import model_dtype
+    from ...flows.models import build_flow
+    from ...inverse_checkpoint import inverse_checkpoint
 
     with torch.device("meta"):
         flow = build_flow(cfg.model, cfg.data.channels, cfg.data.image_size)
@@ -62,7 +62,7 @@ def saved_bytes_by_label(flow, x: torch.Tensor, y: torch.Tensor | None = None,
     """Run the training forward (bits/dim) under autograd and count the bytes it saves for
     backward: ({label: bytes}, largest single saved storage). Parameters are not counted.
     Works on any device; on meta nothing is allocated."""
-    from ..loss import flow_bpd_dequantized
+    from ...loss import flow_bpd_dequantized
 
     params = {p.untyped_storage()._cdata for p in flow.parameters()}
     seen: dict[int, tuple[int, tuple]] = {}
@@ -122,7 +122,7 @@ class _FlopCount(TorchDispatchMode):
 def count_flops(flow, cfg: Config, backward: bool) -> float:
     """FLOPs of one image through ``flow`` (a forward pass, or forward + backward), counted on
     the meta device (convolutions and matrix products, 2 per multiply-add)."""
-    from ..loss import flow_bpd_dequantized
+    from ...loss import flow_bpd_dequantized
 
     x, y = meta_inputs(cfg, 1, next(flow.parameters()).dtype)
     with _FlopCount() as counter, torch.set_grad_enabled(backward):

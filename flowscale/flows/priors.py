@@ -22,8 +22,8 @@ import math
 import torch
 from torch import nn
 
-from .flows.base import Flow, sum_except_batch
-from .flows.nets import ZeroConv2d
+from .base import Flow, sum_except_batch
+from .nets import ZeroConv2d
 
 LOG_2PI = math.log(2 * math.pi)
 

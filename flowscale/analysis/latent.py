@@ -33,8 +33,8 @@ from typing import Iterable, Literal
 
 import torch
 
-from . import seeds
-from .data.quantize import postprocess, preprocess, reduce_bits
+from .. import seeds
+from ..data.quantize import postprocess, preprocess, reduce_bits
 
 Latents = list[torch.Tensor]
 """Per-level eps, finest first: [eps_1 [N, C_1, H_1, W_1], ..., eps_L [N, C_L, H_L, W_L]]."""

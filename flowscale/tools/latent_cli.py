@@ -1,4 +1,4 @@
-"""``flowscale encode | interpolate | manipulate | sweep``: the latent tools (:mod:`flowscale.latent`) on a
+"""``flowscale encode | interpolate | manipulate | sweep``: the latent tools (:mod:`flowscale.analysis.latent`) on a
 trained run, with images read from files, labelled PNG grids, attribute directions cached in the run.
 
 Image files of another size than the model's are center-cropped to a square and resized (said
@@ -24,9 +24,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import latent
-from .config import ConfigError
-from .data import DataError
+from ..analysis import latent
+from ..config import ConfigError
+from ..data import DataError
 
 DIRECTIONS_FILE = "directions.safetensors"
 _META_KEY = "flowscale.directions"
@@ -112,8 +112,8 @@ def save_labelled_grid(images_uint8: torch.Tensor, rows: int, path: str | Path, 
 
 def _load(ns):
     """(flow, cfg, checkpoint dir, run dir) for ``ns.run`` on ``ns.device`` in ``ns.dtype``."""
-    from .build import pick_device
-    from .checkpoint import load_trained, resolve
+    from ..build import pick_device
+    from ..checkpoint import load_trained, resolve
 
     if ns.chunk < 1:
         raise ConfigError(f"--chunk: at least 1, got {ns.chunk}")
@@ -141,7 +141,7 @@ def _log_wandb(run_dir: Path, cfg, images: dict[str, Path]) -> None:
     """Log PNGs into the run's W&B run (its id in <run_dir>/wandb_id.txt; offline when the run had W&B disabled)."""
     import dataclasses
 
-    from .logging import _init_wandb
+    from ..logging import _init_wandb
 
     wcfg = cfg.wandb if cfg.wandb.mode != "disabled" else dataclasses.replace(cfg.wandb, mode="offline")
     run = _init_wandb(run_dir, wcfg, {})
@@ -245,9 +245,9 @@ def direction_for(flow, cfg, ckpt: Path, run_dir: Path, attribute: str, data: st
                   per_level: bool, batch_size: int, chunk: int, recompute: bool = False, y=None):
     """(direction per level, info) of ``attribute``: from the cache when it matches, else computed
     from the split ``data`` (default: the run's train split) and cached."""
-    from .data import load_split
-    from .data.attributes import attribute_batches, require_attribute
-    from .data.splits import resolve_split
+    from ..data import load_split
+    from ..data.attributes import attribute_batches, require_attribute
+    from ..data.splits import resolve_split
 
     if data and Path(data).exists():
         data = str(Path(data).resolve())  # one cache key however the path is written

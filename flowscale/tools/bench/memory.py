@@ -44,11 +44,11 @@ def run_case(size: int, batch: int, k: int, mode: str, width: int, repeats: int,
     """One case, in this process. Returns the measured numbers."""
     import torch
 
-    from ..config import ModelConfig
-    from ..flows.actnorm import initialize_actnorm
-    from ..flows.models import build_flow
-    from ..inverse_checkpoint import checkpoint_steps, inverse_checkpoint, saved_activation_bytes
-    from ..loss import flow_bpd_dequantized
+    from ...config import ModelConfig
+    from ...flows.actnorm import initialize_actnorm
+    from ...flows.models import build_flow
+    from ...inverse_checkpoint import checkpoint_steps, inverse_checkpoint, saved_activation_bytes
+    from ...loss import flow_bpd_dequantized
 
     torch.manual_seed(seed)
     levels = _levels_for(size)
@@ -114,10 +114,10 @@ def build_case(size: int, k: int, mode: str, width: int, device: str, seed: int 
     """(flow, input batch builder) for one benchmark case; the same seed gives the same weights."""
     import torch
 
-    from ..config import ModelConfig
-    from ..flows.actnorm import initialize_actnorm
-    from ..flows.models import build_flow
-    from ..inverse_checkpoint import checkpoint_steps, inverse_checkpoint
+    from ...config import ModelConfig
+    from ...flows.actnorm import initialize_actnorm
+    from ...flows.models import build_flow
+    from ...inverse_checkpoint import checkpoint_steps, inverse_checkpoint
 
     torch.manual_seed(seed)
     flow = build_flow(ModelConfig(preset="glow", levels=_levels_for(size), steps=k, width=width), 3, size).to(device)
@@ -131,8 +131,8 @@ def time_interleaved(size: int, batch: int, k: int, modes, width: int, repeats: 
 
     import torch
 
-    from ..flows.actnorm import initialize_actnorm
-    from ..loss import flow_bpd_dequantized
+    from ...flows.actnorm import initialize_actnorm
+    from ...loss import flow_bpd_dequantized
 
     torch.manual_seed(seed)
     flow, _ = build_case(size, k, "plain", width, device, seed)
@@ -168,7 +168,7 @@ def time_interleaved(size: int, batch: int, k: int, modes, width: int, repeats: 
 
 
 def _subprocess_timing(args, size, batch, k) -> dict:
-    cmd = [sys.executable, "-m", "flowscale.bench.memory", "--time", f"{size}:{batch}:{k}", "--modes", *args.modes,
+    cmd = [sys.executable, "-m", "flowscale.tools.bench.memory", "--time", f"{size}:{batch}:{k}", "--modes", *args.modes,
            "--width", str(args.width), "--repeats", str(args.repeats), "--device", args.device]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -177,7 +177,7 @@ def _subprocess_timing(args, size, batch, k) -> dict:
 
 
 def _subprocess_case(args, size, batch, k, mode) -> dict:
-    cmd = [sys.executable, "-m", "flowscale.bench.memory", "--one", f"{size}:{batch}:{k}:{mode}",
+    cmd = [sys.executable, "-m", "flowscale.tools.bench.memory", "--one", f"{size}:{batch}:{k}:{mode}",
            "--width", str(args.width), "--repeats", str(args.repeats), "--device", args.device]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:

@@ -32,7 +32,7 @@ MODELS = ("glow", "dlf", "realnvp", "jet", "tarflow")
 
 
 def count_params(model_cfg, channels: int, size: int) -> int:
-    from ..flows.models import build_flow
+    from ...flows.models import build_flow
 
     return sum(p.numel() for p in build_flow(model_cfg, channels, size).parameters())
 
@@ -63,7 +63,7 @@ def shuffled_batches(train_x, batch_size: int, seed: int):
     ``bench`` stream every pass (the same batches for every model of a comparison)."""
     import torch
 
-    from .. import seeds
+    from ... import seeds
 
     g = seeds.generator(seed, "bench")
     while True:
@@ -83,10 +83,10 @@ def train_one(cfg, info, batches, init_images, test_x, steps: int | None, eval_e
     ``eval_every`` steps and at the end."""
     import contextlib
 
-    from ..build import build_training, pick_device
-    from ..engine import train_step
-    from ..evaluate import evaluate_bpd
-    from ..loss import training_loss
+    from ...build import build_training, pick_device
+    from ...engine import train_step
+    from ...evaluate import evaluate_bpd
+    from ...loss import training_loss
 
     d = cfg.data
     run = build_training(cfg, info, init_images, pick_device(cfg.train.device))
@@ -161,9 +161,9 @@ def _fmt_steps(s: float | None) -> str:
 def run(args) -> int:
     import torch
 
-    from ..config import load_config
-    from ..data import build_datasets
-    from ..distributed import cleanup, init_distributed
+    from ...config import load_config
+    from ...data import build_datasets
+    from ...distributed import cleanup, init_distributed
 
     if args.config and "=" in args.config:  # only overrides were given
         args.overrides, args.config = [args.config, *args.overrides], None
@@ -194,7 +194,7 @@ def run(args) -> int:
 
     bound = None
     if not args.no_bound:
-        from ..bound import dataset_bound
+        from ...analysis.bound import dataset_bound
 
         bound = dataset_bound(d, "train")
         print(f"linear-flow bound (demo train covariance): in-sample {bound['bpd']:.4f}, "

@@ -24,10 +24,10 @@ from typing import Iterable
 
 import torch
 
-from . import seeds
+from .. import seeds
 
-from .data.quantize import preprocess
-from .loss import bits_per_dim
+from ..data.quantize import preprocess
+from ..loss import bits_per_dim
 
 LOG_2PI_E = math.log(2 * math.pi) + 1.0
 
@@ -137,7 +137,7 @@ def bound_from_covariance(cov: torch.Tensor, n_bits: int, n_images: int | None =
 def dataset_bound(data_cfg, split: str = "train", max_images: int | None = None, batch_size: int = 256,
                   seed: int = 0, device: torch.device | str = "cpu") -> dict:
     """The bound for a configured dataset (demo or shards), streamed from its ``split``."""
-    from .data import eval_split
+    from ..data import eval_split
 
     images = eval_split(data_cfg, split)
     batches = (x for _, x, _ in images.batches(batch_size))

@@ -117,12 +117,12 @@ def run_case(case: str, args, info, reference: dict | None) -> dict:
     """Build the case's engine, take args.steps steps, measure (see the module docstring)."""
     import torch
 
-    from ..build import build_training
-    from ..config import ConfigError, load_config
-    from ..distributed import max_over_ranks
-    from ..engine import train_step
-    from ..inverse_checkpoint import UnstableSteps, reconstruction_tolerance
-    from ..loss import sample_noise, training_loss
+    from ...build import build_training
+    from ...config import ConfigError, load_config
+    from ...distributed import max_over_ranks
+    from ...engine import train_step
+    from ...inverse_checkpoint import UnstableSteps, reconstruction_tolerance
+    from ...loss import sample_noise, training_loss
 
     row = {"case": case}
     per_depth = {}
@@ -161,7 +161,7 @@ def run_case(case: str, args, info, reference: dict | None) -> dict:
         def measured_loss(model, x, y, u=None, g=None):
             if saved:  # the first micro-batch only
                 return loss_fn(model, x, y, u, g)
-            from ..inverse_checkpoint import saved_activation_bytes
+            from ...inverse_checkpoint import saved_activation_bytes
 
             n, out = saved_activation_bytes(lambda: loss_fn(model, x, y, u, g), module=module)
             saved.append(n)
@@ -206,7 +206,7 @@ def run_case(case: str, args, info, reference: dict | None) -> dict:
 
 def worker(args) -> int:
     """One rank: every case in one process group; rank 0 writes the rows as JSON."""
-    from ..distributed import cleanup, init_distributed
+    from ...distributed import cleanup, init_distributed
 
     info = init_distributed("auto")
     rows, reference = [], None
@@ -255,7 +255,7 @@ def run(args) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "rows.json")
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc}",
-               f"--master_port={args.port}", "-m", "flowscale.bench.zero", "--worker-out", out,
+               f"--master_port={args.port}", "-m", "flowscale.tools.bench.zero", "--worker-out", out,
                "--cases", *args.cases, "--depths", *map(str, args.depths), "--steps", str(args.steps),
                "--width", str(args.width), "--size", str(args.size), "--batch", str(args.batch)]
         env = {**os.environ, "TMPDIR": tmp}
@@ -277,7 +277,7 @@ def run(args) -> int:
 
 def _add_args(p) -> None:
     p.add_argument("--cases", nargs="+", default=list(DEFAULT_CASES), help="[PRESET:]STAGE-PRECISION-MODE[+setting...] "
-                   "(see `python -m flowscale.bench.zero --help`); the first is the reference")
+                   "(see `python -m flowscale.tools.bench.zero --help`); the first is the reference")
     p.add_argument("--matrix", action="store_true", help="every preset x ZeRO stage x precision x memory mode "
                    "(replaces --cases): trains or is refused when the config is read")
     p.add_argument("--depths", nargs="+", type=int, default=[2, 8], help="flow steps per level K; the gradients "
@@ -300,7 +300,7 @@ def add_parser(subparsers) -> None:
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(prog="python -m flowscale.bench.zero", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m flowscale.tools.bench.zero", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_args(ap)
     ap.add_argument("--worker-out", required=True)

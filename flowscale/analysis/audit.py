@@ -72,8 +72,8 @@ def read_batches(run_dir: str | Path) -> dict[int, list[str]]:
 def batch_keys(run_dir: str | Path, data_cfg) -> dict[int, list[str]]:
     """step -> the sample keys of its global batch: :func:`read_batches` matched against every image
     of the training split, as stored and flipped. A fingerprint that matches no image raises."""
-    from .data.reader import BadDataPolicy, SampleDecoder, ShardCursor
-    from .data.splits import resolve_split
+    from ..data.reader import BadDataPolicy, SampleDecoder, ShardCursor
+    from ..data.splits import resolve_split
 
     split = resolve_split(data_cfg, "train")
     decode, policy, known = SampleDecoder(split.manifest), BadDataPolicy("error", 0, split.where), {}

@@ -1,4 +1,4 @@
-"""Lipschitz balance: keeping a flow and its inverse well conditioned while it trains.
+"""Lipschitz balance (analysis): measuring how well conditioned a flow and its inverse stay while it trains.
 
 "Jacobian Determinant of Normalizing Flows" (Liao & He 2021): the likelihood objective
 pushes log|det J| up wherever it can, and training is stable only while both the map and its
@@ -9,7 +9,7 @@ inverse stay Lipschitz-bounded. flowscale's controls, each switchable:
   :mod:`flowscale.flows.spectral`);
 * a soft bound on the log-diagonal of LU 1x1 convs (``model.lu_max_log_s``);
 * an L2 penalty on 1x1-conv weights (``optim.invconv_l2``, DLF's remedy for "input is not
-  invertible" NaNs): :func:`flow_regularizer`, which the trainer adds to the bits/dim loss;
+  invertible" NaNs): :func:`flowscale.loss.flow_regularizer`, a term of the training loss;
 * health metrics: :func:`logdet_stats`, how much each flow step expands (log-det > 0) or
   contracts volume, per dimension, to be logged beside bits/dim.
 """
@@ -18,39 +18,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-
-from .flows.permutations import InvConv1x1, InvConv1x1LU
-
-
-def invconv_weights(flow: nn.Module) -> list[torch.Tensor]:
-    """The W of every invertible 1x1 conv in ``flow`` (LU convs: the composed P L U)."""
-    out = []
-    for m in flow.modules():
-        if isinstance(m, InvConv1x1):
-            out.append(m.weight)
-        elif isinstance(m, InvConv1x1LU):
-            out.append(m.weight_and_logdet(m.lower.dtype)[0])
-    return out
-
-
-def flow_regularizer(flow: nn.Module, cfg) -> torch.Tensor:
-    """The penalty to add to the mean bits/dim loss (a scalar tensor, 0 when switched off):
-
-        optim.invconv_l2 * sum_W sum(W^2) / (2 n),   n = the number of 1x1-conv weight entries
-
-    ``cfg`` is the factor itself, the Config or its OptimConfig. Mirrors naturomics/DLF
-    (l2_factor / n times tf.nn.l2_loss of every invconv W)."""
-    factor = float(cfg) if isinstance(cfg, (int, float)) else getattr(getattr(cfg, "optim", cfg), "invconv_l2", 0.0)
-    param = next(flow.parameters())
-    if not factor:
-        return torch.zeros((), device=param.device)
-    ws = invconv_weights(flow)
-    if not ws:
-        return torch.zeros((), device=param.device)
-    n = sum(w.numel() for w in ws)
-    if n == 0:  # ZeRO-3 keeps only a partition of each parameter outside its module's call
-        raise RuntimeError("flow_regularizer needs the full 1x1-conv weights; use engine.zero_stage 0-2 with optim.invconv_l2")
-    return factor * sum(w.float().pow(2).sum() for w in ws) / (2 * n)
 
 
 @torch.no_grad()

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..config import Config
+from ...config import Config
 
 if TYPE_CHECKING:
     from . import Plan

@@ -41,7 +41,7 @@ def model_state_bytes(n_params: int, precision: str, zero_stage: int, gpus: int,
         the gradients stay on param.grad (wP) through backward.
 
     At ZeRO-0/1 the wP of param.grad exists only from backward to the end of the step; the
-    plan counts it with the activations (:class:`flowscale.plan.ModePlan`), level by level as
+    plan counts it with the activations (:class:`flowscale.tools.plan.ModePlan`), level by level as
     backward makes it. bf16 (and fp16) ZeRO-0 wraps the torch optimizer in DeepSpeed's
     FP16_UnfusedOptimizer: a whole fp32 copy of the parameters on every rank (not partitioned),
     the moments on that copy, and fp32 gradients only inside the step. fp32 ZeRO-0 steps the
@@ -49,8 +49,8 @@ def model_state_bytes(n_params: int, precision: str, zero_stage: int, gpus: int,
     on every rank.
     """
     if zero is None:
-        from ..config import EngineConfig
-        from ..engine import zero_optimization
+        from ...config import EngineConfig
+        from ...engine import zero_optimization
 
         zero = zero_optimization(EngineConfig(zero_stage=zero_stage))  # every setting at its default
     P, N = n_params, gpus
