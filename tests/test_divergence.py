@@ -21,7 +21,7 @@ import subprocess
 import pytest
 import torch
 
-from flowscale.audit import read_batches
+from flowscale.analysis.audit import read_batches
 from flowscale.checkpoint import list_complete
 from flowscale.config import DivergenceConfig, load_config
 from flowscale.divergence import DivergenceWatch, replay
@@ -178,8 +178,8 @@ def test_watch_flags_spikes_after_warmup_and_keeps_them_out_of_its_statistics():
 def test_rollback_on_two_ranks_killed_and_resumed_on_one_with_data_streams(tmp_path):
     """data.streams=2: two ranks diverge, roll back (every rank the same decision) and die
     after the first checkpoint past the rollback; the run resumed on one rank ends with the
-    rollback record and, within the topology tolerance (README: Changing the number of GPUs),
-    the weights of a one-rank run that healed itself uninterrupted."""
+    rollback record, the same batches and, within float32 summation order (README: Changing the
+    number of GPUs), the losses and weights of a one-rank run that healed itself uninterrupted."""
     streams = ("data.streams=2",)
     ref, run = tmp_path / "ref", tmp_path / "run"
     env = child_env(tmp_path, FLOWSCALE_FAULT=POISON)
@@ -198,9 +198,14 @@ def test_rollback_on_two_ranks_killed_and_resumed_on_one_with_data_streams(tmp_p
     records = [torch.load(list_complete(d)[-1] / "client.pt", weights_only=True)["divergence"]["rollbacks"]
                for d in (ref, run)]
     assert records[0] == records[1]
+    assert read_batches(ref) == read_batches(run), "the same global batches, step by step"
     a, b = final_weights(run), final_weights(ref)
     assert all(torch.equal(a[k], b[k]) for k in a if not a[k].is_floating_point())
-    worst = max(((a[k] - b[k]).abs().max() / b[k].abs().max().clamp_min(1e-12)).item()
-                for k in a if a[k].is_floating_point())
-    assert worst < 1e-5, worst
+    # Two ranks sum gradients in another order than one (float32 rounding, as in test_topology):
+    # measured per-step bits/dim within 1.3e-7 relative, weights within 2.4e-5 (Adam turns
+    # rounding-level gradient components into moves of up to lr).
+    worst = max((a[k] - b[k]).abs().max().item() for k in a if a[k].is_floating_point())
+    assert worst < 1e-4, worst
+    bpd = [{r["step"]: r["bpd"] for r in read_metrics(d) if "bpd" in r} for d in (ref, run)]
+    assert max(abs(bpd[0][k] - bpd[1][k]) / bpd[0][k] for k in bpd[0]) < 1e-5
     assert sorted(r["step"] for r in read_metrics(run) if "bpd" in r) == list(range(1, 25))
