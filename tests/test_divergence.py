@@ -38,7 +38,7 @@ RUN = ["model.levels=2", "model.steps=2", "model.width=16", "data.train_size=256
        "divergence.warmup_steps=5", "divergence.lr_steps=10"]
 POISON = "lr_spike@14x30"
 MARGIN = 0.2
-"""Final test bits/dim of the healed run within this of the undisturbed run's (measured: 0.12 higher;
+"""Final test bits/dim of the healed run within this of the undisturbed run's (measured: 0.14 higher;
 the healed run trained 24 steps on other batches, 10 of them at half the LR)."""
 
 
