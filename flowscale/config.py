@@ -321,8 +321,9 @@ class EngineConfig:
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     """torch.distributed backend; auto = nccl on GPU, gloo on CPU."""
     max_bad_steps: int = 5
-    """A step with a non-finite loss is skipped (and counted); this many in a row stops training
-    with an error naming the step. No checkpoint is written from bad weights."""
+    """A step with a non-finite loss is skipped (and counted); this many in a row are a divergence
+    (train.on_divergence: rolled back, or a stop with an error naming the step). No checkpoint is
+    written from bad weights."""
     threads: int = 0
     """Intra-op CPU threads per process (torch.set_num_threads). 0 = automatic: OMP_NUM_THREADS
     when the launcher set it (torchrun sets 1), else the CPUs of this process's affinity mask
