@@ -414,7 +414,7 @@ class Trainer:
                 x, y = next(loader)  # uint8 [B, C, H, W]; labels int64 [B] when the shards have them, else None
                 if self.health_due(start_step):
                     self.check_health(x)
-                loss_fn = faults.loss_at(state.step + 1, self.info.rank, self.loss_fn, self.loader.batches)  # the fault point
+                loss_fn = faults.loss_at(state.step + 1, self.info.rank, self.loss_fn, loader.batches)  # the fault point
                 scale_lr(engine, state.divergence.lr_factor(state.step + 1))  # lowered after a rollback, else 1
                 metrics = train_step(engine, (x, y, *self.noise(x)), loss_fn)  # bits/dim, backward, step (or veto)
                 state.step += 1
