@@ -49,7 +49,7 @@ def _planned(spec: str) -> dict[int, dict]:
                 plan["nan_ranks"] = None if (not rank or ranks is None) else ranks | {int(rank)}
                 continue
         raise ValueError(f"{ENV}={spec!r}: cannot read {item!r}; write nan_loss@STEP, nan_loss@STEP:RANK, "
-                         f"lr_spike@STEP or lr_spike@STEPxFACTOR")
+                         f"lr_spike@BATCH or lr_spike@BATCHxFACTOR")
     return out
 
 
