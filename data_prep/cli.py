@@ -30,6 +30,12 @@ EXAMPLES = """examples:
 """
 
 
+ENCODING_RULE = (f"Pixels are stored losslessly: --encoding auto (the default) writes raw .npy for images of at most "
+                 f"{RAW_UP_TO} px per side and PNG for larger ones (flowscale.data.codec.RAW_UP_TO); --encoding npy "
+                 f"or png forces one.")
+"""What ``--encoding auto`` does, stated in ``flowscale prep --help`` and each conversion's help
+(flowscale.data.codec.default_encoding decides it)."""
+
 WEBDATASET_HELP = """Convert existing webdataset shards into flowscale shards with a manifest.
 
 SRC: a folder of .tar shards, a .tar path, a brace pattern ('/d/{0000..0099}.tar'), http(s)
@@ -63,8 +69,8 @@ def _common(p: argparse.ArgumentParser, prefix: str, reshard: bool = True) -> No
     p.add_argument("out", help="output root; each split goes to OUT/<split>/ with its manifest.json")
     p.add_argument("--prefix", default=prefix, help=f"shard name prefix: PREFIX-<split>-000000.tar (default: {prefix})")
     p.add_argument("--encoding", default="auto", choices=["auto", "png", "npy"],
-                   help=f"lossless pixel format; auto = npy (raw, fastest to decode) up to {RAW_UP_TO}px, png "
-                        f"above")
+                   help=f"lossless pixel format; auto = npy (raw, fastest to decode) for images of at most "
+                        f"{RAW_UP_TO} px per side, png for larger ones (default: auto)")
     if reshard:
         p.add_argument("--shard-size", default="256MB", help="target shard size (default: 256MB)")
         p.add_argument("--samples-per-shard", type=int, default=None,
@@ -285,7 +291,8 @@ def _verify(ns) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m data_prep", formatter_class=argparse.RawDescriptionHelpFormatter,
-                                description="Convert datasets into webdataset shards with a manifest; verify shards.",
+                                description="Convert datasets into webdataset shards with a manifest; verify shards. "
+                                            + ENCODING_RULE,
                                 epilog=EXAMPLES)
     add_parsers(p.add_subparsers(dest="command", required=True, metavar="COMMAND"))
     return p

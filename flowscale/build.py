@@ -20,12 +20,14 @@ import torch
 from . import seeds
 from .config import Config, ConfigError
 from .data.quantize import preprocess
-from .distributed import DistInfo, all_reduce_sum_, seed_everything, seed_rank_streams
-from .engine import EMA, batch_layout, initialize, model_dtype
+from .distributed import DistInfo, all_reduce_sum_
+from .ema import EMA
+from .engine import batch_layout, initialize, model_dtype
 from .flows.actnorm import initialize_actnorm
 from .flows.models import build_flow
 from .flows.nets import compile_networks
 from .inverse_checkpoint import checkpoint_steps, inverse_checkpoint
+from .seeds import seed_everything, seed_rank_streams
 
 
 def pick_device(name: str, local_rank: int = 0, field: str = "config field 'train.device'") -> torch.device:

@@ -18,9 +18,11 @@ is the only definition of "latest"; :func:`list_complete` also drives keep-last-
 renames a checkpoint out of ``step_*`` before deleting it, so a half-deleted one never looks
 complete; :func:`remove_partial` clears what a killed save or prune left behind.
 
-Crash points for crash-consistency tests: ``FLOWSCALE_KILL_AT=<point>@<step>[:<rank>]``
-(comma-separated) makes the process SIGKILL itself inside :func:`save` at ``<point>``, one of
-:data:`CRASH_POINTS`. Nothing else reads it; unset, it costs one environment lookup per save.
+What is saved is named: :func:`save` and :func:`load` take and give a
+:class:`~flowscale.state.TrainState` (client.pt, with the resolved config) and a
+:class:`~flowscale.state.RankState` (rank_XXXXX.pt). Which checkpoint to load, and which rank
+file, is decided in :mod:`flowscale.restore`. :func:`save` passes the crash points declared in
+:mod:`flowscale.faults` (``faults.point``), where crash-consistency tests can kill it.
 """
 
 from __future__ import annotations
@@ -30,33 +32,21 @@ import json
 import os
 import re
 import shutil
-import signal
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
+from . import faults
+from .config import Config, to_dict, to_yaml
+from .deepspeed_universal import UNIVERSAL, load_whole
 from .distributed import any_rank, barrier, world_size
-from .resume import UNIVERSAL, load_whole, written_by
+from .state import RankState, TrainState
 
 _NAME = re.compile(r"^step_(\d{8})$")
 _DELETING = ".deleting-"  # prefix of a checkpoint being pruned: no longer a step_* directory
-
-CRASH_POINTS = ("engine_state", "export", "complete", "prune")
-"""Where :func:`save` can be made to die: after DeepSpeed's files, after the safetensors export
-(before COMPLETE), after COMPLETE (before pruning), midway through pruning."""
-
-
-def _crash_point(point: str, step: int, rank: int) -> None:
-    spec = os.environ.get("FLOWSCALE_KILL_AT")
-    if not spec:
-        return
-    for item in spec.split(","):
-        name, _, rest = item.strip().partition("@")
-        at, _, only_rank = rest.partition(":")
-        if name == point and int(at) == step and (not only_rank or int(only_rank) == rank):
-            os.kill(os.getpid(), signal.SIGKILL)
-
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
@@ -175,9 +165,12 @@ def _no_space(e: BaseException) -> bool:
         or "No space left" in str(e)
 
 
-def save(engine, run_dir: str | Path, step: int, rank: int, rank_state: dict, client_state: dict,
-         config_yaml: str, keep_last: int, ema_state: dict | None = None, warn=None) -> Path:
-    """Collective: every rank calls it. Returns the checkpoint directory.
+def save(engine, *, run_dir: str | Path, train_state: TrainState, rank_state: RankState, config: Config,
+         ema: dict | None, keep_last: int, rank: int, warn: Callable[[str], None] | None = None) -> Path:
+    """Collective: every rank calls it. Writes a checkpoint of step ``train_state.step``: DeepSpeed's
+    files, ``rank_state`` (this rank's file), and on rank 0 ``train_state`` with ``config``
+    (client.pt, config.yaml), the consolidated weights and ``ema`` (safetensors); then COMPLETE,
+    then keeps the ``keep_last`` newest. Returns the checkpoint directory.
 
     A write that fails on any rank (full disk, I/O error) fails on every rank with
     :class:`CheckpointWriteError`: the partial directory is removed, COMPLETE was never written,
@@ -185,6 +178,7 @@ def save(engine, run_dir: str | Path, step: int, rank: int, rank_state: dict, cl
     the disk has less free space than the previous checkpoint took (with 10% to spare)."""
     from safetensors.torch import save_file
 
+    step = train_state.step
     root = checkpoint_dir(run_dir)
     tag = tag_for(step)
     path = root / tag
@@ -200,20 +194,20 @@ def save(engine, run_dir: str | Path, step: int, rank: int, rank_state: dict, cl
     try:
         engine.save_checkpoint(str(root), tag=tag, save_latest=False)
         path.mkdir(parents=True, exist_ok=True)
-        _atomic_torch_save(rank_state, path / f"rank_{rank:05d}.pt")
-        _crash_point("engine_state", step, rank)
+        _atomic_torch_save(rank_state.state_dict(), path / f"rank_{rank:05d}.pt")
+        faults.point("engine_state", step, rank)
     except (OSError, RuntimeError) as e:
         failure = e
     full = consolidated_state_dict(engine)  # collective under ZeRO-3: every rank takes part, failed or not
     if rank == 0 and failure is None:
         try:
-            _atomic_torch_save(client_state, path / "client.pt")
+            _atomic_torch_save({**train_state.state_dict(), "config": to_dict(config)}, path / "client.pt")
             save_file({k: v.contiguous().float() if v.is_floating_point() else v.contiguous() for k, v in full.items()},
                       str(path / "model.safetensors"))
-            if ema_state is not None:
-                save_file({k: v.contiguous() for k, v in ema_state.items()}, str(path / "ema.safetensors"))
-            (path / "config.yaml").write_text(config_yaml)
-            _crash_point("export", step, rank)
+            if ema is not None:
+                save_file({k: v.contiguous() for k, v in ema.items()}, str(path / "ema.safetensors"))
+            (path / "config.yaml").write_text(to_yaml(config))
+            faults.point("export", step, rank)
         except (OSError, RuntimeError) as e:
             failure = e
     if any_rank(failure is not None):
@@ -225,11 +219,11 @@ def save(engine, run_dir: str | Path, step: int, rank: int, rank_state: dict, cl
     if rank == 0:
         _atomic_write_bytes(path / "COMPLETE", json.dumps({"step": step, "world_size": world_size(),
                                                            "time": time.time()}).encode())
-        _crash_point("complete", step, rank)
+        faults.point("complete", step, rank)
         for old in list_complete(run_dir)[:-keep_last]:
             doomed = old.with_name(_DELETING + old.name)
             old.rename(doomed)  # atomic: from here on it is not a checkpoint, whatever rmtree reaches
-            _crash_point("prune", step, rank)
+            faults.point("prune", step, rank)
             shutil.rmtree(doomed, ignore_errors=True)
     barrier()
     return path
@@ -247,10 +241,24 @@ def _write_error(path: Path, failure: BaseException | None, needed: int | None, 
         f"earlier checkpoints are untouched.")
 
 
-def load(engine, ckpt: Path, rank: int, universal: bool = False) -> tuple[dict, dict]:
-    """Load model/optimizer/schedule into ``engine``; returns (client_state, this rank's state).
-    ``universal``: from ``ckpt/universal`` (see :func:`flowscale.resume.to_universal`; the engine was built with
-    DeepSpeed's ``checkpoint.load_universal``)."""
+@dataclass
+class Loaded:
+    """A checkpoint read back by :func:`load`."""
+    path: Path
+    """The checkpoint directory."""
+    train_state: TrainState
+    """The loop's counters (client.pt)."""
+    rank_state: RankState
+    """This rank's loader position and RNG streams (the rank file :mod:`flowscale.restore` chose)."""
+    client: dict
+    """client.pt as saved: the counters, the resolved config, and older checkpoints' EMA."""
+
+
+def load(engine, ckpt: Path, *, rank_file: Path, universal: bool = False) -> Loaded:
+    """Load model/optimizer/schedule into ``engine``, and the saved states (``rank_file``: this
+    rank's, as :func:`flowscale.restore.rank_file` chose it). ``universal``: from ``ckpt/universal``
+    (see :func:`flowscale.deepspeed_universal.to_universal`; the engine was built with DeepSpeed's
+    ``checkpoint.load_universal``)."""
     if universal and engine.zero_optimization_stage() == 0:  # DeepSpeed reads universal into ZeRO-1/2/3 only
         load_whole(engine, ckpt / UNIVERSAL)
     else:
@@ -259,30 +267,14 @@ def load(engine, ckpt: Path, rank: int, universal: bool = False) -> tuple[dict, 
         if load_path is None:
             raise RuntimeError(f"DeepSpeed could not load {ckpt}")
     client = torch.load(ckpt / "client.pt", map_location="cpu", weights_only=True)
-    rank_file = ckpt / f"rank_{rank:05d}.pt"
-    if written_by(ckpt) != world_size():  # data.streams (resume_changes allowed it): rank 0 holds every stream's place
-        rank_file = ckpt / "rank_00000.pt"
     if not rank_file.is_file():
         raise RuntimeError(f"{rank_file} is missing from {ckpt}, which is marked complete: it was copied or edited "
                            f"in part. Resume from another checkpoint (--resume PATH), or start a new run_dir from "
                            f"its model.safetensors")
-    return client, torch.load(rank_file, map_location="cpu", weights_only=True)
-
-
-def load_latest(engine, run_dir: str | Path, rank: int, warn) -> tuple[Path, dict, dict] | None:
-    """Newest loadable complete checkpoint; an unreadable newest one falls back to the previous
-    with a warning. Every rank decides the same way (the failure is all-reduced)."""
-    for ckpt in reversed(list_complete(run_dir)):
-        ok, err = True, ""
-        try:
-            client, rank_state = load(engine, ckpt, rank)
-        except Exception as e:  # corrupt or truncated files
-            ok, err = False, f"{type(e).__name__}: {e}"
-        ok = not any_rank(not ok)
-        if ok:
-            return ckpt, client, rank_state
-        warn(f"checkpoint {ckpt} is unreadable ({err or 'on another rank'}); falling back to an older one")
-    return None
+    train_state = TrainState()
+    train_state.load_state_dict(client)
+    rank_state = RankState.from_state_dict(torch.load(rank_file, map_location="cpu", weights_only=True))
+    return Loaded(path=ckpt, train_state=train_state, rank_state=rank_state, client=client)
 
 
 def load_ema(ckpt: Path, client: dict) -> dict:

@@ -20,6 +20,34 @@ def _fields_epilog() -> str:
     return "\n".join(lines)
 
 
+class _Parser(argparse.ArgumentParser):
+    """flowscale's argument parser: every command and sub-command takes ``--debug``, and
+    positionals may follow options (``flowscale train demo --no-resume train.steps=1``).
+
+    argparse hands a positional list its strings only up to the first option; the strings after
+    it would be "unrecognized arguments". A parser without sub-commands therefore parses with
+    :meth:`parse_known_intermixed_args`, argparse's own two-pass mode (options first, then the
+    positionals in their order), which it refuses for parsers with sub-commands; those parse as
+    usual and hand the rest to the sub-command's parser, itself a ``_Parser``."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # SUPPRESS: a sub-command's parser sets ``debug`` only when given, so a `--debug` before
+        # the sub-command is not overwritten by its default (main reads it with getattr).
+        self.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                          help="show the Python traceback of an expected error (also FLOWSCALE_DEBUG=1)")
+
+    def parse_known_args(self, args=None, namespace=None):
+        if getattr(self, "_intermixing", False) or any(
+                a.nargs in (argparse.PARSER, argparse.REMAINDER) for a in self._actions if not a.option_strings):
+            return super().parse_known_args(args, namespace)
+        self._intermixing = True  # parse_known_intermixed_args calls parse_known_args for its two passes
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
+
+
 CONFIG_ARG = "[CONFIG] [section.field=value ...]"
 CONFIG_HELP = ("optional config: a bundled config's name (see --list-configs) or a YAML file; "
                "then dotted overrides")
@@ -131,30 +159,42 @@ def cmd_bound(ns) -> int:
 
 
 def cmd_submit(ns) -> int:
-    from launch.submit import sbatch_preview, submit
+    from launch.submit import submit
 
     path, overrides = _split_config_and_overrides(ns.args)
-    kw = dict(nodes=ns.nodes, gpus_per_node=ns.gpus_per_node, tasks_per_node=ns.tasks_per_node,
-              cpus_per_task=ns.cpus_per_task, partition=ns.partition, time_min=ns.time, account=ns.account,
-              constraint=ns.constraint, signal_delay_s=ns.signal_delay, mem_gb=ns.mem_gb)
+    out = submit(path, overrides, nodes=ns.nodes, gpus_per_node=ns.gpus_per_node, tasks_per_node=ns.tasks_per_node,
+                 cpus_per_task=ns.cpus_per_task, partition=ns.partition, time_min=ns.time, account=ns.account,
+                 constraint=ns.constraint, signal_delay_s=ns.signal_delay, mem_gb=ns.mem_gb, array=ns.array,
+                 local=ns.local, max_timeouts=ns.max_timeouts, slurm=dict(ns.slurm), dry_run=ns.dry_run)
     if ns.dry_run:
-        print(sbatch_preview(path, overrides, **kw))
+        print(out, end="")  # the script, byte for byte
         return 0
-    jobs = submit(path, overrides, array=ns.array, local=ns.local, max_timeouts=ns.max_timeouts, **kw)
-    for j in jobs:
-        print(f"submitted job {j.job_id}; logs: {j.paths.stdout} / {j.paths.stderr}")
+    where = "on this machine (submitit's local executor)" if ns.local else "to Slurm"
+    for j in out:
+        print(f"submitted job {j.job_id} {where}; logs: {j.paths.stdout} / {j.paths.stderr}")
     if ns.wait:
-        for j in jobs:
+        for j in out:
             print(f"job {j.job_id}: {j.results()}")
     return 0
 
 
+def _slurm_option(text: str) -> tuple[str, str | bool]:
+    from launch.submit import slurm_option
+
+    try:
+        return slurm_option(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="flowscale", description="Train and use deep multi-scale normalizing flows "
-                                "(NICE, RealNVP, Glow). Run 'flowscale COMMAND --help' for details.")
+    # allow_abbrev=False: this parser sees every option of the command line, the sub-command's
+    # too, and with abbreviations `submit --local` would be an ambiguous prefix of --local_rank.
+    p = _Parser(prog="flowscale", allow_abbrev=False,
+                description="Train and use deep multi-scale normalizing flows (NICE, RealNVP, Glow, DLF, Jet, "
+                            "TarFlow). Run 'flowscale COMMAND --help' for details. Options, --debug included, "
+                            "may come anywhere after COMMAND, and overrides after options.")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--debug", action="store_true",
-                   help="show the Python traceback of an expected error (also FLOWSCALE_DEBUG=1)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     t = sub.add_parser("train", help="train a flow (no arguments: the demo model on the bundled demo photos)",
@@ -184,7 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name, helptext in (("eval", "bits/dim of a trained model on a data split"),
                            ("sample", "write a PNG grid of samples at several temperatures")):
         s = sub.add_parser(name, help=helptext, description=helptext)
-        s.add_argument("checkpoint", help="a run directory (its newest checkpoint is used) or a checkpoint .pt file")
+        s.add_argument("checkpoint", help="a run directory (its newest complete checkpoint is used) or one checkpoint "
+                                         "directory, RUN_DIR/checkpoints/step_XXXXXXXX; only its model.safetensors "
+                                         "(ema.safetensors when there) and config.yaml are read")
         s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run (default: auto)")
         s.add_argument("--seed", type=int, default=0, help="seed for dequantisation noise / latent draws (default: 0)")
         if name == "eval":
@@ -212,14 +254,25 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("submit", help="run the same training as a Slurm job through submitit (requeues on preemption)",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Submit `flowscale train CONFIG [overrides]` to Slurm: one task per GPU, resume on requeue.\n\n"
-                                   "CONFIG is the name of a bundled config (--list-configs) or a YAML file.\n\n"
+                                   "CONFIG is the name of a bundled config (--list-configs) or a YAML file. Slurm's sbatch and\n"
+                                   "srun must be on PATH; without them submit stops (it never trains here unasked): --local runs\n"
+                                   "the job on this machine through submitit's local executor, and --dry-run prints the job\n"
+                                   "script, exactly as submitit would submit it, on any machine.\n\n"
+                                   "CPUs per task default to one per loader worker (data.num_workers) plus the training\n"
+                                   "process's threads (engine.threads, 1 when automatic), printed at submission. Any other\n"
+                                   "sbatch option goes in with --slurm KEY[=VALUE] (repeatable), e.g. --slurm requeue for sites\n"
+                                   "that requeue only jobs asking for it, --slurm mem-per-cpu=4G, --slurm qos=high; memory per\n"
+                                   "node is --mem-gb.\n\n"
                                    "examples:\n  flowscale submit glow_imagenet64 --nodes 2 --gpus-per-node 8 --partition gpu --time 1440\n"
-                                   "  flowscale submit demo --array sweep.yaml --dry-run")
+                                   "  flowscale submit glow_imagenet64 --gpus-per-node 8 --mem-gb 480 --slurm requeue --slurm qos=high\n"
+                                   "  flowscale submit demo --array sweep.yaml --dry-run\n"
+                                   "  flowscale submit demo --local train.steps=100")
     _add_config_args(s)
     s.add_argument("--nodes", type=int, default=1, help="nodes (default: 1)")
     s.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node; one task per GPU (default: 0 = CPU)")
     s.add_argument("--tasks-per-node", type=int, default=None, help="tasks per node (default: gpus-per-node, or 1)")
-    s.add_argument("--cpus-per-task", type=int, default=1, help="CPU cores per task (default: 1)")
+    s.add_argument("--cpus-per-task", type=int, default=None,
+                   help="CPU cores per task (default: data.num_workers + max(1, engine.threads), printed)")
     s.add_argument("--mem-gb", type=float, default=None, help="memory per node in GB (default: the partition's)")
     s.add_argument("--partition", default=None, help="Slurm partition")
     s.add_argument("--time", type=int, default=60, help="time limit per job in minutes; the job requeues itself (default: 60)")
@@ -230,18 +283,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-timeouts", type=int, default=100,
                    help="requeues after hitting the time limit before giving up (default: 100; submitit's own "
                         "default of 3 would end a week-long run on a 24 h partition); preemptions requeue without limit")
+    s.add_argument("--slurm", action="append", default=[], metavar="KEY[=VALUE]", type=_slurm_option,
+                   help="an extra sbatch option for the job script (repeatable): requeue -> #SBATCH --requeue, "
+                        "qos=high -> #SBATCH --qos=high; options that flags above set are refused")
     s.add_argument("--array", default=None, metavar="SWEEP.yaml",
                    help="a job array: a YAML list of {dotted.key: value} overrides, one job each")
-    s.add_argument("--local", action="store_true", help="run with submitit's local executor (no Slurm)")
-    s.add_argument("--dry-run", action="store_true", help="print the sbatch script and submit nothing")
+    how = s.add_mutually_exclusive_group()
+    how.add_argument("--local", action="store_true",
+                     help="run the job on this machine with submitit's local executor (no Slurm needed)")
+    how.add_argument("--dry-run", action="store_true",
+                     help="print the job script submitit would submit (arrays included) and submit nothing; "
+                          "needs no Slurm")
     s.add_argument("--wait", action="store_true", help="wait for the job(s) and print their results")
     s.set_defaults(func=cmd_submit)
 
-    from data_prep.cli import EXAMPLES as prep_examples, add_parsers as add_prep_parsers
+    from data_prep.cli import ENCODING_RULE, EXAMPLES as prep_examples, add_parsers as add_prep_parsers
 
     pr = sub.add_parser("prep", help="convert a dataset into webdataset shards + manifest; verify shards",
                         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=prep_examples,
-                        description="Convert datasets into shards (parallel, resumable, deterministic) or verify them.")
+                        description="Convert datasets into shards (parallel, resumable, deterministic) or verify them.\n"
+                                    + "\n".join(textwrap.wrap(ENCODING_RULE, width=92)))
     add_prep_parsers(pr.add_subparsers(dest="prep", required=True, metavar="DATASET"))
 
     from .tools.plan import add_parser as add_plan_parser
@@ -268,7 +329,7 @@ EXIT_CODES = {
     "RunDirLocked": 5,           # another live run holds train.run_dir
     "Preempted": 75,             # stopped by a signal after saving the step reached: rerun to resume
 }
-EXIT_OTHER = 1                   # missing file, existing run with --no-resume, untrusted checkpoint, NaN loss
+EXIT_OTHER = 1                   # missing file, existing run with --no-resume, untrusted checkpoint, NaN loss, unsupported DeepSpeed
 
 
 def _one_line(e: BaseException) -> str:
@@ -284,20 +345,21 @@ def _one_line(e: BaseException) -> str:
 def _expected(e: BaseException) -> int | None:
     from .checkpoint import CheckpointWriteError
     from .data import DataError
+    from .deepspeed_universal import UnsupportedDeepSpeed
     from .lock import RunDirLocked
     from .preemption import Preempted
 
     for cls in (ConfigError, DataError, CheckpointWriteError, RunDirLocked, Preempted):
         if isinstance(e, cls):
             return EXIT_CODES[cls.__name__]
-    if isinstance(e, (FileNotFoundError, FileExistsError, FloatingPointError, PermissionError)):
+    if isinstance(e, (FileNotFoundError, FileExistsError, FloatingPointError, PermissionError, UnsupportedDeepSpeed)):
         return EXIT_OTHER
     return None
 
 
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
-    debug = ns.debug or os.environ.get("FLOWSCALE_DEBUG", "") not in ("", "0")
+    debug = getattr(ns, "debug", False) or os.environ.get("FLOWSCALE_DEBUG", "") not in ("", "0")
     try:
         return ns.func(ns)
     except Exception as e:  # noqa: BLE001 - sorted into expected (one line) and unexpected (traceback)

@@ -98,7 +98,8 @@ class ModelConfig:
     patch_size: int = 4
     """jet, tarflow: the image is cut into patch_size x patch_size patches, the tokens of the
     flow (a space-to-depth by patch_size: C*patch_size^2 features each). image_size must be
-    divisible by it (jet's spatial couplings also need an even number of patches per side)."""
+    divisible by it (jet's spatial couplings also need an even number of patches per side;
+    tarflow at least 2 per side: a one-token tarflow would be the identity)."""
     jet_spatial_every: int = 5
     """jet: every n-th coupling splits the tokens spatially (cycling checkerboard, vertical
     stripes, horizontal stripes, each with both parities); the others split the channels after
@@ -175,6 +176,10 @@ class ModelConfig:
                f"must be > 0 or null, got {self.lu_max_log_s}")
 
 
+SHARDS_ONLY = ("train_manifest", "test_manifest", "train_shards", "test_shards")
+"""Data fields only data.dataset=shards reads (refused with the demo dataset)."""
+
+
 @dataclass
 class DataConfig:
     dataset: Literal["demo", "shards"] = "demo"
@@ -185,7 +190,8 @@ class DataConfig:
     e.g. by img2dataset or on the HF hub, are converted once with `flowscale prep webdataset`)."""
     train_manifest: Optional[str] = None
     """shards: the train split's manifest.json (or its directory, or an http(s) URL), as written
-    by `flowscale prep`. Shards are read next to it unless train_shards is set."""
+    by `flowscale prep`. Shards are read next to it unless train_shards is set. With
+    dataset=demo this and the other manifest/shards fields are refused, not ignored."""
     test_manifest: Optional[str] = None
     """shards: the test split's manifest.json (or its directory, or a URL); used for test bits/dim."""
     train_shards: Optional[str] = None
@@ -201,13 +207,18 @@ class DataConfig:
     """Loader worker processes per rank; 0 = read in the training process (enough for the demo
     and npy shards; use 4-8 for PNG shards feeding a GPU). With data.streams=0 the sample order
     depends on it: resume with the same value."""
-    streams: int = 0
-    """Canonical data streams, fixed when the run is created (0 = off: the order follows the
-    ranks x workers of the run). With S > 0 the training data is S streams, each reading its
-    share of the shards sequentially, and global batch t is data.batch_size / S samples of
-    each stream, in stream order: the same images in the same order for every world size and
-    data.num_workers such that world size x max(1, num_workers) divides S. data.batch_size
-    must be a multiple of S. E.g. 16 serves 1, 2, 4, 8 or 16 ranks x workers."""
+    streams: Optional[int] = None
+    """Canonical data streams, fixed when the run is created. With S > 0 the training data is S
+    streams, each reading its share of the shards sequentially, and global batch t is
+    data.batch_size / S samples of each stream, in stream order: the same images in the same
+    order for every world size and data.num_workers such that world size x max(1, num_workers)
+    divides S, so the run can resume on any of them. data.batch_size must be a multiple of S.
+    E.g. 16 serves 1, 2, 4, 8 or 16 ranks x workers. null (the default) = chosen by a new run
+    (printed at start, recorded in its config.yaml; a resume takes the recorded value): the
+    largest divisor of data.batch_size that is a multiple of this run's ranks x workers and at
+    most max(training shards, 8), see README "Changing the number of GPUs". A checkpoint
+    without a recorded value ran with 0 and keeps that order. 0 = off: the order follows the
+    ranks x workers of the run, which must then stay the same on resume."""
     shuffle_buffer: int = 1000
     """Samples held by each worker's shuffle buffer (shard order is reshuffled every epoch as
     well); 0 or 1 = read shards in order."""
@@ -259,8 +270,15 @@ class DataConfig:
             for split in ("train", "test"):
                 _check(bool(getattr(self, f"{split}_manifest")), f"data.{split}_manifest",
                        f"required for data.dataset=shards (the {split} split's manifest.json from `flowscale prep`)")
-        _at_least(self, "data", num_workers=0, shuffle_buffer=0, max_skipped=0, streams=0)
-        _check(self.streams == 0 or self.batch_size % self.streams == 0, "data.streams",
+        else:  # the demo reads none of these: a run must not train on the demo photos while the user meant shards
+            for name in SHARDS_ONLY:
+                _check(getattr(self, name) is None, f"data.{name}",
+                       f"set, but data.dataset=demo does not read it; add data.dataset=shards to train on shards, "
+                       f"or drop data.{name} for the demo")
+        _at_least(self, "data", num_workers=0, shuffle_buffer=0, max_skipped=0)
+        _check(self.streams is None or self.streams >= 0, "data.streams",
+               f"must be >= 0 (0 = off) or null (chosen by the run), got {self.streams}")
+        _check(not self.streams or self.batch_size % self.streams == 0, "data.streams",
                f"data.batch_size={self.batch_size} must be a multiple of data.streams={self.streams}")
         _check(self.worker_timeout_s >= 0, "data.worker_timeout_s", f"must be >= 0 (0 = no limit), got {self.worker_timeout_s}")
         _at_least(self, "data", image_size=2, channels=1, batch_size=1, train_size=1, test_size=1)
@@ -515,7 +533,7 @@ class TrainConfig:
     """Audit the data order: every rank appends, per step, a fingerprint of each image of its
     batch (64-bit BLAKE2b of its uint8 pixels, after the flip) to
     ``run_dir/batches/rank_XXXXX.jsonl``; records past the step a run resumes from are moved to
-    ``batches/superseded.jsonl``. :func:`flowscale.logging.batch_keys` maps them to sample keys."""
+    ``batches/superseded.jsonl``. :func:`flowscale.analysis.audit.batch_keys` maps them to sample keys."""
     on_divergence: Literal["rollback", "abort"] = "rollback"
     """What a divergence (see the divergence section) does. rollback = restore the newest
     checkpoint written while healthy, skip the data of the diverged window, lower the LR for a
@@ -568,6 +586,11 @@ class Config:
         if m.is_patch_flow:
             _check(size % m.patch_size == 0, "model.patch_size",
                    f"data.image_size={size} must be divisible by patch_size={m.patch_size}")
+            # Each block's first token gets (mu, a) = (0, 0): with one token every block is the identity.
+            _check(m.preset != "tarflow" or size // m.patch_size >= 2, "model.patch_size",
+                   f"tarflow needs at least 2x2 patch tokens, but patch_size={m.patch_size} cuts data.image_size={size} "
+                   f"into one, which every block leaves unchanged (the first token of an autoregressive block is "
+                   f"never transformed); use patch_size <= {size // 2}")
             spatial = m.preset == "jet" and m.jet_spatial_every > 0 and m.steps >= m.jet_spatial_every
             _check(not spatial or (size // m.patch_size) % 2 == 0, "model.patch_size",
                    f"jet's spatial couplings need an even number of patches per side, got "

@@ -1,36 +1,49 @@
-"""Rank, world size and rendezvous from the environment, in one place.
+"""Process groups and collectives: rank, world size and rendezvous read from the launcher's
+environment, the process group started and torn down, and every collective flowscale uses.
 
 Understood launchers, in order of precedence:
 
 * torchrun / the ``deepspeed`` launcher / submitit-set variables: RANK, WORLD_SIZE, LOCAL_RANK,
   MASTER_ADDR, MASTER_PORT;
 * a bare Slurm task (``srun``): SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, with the first host
-  of SLURM_JOB_NODELIST (or SLURM_LAUNCH_NODE_IPADDR) as master;
+  of SLURM_JOB_NODELIST as master and a port derived from the job id (:func:`master_port`);
 * nothing: a single process, rendezvous on 127.0.0.1 and a free port.
+
+The environment is read, not completed: the rendezvous goes to the process group as arguments
+(``tcp://MASTER_ADDR:MASTER_PORT``, rank, world size). What DeepSpeed reads only from the
+environment is set in one place, :func:`_deepspeed_environment`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
-import random
 import socket
 from dataclasses import dataclass
 
-import numpy as np
 import torch
-
-from . import seeds
 
 
 @dataclass(frozen=True)
 class DistInfo:
+    """This process's place in the job and where the job meets (:func:`dist_env`)."""
     rank: int
     world_size: int
     local_rank: int
+    master_addr: str = "127.0.0.1"
+    """Host of the rendezvous store (rank 0's, or the launcher agent's)."""
+    master_port: int = 0
+    """Its port."""
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def init_method(self) -> str:
+        """The rendezvous as torch.distributed's ``init_method`` URL."""
+        host = f"[{self.master_addr}]" if ":" in self.master_addr else self.master_addr  # an IPv6 literal
+        return f"tcp://{host}:{self.master_port}"
 
 
 def _free_port() -> int:
@@ -75,122 +88,111 @@ def is_main_process() -> bool:
 
 
 def dist_env() -> DistInfo:
-    """Read (and complete) the rendezvous variables; returns this process's place."""
+    """This process's place and the rendezvous, read from the launcher's variables (nothing is
+    written); a lone process without MASTER_* meets itself on loopback and a free port."""
     env = os.environ
+    addr, port = env.get("MASTER_ADDR"), env.get("MASTER_PORT")
     if "RANK" in env and "WORLD_SIZE" in env:
         rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
         local = int(env.get("LOCAL_RANK", rank))
     elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
         rank, world, local = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
-        env.setdefault("MASTER_ADDR", _first_slurm_host(env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "127.0.0.1"))))
-        env.setdefault("MASTER_PORT", str(master_port(env.get("SLURM_JOB_ID", "0"))))
+        addr = addr or _first_slurm_host(env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "127.0.0.1")))
+        port = port or str(master_port(env.get("SLURM_JOB_ID", "0")))
     else:
         rank, world, local = 0, 1, 0
-        env.setdefault("MASTER_ADDR", "127.0.0.1")
-        env.setdefault("MASTER_PORT", str(_free_port()))
     if world == 1:  # a lone process: any rendezvous on loopback will do
-        env.setdefault("MASTER_ADDR", "127.0.0.1")
-        env.setdefault("MASTER_PORT", str(_free_port()))
-    if world > 1 and ("MASTER_ADDR" not in env or "MASTER_PORT" not in env):
+        addr = addr or "127.0.0.1"
+        port = port or str(_free_port())
+    if world > 1 and not (addr and port):
         raise RuntimeError(f"rank {rank} of {world}: MASTER_ADDR and MASTER_PORT must be set for a multi-process run")
-    for k, v in (("RANK", rank), ("WORLD_SIZE", world), ("LOCAL_RANK", local)):
-        env[k] = str(v)
-    return DistInfo(rank, world, local)
-
-
-def cpu_threads(requested: int = 0, num_workers: int = 0) -> tuple[int, str]:
-    """Intra-op threads for this process and why: ``requested`` (engine.threads) when > 0, else
-    OMP_NUM_THREADS when the launcher set it (torchrun sets 1), else the CPUs this process may
-    run on (its affinity mask; at most SLURM_CPUS_PER_TASK; shared among the tasks of the node
-    when they all see the same mask) less one per data-loader worker, at least 1. torch's own
-    default is every core of the node in every process, which oversubscribes OpenMP as soon as
-    several tasks share a node."""
-    env = os.environ
-    if requested > 0:
-        return requested, f"engine.threads={requested}"
-    if env.get("OMP_NUM_THREADS", "").isdigit() and int(env["OMP_NUM_THREADS"]) > 0:
-        return int(env["OMP_NUM_THREADS"]), f"OMP_NUM_THREADS={env['OMP_NUM_THREADS']}"
-    cpus = len(os.sched_getaffinity(0))
-    why = f"{cpus} CPUs in this process's affinity mask"
-    per_task = env.get("SLURM_CPUS_PER_TASK", "")
-    local = int(env.get("LOCAL_WORLD_SIZE") or env.get("SLURM_NTASKS_PER_NODE") or 1)
-    if per_task.isdigit() and 0 < int(per_task) < cpus:
-        cpus, why = int(per_task), f"SLURM_CPUS_PER_TASK={per_task}"
-    elif local > 1 and cpus >= local and (not per_task or cpus == int(env.get("SLURM_CPUS_ON_NODE", cpus))):
-        cpus, why = cpus // local, f"{why} shared by {local} processes on this node"
-    if num_workers:
-        why += f", less {num_workers} data.num_workers"
-    return max(1, cpus - num_workers), why
+    return DistInfo(rank, world, local, addr, int(port))
 
 
 def prepare_accelerator(device: str = "auto") -> str:
-    """'cuda' or 'cpu' per ``train.device`` (auto: cuda when a GPU is visible); for cpu, tell
-    DeepSpeed so before it is imported."""
+    """'cuda' or 'cpu' per ``train.device`` (auto: cuda when a GPU is visible)."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu":
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     return device
 
 
-def init_distributed(backend: str = "auto", device: str = "auto") -> DistInfo:
-    """Start the process group (gloo on CPU, nccl on GPU unless told otherwise)."""
-    info = dist_env()
-    device = prepare_accelerator(device)
-    import deepspeed
+def _deepspeed_environment(info: DistInfo, device: str) -> None:
+    """The two settings DeepSpeed (0.19.x) takes only from the environment, set where the
+    launcher did not: DS_ACCELERATOR=cpu (read once, when deepspeed is first imported, to pick
+    its accelerator; for cpu it must be said before that) and LOCAL_RANK (DeepSpeedEngine
+    asserts it at initialize, ZeRO-3 places its buffers by ``os.environ["LOCAL_RANK"]``). The
+    only environment writes of flowscale's process-group code."""
+    if device == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ["LOCAL_RANK"] = str(info.local_rank)
+
+
+def _skip_deepspeed_shm_comm() -> None:
+    """Mark DeepSpeed's shared-memory comm op as not buildable, so TorchBackend does not
+    JIT-compile it (~40 s at every start; gloo does not need it). DeepSpeed has no public
+    switch for this: 0.19.0 imports ``deepspeed.ops.__compatible_ops__`` from git_version_info,
+    0.19.8 probes it on first access and caches it in the module ("edits to it persist"); both
+    read it in ``deepspeed.comm.torch.build_shm_op``. Private DeepSpeed state, kept to this function."""
     import deepspeed.ops
 
-    # The shared-memory comm op is JIT-compiled (~40 s) at every initialize; gloo does not need it.
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def init_distributed(backend: str = "auto", device: str = "auto") -> DistInfo:
+    """Start the process group (gloo on CPU, nccl on GPU unless told otherwise) at the
+    rendezvous of :func:`dist_env`, passed as arguments."""
+    info = dist_env()
+    device = prepare_accelerator(device)
+    _deepspeed_environment(info, device)
+    import deepspeed
+
+    _skip_deepspeed_shm_comm()
     if backend == "auto":
         backend = "nccl" if device == "cuda" else "gloo"
     if device == "cuda" and torch.cuda.is_available():
         torch.cuda.set_device(info.local_rank)
     if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, init_method=info.init_method,
+                                   rank=info.rank, world_size=info.world_size)
     return info
 
 
 def cleanup() -> None:
-    """Destroy the process group (a rare SIGABRT at exit otherwise) and forget DeepSpeed's
-    cached groups, so ``main`` can run again in the same process (tests, notebooks)."""
+    """Destroy the process group (a rare SIGABRT at exit otherwise) and DeepSpeed's cached
+    groups with it, so ``main`` can run again in the same process (tests, notebooks)."""
+    import sys
+
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+        ds_comm = sys.modules.get("deepspeed.comm")
+        if ds_comm is not None and ds_comm.is_initialized():
+            ds_comm.destroy_process_group()  # DeepSpeed 0.19.8 forgets its cached groups here too
+        else:
+            torch.distributed.destroy_process_group()
         import gc
 
         gc.collect()  # the group's last references: not left for a forked DataLoader worker to collect
+    _forget_deepspeed_groups()
+
+
+def _forget_deepspeed_groups() -> None:
+    """DeepSpeed before 0.19.8 keeps its process groups (world, data parallel, ...) in module
+    globals after ``destroy_process_group``, and a second ``deepspeed.initialize`` in the same
+    process would use the dead ones. Its own release function where it has one; else the
+    globals are reset by name (private DeepSpeed state, kept to this function)."""
     import sys
 
     groups = sys.modules.get("deepspeed.utils.groups")
-    if groups is not None:
-        for name in ("_WORLD_GROUP", "_ZERO_PARAM_INTRA_PARALLEL_GROUP", "mpu", "mesh_device",
-                     "_TENSOR_MODEL_PARALLEL_GROUP", "_MODEL_PARALLEL_GROUP", "_DATA_PARALLEL_GROUP",
-                     "_MPU_TENSOR_MODEL_PARALLEL_WORLD_SIZE", "_MPU_TENSOR_MODEL_PARALLEL_RANK"):
-            if hasattr(groups, name):
-                setattr(groups, name, None)
-        for name in ("_EXPERT_PARALLEL_GROUP", "_EXPERT_PARALLEL_GROUP_RANKS", "_EXPERT_DATA_PARALLEL_GROUP",
-                     "_EXPERT_DATA_PARALLEL_GROUP_RANKS", "_ALL_TO_ALL_GROUP"):
-            if isinstance(getattr(groups, name, None), dict):
-                getattr(groups, name).clear()
-
-
-def seed_everything(seed: int, rank: int | None = None) -> None:
-    """Seed python, numpy and torch's global RNGs from the ``model_init`` stream (the same
-    weights on every rank); with ``rank``, then from that rank's stream (:func:`seed_rank_streams`)."""
-    _seed_globals(seeds.derive(seed, "model_init"))
-    if rank is not None:
-        seed_rank_streams(seed, rank)
-
-
-def seed_rank_streams(seed: int, rank: int) -> None:
-    """Global RNGs of this rank from the ``dequant`` stream (different noise on every rank)."""
-    _seed_globals(seeds.derive(seed, "dequant", rank))
-
-
-def _seed_globals(s: int) -> None:
-    random.seed(s)
-    np.random.seed(s % 2 ** 32)
-    torch.manual_seed(s)
+    if groups is None or hasattr(groups, "_release_process_group_references"):
+        return  # released by deepspeed.comm.destroy_process_group
+    for name in ("_WORLD_GROUP", "_ZERO_PARAM_INTRA_PARALLEL_GROUP", "mpu", "mesh_device",
+                 "_TENSOR_MODEL_PARALLEL_GROUP", "_MODEL_PARALLEL_GROUP", "_DATA_PARALLEL_GROUP",
+                 "_MPU_TENSOR_MODEL_PARALLEL_WORLD_SIZE", "_MPU_TENSOR_MODEL_PARALLEL_RANK"):
+        if hasattr(groups, name):
+            setattr(groups, name, None)
+    for name in ("_EXPERT_PARALLEL_GROUP", "_EXPERT_PARALLEL_GROUP_RANKS", "_EXPERT_DATA_PARALLEL_GROUP",
+                 "_EXPERT_DATA_PARALLEL_GROUP_RANKS", "_ALL_TO_ALL_GROUP"):
+        if isinstance(getattr(groups, name, None), dict):
+            getattr(groups, name).clear()
 
 
 # -- collectives: every one flowscale uses, each a no-op in a single process -------------------------
@@ -254,33 +256,13 @@ def rank0_decides(flag: bool) -> bool:
     return bool(t.item())
 
 
-def all_equal(t: torch.Tensor) -> bool:
-    """True when ``t`` is bit-identical on every rank."""
-    if not _active():
-        return True
-    gathered = [torch.zeros_like(t) for _ in range(torch.distributed.get_world_size())]
-    torch.distributed.all_gather(gathered, t)
-    return all(torch.equal(g, gathered[0]) for g in gathered)
-
-
-def rng_state() -> dict:
-    """RNG state of this process as tensors and numbers (loadable with weights_only=True)."""
-    version, mt, gauss = random.getstate()
-    _, key, pos, has_gauss, cached = np.random.get_state()
-    state = {"torch": torch.get_rng_state(),
-             "python": {"version": version, "mt": torch.tensor(mt, dtype=torch.int64), "gauss": gauss},
-             "numpy": {"key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
-                       "has_gauss": int(has_gauss), "cached": float(cached)}}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    py = state["python"]
-    random.setstate((py["version"], tuple(int(v) for v in py["mt"].tolist()), py["gauss"]))
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+def bit_identical_on_ranks(tensors: dict[str, torch.Tensor]) -> bool:
+    """Collective: True when every rank holds bit-identical ``tensors`` (same names, dtypes,
+    shapes and bytes), compared by a SHA-256 of each rank's bytes (one all-gather of digests)."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    digests = all_gather_objects(h.hexdigest())
+    return all(d == digests[0] for d in digests)

@@ -1,5 +1,5 @@
 """DeepSpeed mechanics: the engine config generated from the config tree, initialisation,
-``train_step`` (micro-batches, the non-finite veto, grad norm), EMA.
+``train_step`` (micro-batches, the non-finite veto, grad norm).
 
 Batch sizes come from one place: ``data.batch_size`` is the global batch;
 per-rank micro-batch = batch_size / (world_size * engine.grad_accum), checked to divide
@@ -10,8 +10,6 @@ JIT-compiled fused ops), the LR schedule is a LambdaLR stepped by DeepSpeed.
 
 from __future__ import annotations
 
-import contextlib
-import types
 from typing import Callable
 
 import torch
@@ -83,21 +81,72 @@ def model_dtype(cfg: Config) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.engine.precision]
 
 
-def guard_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-    """Give the client optimizer a veto: while ``optimizer.flowscale_skip`` is True its ``step``
-    does nothing. Whatever DeepSpeed wraps around it (ZeRO partitions, bf16 master weights)
-    ends in this step, so the weights stay as they were; ``train_step`` sets the flag on every
-    rank alike."""
-    inner = optimizer.step
+class VetoableOptimizer(torch.optim.Optimizer):
+    """The client torch optimizer with a veto: while :attr:`skip` is True, :meth:`step` does
+    nothing. Whatever DeepSpeed wraps around the client optimizer (ZeRO partitions, bf16 master
+    weights) ends in this step, so the weights and moments stay as they were; ``train_step``
+    sets :attr:`skip` on every rank alike.
 
-    def step(self, *args, **kwargs):
-        if self.flowscale_skip:
+    Everything else is :attr:`inner`'s: ``param_groups``, ``state`` and ``defaults`` are its very
+    objects (DeepSpeed re-points the groups' params at its flat partitions, LR schedules write
+    the groups' ``lr``), and ``state_dict`` / ``load_state_dict`` are its own, so checkpoints hold
+    the keys of the torch optimizer (Adam, Adamax, ...) whichever way they were written.
+    """
+
+    def __init__(self, inner: torch.optim.Optimizer):
+        # torch.optim.Optimizer.__init__ is not called: it would build a second set of groups
+        # and state; this object has none of its own.
+        self.inner = inner
+        """The torch optimizer that does the update."""
+        self.skip = False
+        """The veto: True makes the next :meth:`step` a no-op (set and cleared by ``train_step``)."""
+
+    param_groups = property(lambda self: self.inner.param_groups,
+                            lambda self, groups: setattr(self.inner, "param_groups", groups))
+    state = property(lambda self: self.inner.state, lambda self, state: setattr(self.inner, "state", state))
+    defaults = property(lambda self: self.inner.defaults,
+                        lambda self, defaults: setattr(self.inner, "defaults", defaults))
+
+    def __getattr__(self, name: str):
+        # Only reached for names this class does not define: torch.optim.Optimizer's own
+        # bookkeeping (step hooks, the LR scheduler's marks) lives on the inner optimizer.
+        if name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def step(self, closure=None):  # a bound method, as LR schedulers expect
+        if self.skip:
             return None
-        return inner(*args, **kwargs)
+        return self.inner.step(closure) if closure is not None else self.inner.step()
 
-    optimizer.flowscale_skip = False
-    optimizer.step = types.MethodType(step, optimizer)  # a bound method, as LR schedulers expect
-    return optimizer
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.inner.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.inner.load_state_dict(state_dict)
+
+    def add_param_group(self, param_group: dict) -> None:
+        self.inner.add_param_group(param_group)
+
+    def __repr__(self) -> str:
+        return f"VetoableOptimizer({self.inner!r})"
+
+
+def vetoable_optimizer(engine) -> VetoableOptimizer | None:
+    """The :class:`VetoableOptimizer` that ``engine`` (from :func:`initialize`) was given as its
+    client optimizer (DeepSpeed's ``engine.client_optimizer``), or None for an engine built
+    without one."""
+    client = getattr(engine, "client_optimizer", None)
+    return client if isinstance(client, VetoableOptimizer) else None
+
+
+def client_optimizer(engine) -> torch.optim.Optimizer:
+    """The torch optimizer of an engine from :func:`initialize` (the one under the veto)."""
+    veto = vetoable_optimizer(engine)
+    return veto.inner if veto is not None else engine.client_optimizer
 
 
 def scale_lr(engine, factor: float) -> None:
@@ -110,49 +159,15 @@ def scale_lr(engine, factor: float) -> None:
 
 
 def initialize(cfg: Config, flow, optimizer, schedule, world_size: int, load_universal: bool = False):
-    """deepspeed.initialize with the generated config; returns the engine."""
+    """deepspeed.initialize with the generated config and ``optimizer`` (a torch optimizer)
+    under a :class:`VetoableOptimizer`; returns the engine."""
     import deepspeed
 
     if cfg.engine.precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("config field 'engine.precision': fp16 needs a GPU (DeepSpeed has no fp16 on CPU); use bf16 or fp32")
-    guard_optimizer(optimizer)
-    engine, _, _, _ = deepspeed.initialize(model=flow, optimizer=optimizer, config=deepspeed_config(cfg, world_size, load_universal),
-                                           lr_scheduler=schedule)
-    engine.flowscale_client_optimizer = optimizer
+    engine, _, _, _ = deepspeed.initialize(model=flow, optimizer=VetoableOptimizer(optimizer),
+                                           config=deepspeed_config(cfg, world_size, load_universal), lr_scheduler=schedule)
     return engine
-
-
-class EMA:
-    """Polyak averaging of the (replicated) parameters: shadow <- d * shadow + (1 - d) * param."""
-
-    def __init__(self, module: torch.nn.Module, decay: float):
-        self.decay = decay
-        self.shadow = {n: p.detach().float().clone() for n, p in module.named_parameters()}
-
-    @torch.no_grad()
-    def update(self, module: torch.nn.Module) -> None:
-        for n, p in module.named_parameters():
-            self.shadow[n].mul_(self.decay).add_(p.detach().float(), alpha=1 - self.decay)
-
-    @contextlib.contextmanager
-    def swapped_in(self, module: torch.nn.Module):
-        """Temporarily load the averaged weights into ``module`` (for eval and sampling)."""
-        backup = {n: p.detach().clone() for n, p in module.named_parameters()}
-        with torch.no_grad():
-            for n, p in module.named_parameters():
-                p.copy_(self.shadow[n].to(p.dtype))
-        try:
-            yield module
-        finally:
-            with torch.no_grad():
-                for n, p in module.named_parameters():
-                    p.copy_(backup[n])
-
-    def state_dict(self) -> dict:
-        return dict(self.shadow)
-
-    def load_state_dict(self, state: dict) -> None:
-        self.shadow = {n: t.float().clone() for n, t in state.items()}
 
 
 def _grad_norm_zero0(module: torch.nn.Module) -> torch.Tensor:
@@ -182,7 +197,7 @@ def train_step(engine, batch: tuple[torch.Tensor | None, ...], loss_fn: LossFn) 
     micro = zip(*[part.chunk(accum) if part is not None else [None] * accum for part in batch])
     losses, extras = [], []
     bad_loss = bad_grad = False
-    guard = getattr(engine, "flowscale_client_optimizer", None)
+    veto = vetoable_optimizer(engine)
     for i, parts in enumerate(micro):
         loss, extra = loss_fn(engine, *parts)
         bad_loss = any_rank(bad_loss or not bool(torch.isfinite(loss)), device)
@@ -197,13 +212,13 @@ def train_step(engine, batch: tuple[torch.Tensor | None, ...], loss_fn: LossFn) 
             if engine.zero_optimization_stage() == 0:
                 grad_norm0 = _grad_norm_zero0(engine.module)
                 bad_grad = any_rank(not bool(torch.isfinite(grad_norm0)), device)
-            if guard is not None:
-                guard.flowscale_skip = bad_loss or bad_grad
+            if veto is not None:
+                veto.skip = bad_loss or bad_grad
         engine.step()
         losses.append(loss.detach())
         extras.append(extra)
-    if guard is not None:
-        guard.flowscale_skip = False
+    if veto is not None:
+        veto.skip = False
     # ZeRO-1/2/3 and bf16 check the gradient norm themselves and skip (without stepping the LR schedule).
     ds_skipped = not engine.was_step_applied()
     if ds_skipped and engine.lr_scheduler is not None:

@@ -1,8 +1,11 @@
-"""Test bits/dim: nats and dimensions are summed over the whole split, divided once at the end."""
+"""Test bits/dim: nats and dimensions are summed over the whole split, divided once at the end.
+:class:`PeriodicEval`: test bits/dim and sample grids during training, with EMA weights swapped in."""
 
 from __future__ import annotations
 
+import contextlib
 import math
+from pathlib import Path
 
 import torch
 
@@ -51,3 +54,40 @@ def evaluate_bpd(flow, images, n_bits: int, batch_size: int, device="cpu", seed:
     if not math.isfinite(result):
         raise FloatingPointError("non-finite test bits/dim: the model produced inf/NaN on the test split")
     return result
+
+
+class PeriodicEval:
+    """During training: test bits/dim every ``train.eval_every`` steps and a sample grid every
+    ``train.sample_every`` (both at the last step), with the EMA weights swapped in when there are
+    any. Decided by the step number alone. Every rank calls it: both are collective (every rank
+    scores its share of the test split; ZeRO-3 gathers parameters collectively to sample)."""
+
+    def __init__(self, cfg, run, test_x, info, log):
+        self.cfg, self.run, self.test_x, self.info, self.log = cfg, run, test_x, info, log
+
+    def __call__(self, step: int, final: bool) -> dict:
+        """{"test_bpd", "samples"} of what was due at ``step`` (``final``: both), logged."""
+        from .sample import sample_grid
+
+        t, run, cfg, out = self.cfg.train, self.run, self.cfg, {}
+        want_eval = final or (t.eval_every and step % t.eval_every == 0)
+        want_samples = final or (t.sample_every and step % t.sample_every == 0)
+        if not (want_eval or want_samples):
+            return out
+        with run.ema.swapped_in(run.module) if run.ema is not None else contextlib.nullcontext():
+            if want_eval:
+                out["test_bpd"] = evaluate_bpd(run.module, self.test_x, cfg.data.n_bits, run.layout["micro"],
+                                               run.device, seed=t.seed, rank=self.info.rank,
+                                               world_size=self.info.world_size, dtype=run.dtype)
+            if want_samples:
+                run.module.eval()
+                path = Path(t.run_dir) / "samples" / f"step_{step:08d}.png"
+                shapes = run.module.latent_shapes(cfg.data.channels, cfg.data.image_size)
+                sample_grid(run.module, shapes, cfg.data.n_bits, t.temperatures, path, seed=t.seed,
+                            device=run.device, write=self.info.is_main, dtype=run.dtype,
+                            denoise_std=cfg.data.noise_std, num_classes=cfg.model.num_classes)
+                out["samples"] = str(path)
+                self.log.images(step, {"samples": str(path)})
+        if out:
+            self.log.log(step, out)
+        return out

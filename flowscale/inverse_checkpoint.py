@@ -98,12 +98,14 @@ class InvertibleSequence(FlowSequence):
     """A FlowSequence whose forward under autograd keeps no intermediate activations.
 
     Built around the steps of the FlowSequence it replaces: the same modules, so the same
-    parameters and state-dict keys. ``recompute`` turns the behaviour on or off; a step with
-    ``step.store_activations = True`` (set by :func:`check_and_flag`) is run with ordinary
-    autograd instead.
+    parameters and state-dict keys. A step with ``step.store_activations = True`` (the
+    contract's flag, set by :func:`check_and_flag`) is run with ordinary autograd instead.
     """
 
-    recompute: bool = True
+    def __init__(self, steps, recompute: bool = True):
+        super().__init__(steps)
+        self.recompute = recompute
+        """The switch: False runs the chain with ordinary autograd (:func:`plain_autograd`)."""
 
     def _segments(self):
         """Consecutive runs of steps: (recompute?, [steps])."""
@@ -145,7 +147,8 @@ def inverse_checkpoint(flow: nn.Module, enabled: bool = True, levels: list[int] 
             continue
         if type(holder.steps) is FlowSequence:
             holder.steps = InvertibleSequence(holder.steps)
-        holder.steps.recompute = True
+        if isinstance(holder.steps, InvertibleSequence):
+            holder.steps.recompute = True
     return flow
 
 

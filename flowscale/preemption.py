@@ -28,6 +28,18 @@ SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: the run stopped early and resumes from where it was
 
 
+def _is_submitit_requeue(handler) -> bool:
+    """True when ``handler`` is submitit's requeue handler: the ``checkpoint_and_try_requeue``
+    method of a ``submitit.core.job_environment.SignalHandler``, which submitit installs for the
+    USR signal of a job it started. submitit not importable: no handler of its can be installed."""
+    try:
+        from submitit.core.job_environment import SignalHandler
+    except ImportError:
+        return False
+    return getattr(handler, "__func__", None) is SignalHandler.checkpoint_and_try_requeue and \
+        isinstance(getattr(handler, "__self__", None), SignalHandler)
+
+
 class Preempted(Exception):
     """The run was asked to stop by a signal and saved a checkpoint of the step it reached."""
 
@@ -88,7 +100,7 @@ class PreemptionGuard:
         previous = dict(self._previous)
         for signum in self.signums:
             handler = previous.get(signum)
-            if getattr(handler, "__name__", "") == "checkpoint_and_try_requeue":  # submitit's SignalHandler
+            if _is_submitit_requeue(handler):
                 self.__exit__()
                 handler(signum, None)  # rank 0: checkpoint() + requeue, then sys.exit; other ranks return
                 raise SystemExit(EXIT_PREEMPTED)

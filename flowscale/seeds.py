@@ -11,10 +11,15 @@ other stream's numbers.
     seeds.derive(cfg.model.seed, "permutation", level, k)     # an int seed for code that takes one
 
 The names are fixed here, so a typo is an error instead of a silently new stream.
+
+The global RNGs of python, numpy and torch are seeded from these streams too
+(:func:`seed_everything`, :func:`seed_rank_streams`), and their state is what a checkpoint keeps
+of each rank's randomness (:func:`rng_state`, :func:`set_rng_state`).
 """
 
 from __future__ import annotations
 
+import random
 import zlib
 
 import numpy as np
@@ -61,3 +66,47 @@ def generator(seed: int, name: str, *index: int, device: str | torch.device = "c
 def numpy_rng(seed: int, name: str, *index: int) -> np.random.Generator:
     """A numpy generator for stream ``name`` at ``index``."""
     return np.random.default_rng(sequence(seed, name, *index))
+
+
+# -- the global RNGs (python, numpy, torch) ---------------------------------------------------------
+
+def seed_everything(seed: int, rank: int | None = None) -> None:
+    """Seed python, numpy and torch's global RNGs from the ``model_init`` stream (the same
+    weights on every rank); with ``rank``, then from that rank's stream (:func:`seed_rank_streams`)."""
+    _seed_globals(derive(seed, "model_init"))
+    if rank is not None:
+        seed_rank_streams(seed, rank)
+
+
+def seed_rank_streams(seed: int, rank: int) -> None:
+    """Global RNGs of this rank from the ``dequant`` stream (different noise on every rank)."""
+    _seed_globals(derive(seed, "dequant", rank))
+
+
+def _seed_globals(s: int) -> None:
+    random.seed(s)
+    np.random.seed(s % 2 ** 32)
+    torch.manual_seed(s)
+
+
+def rng_state() -> dict:
+    """RNG state of this process as tensors and numbers (loadable with weights_only=True)."""
+    version, mt, gauss = random.getstate()
+    _, key, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(),
+             "python": {"version": version, "mt": torch.tensor(mt, dtype=torch.int64), "gauss": gauss},
+             "numpy": {"key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached": float(cached)}}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    py = state["python"]
+    random.setstate((py["version"], tuple(int(v) for v in py["mt"].tolist()), py["gauss"]))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])

@@ -197,11 +197,12 @@ def write_split(split_dir: Path, counts: list[int], size: int = 8, encoding: str
 
 
 def data_cfg(train_dir, test_dir=None, **kw):
-    """A DataConfig reading the shards written by :func:`write_split` (8x8 images, batches of 4)."""
+    """A DataConfig reading the shards written by :func:`write_split` (8x8 images, batches of 4), in
+    the per-rank order (data.streams=0) unless ``streams`` is given (None: the run's choice)."""
     from flowscale.config import DataConfig
 
     args = dict(dataset="shards", train_manifest=str(train_dir), test_manifest=str(test_dir or train_dir),
-                image_size=8, batch_size=4, num_workers=0, shuffle_buffer=8)
+                image_size=8, batch_size=4, num_workers=0, shuffle_buffer=8, streams=0)
     args.update(kw)
     return DataConfig(**args)
 
@@ -255,7 +256,7 @@ def free_port() -> int:
 
 def clear_env(monkeypatch, *names):
     """Remove variables for one test AND restore their absence afterwards: values that the code
-    under test writes into os.environ (dist_env fills in RANK, MASTER_PORT, ...) must not leak
+    under test writes into os.environ (init_distributed sets LOCAL_RANK for DeepSpeed) must not leak
     into later tests. (A plain delenv of an absent variable records nothing to undo.)"""
     for k in names:
         monkeypatch.setenv(k, "")

@@ -164,6 +164,18 @@ def test_cli_reports_config_errors_before_work(tmp_path, capsys):
     assert not run_dir.exists(), "nothing may be written before the config is valid"
 
 
+@pytest.mark.parametrize("name", ["train_manifest", "test_manifest", "train_shards", "test_shards"])
+def test_shards_fields_are_refused_with_the_demo_dataset(tmp_path, capsys, name):
+    with pytest.raises(ConfigError, match=f"'data.{name}': set, but data.dataset=demo does not read it; add "
+                                          f"data.dataset=shards"):
+        load_config(None, [f"data.{name}=/data/x"])
+    run_dir = tmp_path / "run"
+    assert cli_main(["train", f"data.{name}=/data/x", f"train.run_dir={run_dir}"]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1 and not run_dir.exists()
+    both = load_config(None, ["data.dataset=shards", "data.train_manifest=/a", "data.test_manifest=/b", f"data.{name}=/c"])
+    assert getattr(both.data, name) == "/c"
+
+
 def test_train_help_lists_fields(capsys):
     with pytest.raises(SystemExit) as e:
         cli_main(["train", "--help"])

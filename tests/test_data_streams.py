@@ -11,6 +11,7 @@ import torch
 
 from flowscale.config import ConfigError, DataConfig
 from flowscale.data import build_train_loader
+from flowscale.data.order import check_sharing, choose_streams
 
 STREAMS = 8
 
@@ -94,3 +95,42 @@ def test_batches_held_by_the_caller_stay_the_canonical_ones(reference):
             loader.close()
         for t, (a, b) in enumerate(zip(reference, got)):
             assert torch.equal(a, b), f"global batch {t}, holding {window} batches"
+
+
+# -- data.streams=null: the streams a new run chooses ---------------------------------------------
+
+@pytest.mark.parametrize("batch,shards,world,workers,want", [
+    (32, 8, 1, 0, 8),        # the demo's default: 8 shards of 1024, batch 32 -> 8 (serves 1, 2, 4, 8)
+    (32, 8, 2, 0, 8),        # the same choice on 2 ranks: 1 and 2 ranks train alike
+    (8, 1, 1, 0, 8),         # fewer shards than the floor: still 8, the shard split in 8 parts
+    (256, 100, 8, 8, 64),    # at most the shard count: 128 would share shards
+    (256, 1000, 8, 8, 256),  # plenty of shards: the whole batch, one sample per stream and step
+    (12, 16, 1, 0, 12),      # not a power of two: 12 serves 1, 2, 3, 4, 6, 12
+    (32, 8, 2, 8, 16),       # 16 loader processes, more than the shards: the fewest streams they allow
+    (32, 4, 1, 3, 0),        # 3 workers divide no divisor of 32: off, the per-rank order
+])
+def test_the_streams_a_new_run_chooses(batch, shards, world, workers, want):
+    counts = [64] * shards
+    S, why = choose_streams(batch, counts, world, workers)
+    assert S == want, why
+    if S:  # what the loader will demand of it
+        assert batch % S == 0 and S % (world * max(1, workers)) == 0
+        check_sharing(counts, S, 1, "split")
+        assert f"dividing {S} can resume it" in why
+    else:
+        assert why.startswith("off:") and "data.num_workers" in why
+
+
+def test_the_choice_leaves_streams_with_samples():
+    # 1 shard of 3 samples split into 8 or 4 parts would leave parts empty: 2 streams, each part non-empty
+    assert choose_streams(8, [3], 1, 0)[0] == 2
+    assert choose_streams(8, [3], 4, 0)[0] == 0  # 4 ranks need 4 streams of samples that are not there
+
+
+def test_a_loader_without_data_streams_reads_the_chosen_streams(reference):
+    """streams=None (a library caller; flowscale train resolves it before): the loader applies the
+    rule, and on 1 rank and 2 ranks x 2 workers it reads the same global batches as the streams it chose."""
+    assert choose_streams(16, [72], 1, 0)[0] == STREAMS == choose_streams(16, [72], 2, 2)[0]
+    for world, workers in ((1, 0), (2, 2)):
+        got, _ = _global_batches(world, workers, 6, streams=None)
+        assert all(torch.equal(a, b) for a, b in zip(reference, got)), (world, workers)

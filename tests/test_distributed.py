@@ -128,8 +128,10 @@ def test_dist_env_single_process_without_rendezvous(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "1")
     info = dist_env()
     assert (info.rank, info.world_size) == (0, 1)
-    assert os.environ["MASTER_ADDR"] == "127.0.0.1" and int(os.environ["MASTER_PORT"]) > 0
-    monkeypatch.delenv("MASTER_ADDR")
+    assert info.master_addr == "127.0.0.1" and info.master_port > 0
+    assert info.init_method == f"tcp://127.0.0.1:{info.master_port}"
+    assert "MASTER_ADDR" not in os.environ and "MASTER_PORT" not in os.environ  # read, never written
+    monkeypatch.setenv("MASTER_PORT", "29500")  # a port but no address
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(RuntimeError, match="MASTER_ADDR and MASTER_PORT"):
         dist_env()

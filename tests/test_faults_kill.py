@@ -32,7 +32,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from flowscale.checkpoint import CRASH_POINTS, list_complete
+from flowscale.checkpoint import list_complete
+from flowscale.faults import CRASH_POINTS
 
 from helpers import child_env, final_weights, train_command
 

@@ -10,7 +10,7 @@ import torch
 from flowscale.inverse_checkpoint import saved_activation_bytes
 from flowscale.cli import main as cli_main
 from flowscale.flows.actnorm import ActNorm
-from flowscale.flows.base import FlowSequence, backprop_generic
+from flowscale.flows.base import FlowSequence, backprop_generic, watch
 from flowscale.flows.couplings import Coupling
 from flowscale.flows.jet import SpatialCoupling
 from flowscale.flows.nets import glow_net
@@ -101,8 +101,7 @@ def test_hand_written_backprop_makes_module_calls_when_watched():
     path, which inverts and reruns it through module calls."""
     layer = perturb_(ActNorm(6).double(), 0.3)
     calls = []
-    handle = layer.register_forward_pre_hook(lambda m, args, kwargs: calls.append(kwargs.get("reverse", False)),
-                                             with_kwargs=True)
+    handle = watch(layer, lambda m, args, kwargs: calls.append(kwargs.get("reverse", False)), with_kwargs=True)
     z = torch.randn(2, 6, 4, 4, dtype=torch.float64)
     layer.reconstruct_and_backprop(z, torch.ones_like(z), torch.ones(2, dtype=torch.float64), None)
     handle.remove()
@@ -186,8 +185,7 @@ def test_inverse_and_recompute_go_through_module_calls():
 
     x = torch.rand(2, 3, 8, 8, dtype=torch.float64) - 0.5
     loss = flow_bpd_dequantized(flow, x, 8)[0].sum()
-    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in flow.modules()
-               if isinstance(m, InvConv1x1)]
+    handles = [watch(m, hook, with_kwargs=True) for m in flow.modules() if isinstance(m, InvConv1x1)]
     loss.backward()  # backward alone must invert and rerun the 1x1 convs through module calls
     for h in handles:
         h.remove()

@@ -19,7 +19,8 @@ from helpers import free_port
 
 SMALL = ["model.levels=2", "model.steps=1", "model.width=8", "data.train_size=64", "data.test_size=16",
          "data.batch_size=8", "train.init_batch_size=16", "train.progress=false", "wandb.mode=disabled",
-         "train.eval_every=0", "train.sample_every=0", "memory.check_every=0"]
+         "train.eval_every=0", "train.sample_every=0", "memory.check_every=0", "data.streams=0"]
+# data.streams=0: the per-rank order, whose rank count is fixed (a new run's default choice is elastic)
 
 pytestmark = pytest.mark.usefixtures("single_process_env")
 
@@ -85,3 +86,50 @@ def test_another_number_of_ranks_is_refused_with_the_way_out(trained):
     ours = [line for line in p.stderr.splitlines() if line.startswith("flowscale: error:")]
     assert len(ours) == 1, p.stderr[-2000:]  # rank 0's one line (torchrun adds its own report after it)
     assert _snapshot(trained) == before, "nothing in the run directory was written"
+
+
+def test_the_restore_plan_comes_from_the_files_and_submit_asks_the_same(trained, capsys):
+    """plan_restore decides from config.yaml and COMPLETE alone (no engine): which checkpoint, what
+    changed, no universal conversion on the same layout, each rank's own rank file; an outside
+    checkpoint only when trusted; `flowscale submit`'s check is the same plan."""
+    from flowscale.config import load_config
+    from flowscale.restore import plan_restore, rank_file
+    from launch.submit import check_resume
+
+    newest = list_complete(trained)[-1]
+    cfg = load_config(None, [*SMALL, f"train.run_dir={trained}", "train.steps=4"])
+    plan = plan_restore(cfg, 1)
+    assert (plan.checkpoint, plan.chosen, plan.universal, plan.written_by) == (newest, False, False, 1)
+    assert plan.changes == ["train.steps 2 -> 4"] and plan.notes() == [
+        "resuming step_00000002 with changed settings: train.steps 2 -> 4"]
+    assert str(newest) in str(plan) and "train.steps 2 -> 4" in str(plan)
+    assert rank_file(newest, 0, 1) == newest / "rank_00000.pt"
+    assert plan_restore(cfg, 1, resume=False).checkpoint is None
+    assert check_resume(cfg, 1) == plan.differences == ["train.steps 2 -> 4"]
+    assert f"the job resumes {newest} with: train.steps 2 -> 4" in capsys.readouterr().out
+
+    elsewhere = load_config(None, [*SMALL, f"train.run_dir={trained.parent / 'elsewhere'}", "train.steps=4"])
+    with pytest.raises(PermissionError, match="--trust-checkpoint"):
+        plan_restore(elsewhere, 1, resume_from=trained)
+    chosen = plan_restore(elsewhere, 1, resume_from=trained, trust=True)
+    assert (chosen.checkpoint, chosen.chosen) == (newest, True)
+    with pytest.raises(ValueError, match="contradict"):
+        plan_restore(cfg, 1, resume=False, resume_from=newest)
+    assert not (trained.parent / "elsewhere").exists(), "planning writes nothing"
+
+
+def test_a_deepspeed_outside_the_supported_range_is_refused_in_one_line():
+    """The DeepSpeed checkpoint layout flowscale rewrites is 0.19's: the installed version passes,
+    others are refused naming the range, and pyproject pins the same range."""
+    import re
+
+    from flowscale.deepspeed_universal import SUPPORTED, UnsupportedDeepSpeed, check_version
+
+    check_version()  # the installed one
+    check_version("0.19.0")
+    for version in ("0.18.9", "0.20.0", "1.0.0"):
+        with pytest.raises(UnsupportedDeepSpeed, match=re.escape(f"supports deepspeed{SUPPORTED}")) as e:
+            check_version(version)
+        assert len(str(e.value).splitlines()) == 1 and version in str(e.value)
+    pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text()
+    assert re.findall(r'"(deepspeed[^"]*)"', pyproject) == [f"deepspeed{SUPPORTED}"]

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from flowscale.checkpoint import list_complete
+from flowscale.cli import main as cli_main
 from flowscale.logging import read_metrics
 from launch.submit import submit
 
@@ -45,6 +46,32 @@ def test_two_tasks_train_and_agree(tmp_path):
     assert (run_dir / "submitit").is_dir()
     # Slurm's --cpus-per-task 1 (submitit's default), not every core of the node per task
     assert "threads per process: 1 (" in Path(job.paths.stdout).read_text()
+
+
+@pytest.mark.parametrize("array", [False, True])
+def test_dry_run_is_the_script_sbatch_gets(tmp_path, capsys, array):
+    """The CLI's --dry-run, then the same submit for real: submitit hands sbatch that very script,
+    and Slurm holds the job with the CPUs per task derived from data.num_workers and the
+    --slurm options (--hold keeps it from running; it is cancelled unrun)."""
+    args = ["submit", "demo", f"train.run_dir={tmp_path / 'run'}", "data.num_workers=1", "--slurm", "requeue",
+            "--slurm", "hold", "--time", "5"]
+    if array:
+        (tmp_path / "sweep.yaml").write_text("- {optim.lr: 0.001}\n- {optim.lr: 0.0005}\n")
+        args += ["--array", str(tmp_path / "sweep.yaml")]
+    assert cli_main([*args, "--dry-run"]) == 0
+    script = capsys.readouterr().out
+    assert ("#SBATCH --array=0-1%2\n" in script) == array
+    assert cli_main(args) == 0
+    out, err = capsys.readouterr()
+    ids = re.findall(r"submitted job (\S+) to Slurm", out)
+    assert len(ids) == (2 if array else 1) and "cpus per task: 2 (1 loader worker(s)" in err, (out, err)
+    job_id = ids[0].split("_")[0]
+    try:
+        assert (tmp_path / "run" / "submitit" / f"{job_id}_submission.sh").read_text() == script
+        shown = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True, check=True).stdout
+        assert "CPUs/Task=2" in shown and "Requeue=1" in shown and "Reason=JobHeldUser" in shown, shown
+    finally:
+        subprocess.run(["scancel", job_id], check=False)
 
 
 def test_crash_is_reported_not_hung(tmp_path):

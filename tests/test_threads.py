@@ -1,4 +1,4 @@
-"""Threads per process (flowscale.distributed.cpu_threads): a task takes the CPUs it may run on,
+"""Threads per process (flowscale.threads.cpu_threads): a task takes the CPUs it may run on,
 not every core of the node. Each case runs in a fresh process with a real affinity mask
 (sched_setaffinity) and the launcher variables Slurm / torchrun would set."""
 
@@ -31,7 +31,7 @@ CASES = [  # (affinity mask, launcher variables, engine.threads, data.num_worker
 # for each case in turn, and torch applies the choice.
 PROBE = """
 import json, os, sys, torch
-from flowscale.distributed import cpu_threads
+from flowscale.threads import cpu_threads
 out = []
 for cpus, env, requested, workers in json.loads(sys.argv[1]):
     for k in {launcher}:

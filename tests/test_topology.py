@@ -171,7 +171,7 @@ def test_zero_layout_changes_allowed_and_refused(tmp_path):
     """Which ZeRO changes resume_changes allows, from a ZeRO-2 checkpoint of 2 ranks: any ranks
     and any stage (fp32, Adam); refused, naming the field: crossing with ZeRO-0 in bf16, Adamax
     into ZeRO-3 on another layout, and data.streams (fixed when the run was created)."""
-    from flowscale.resume import resume_changes
+    from flowscale.restore import resume_changes
     from flowscale.config import ConfigError, load_config, to_dict
 
     run = tmp_path / "run"
@@ -196,3 +196,78 @@ def test_zero_layout_changes_allowed_and_refused(tmp_path):
     assert resume_changes(ckpt, cfg("engine.zero_stage=2", "optim.name=adamax"), 4) == ["optim.name 'adam' -> 'adamax'"]
     with pytest.raises(ConfigError, match="data.streams"):
         resume_changes(ckpt, cfg("engine.zero_stage=2", "data.streams=8"), 4)
+
+
+# -- elastic by default: data.streams left out ------------------------------------------------------
+
+def _shards_config(tmp_path: Path) -> list[str]:
+    """A tiny run on real shards (8 shards x 8 images, 8 px) with data.streams left to the run:
+    batch 8 and 8 shards make it choose 8 streams on 1 rank and on 2."""
+    from helpers import write_split
+
+    write_split(tmp_path / "train", [8] * 8, size=8, labels=False)
+    write_split(tmp_path / "test", [8], size=8, labels=False, prefix="v", split="test")
+    return ["model.levels=2", "model.steps=1", "model.width=8", "data.dataset=shards",
+            f"data.train_manifest={tmp_path / 'train'}", f"data.test_manifest={tmp_path / 'test'}", "data.image_size=8",
+            "data.batch_size=8", "train.init_batch_size=16", "train.log_every=1", "train.checkpoint_every=2",
+            "train.eval_every=0", "train.sample_every=0", "train.progress=false", "wandb.mode=disabled",
+            "memory.check_every=0", "optim.warmup_steps=2", f"optim.lr={LR}"]
+
+
+def _rows(run_dir: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["bpd"] for r in rows if "bpd" in r}
+
+
+def _run(cmd_overrides: list[str], nproc: int, tmp_path: Path, kill_at: str | None = None) -> subprocess.CompletedProcess:
+    env = child_env(tmp_path, kill_at)
+    return subprocess.run(train_command(*cmd_overrides, nproc=nproc), env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_a_default_run_is_elastic_2_ranks_killed_then_1_rank(tmp_path):
+    """No data.streams given: 1 rank and 2 ranks choose the same 8 streams (printed) and log the
+    same per-step bits/dim; the 2-rank run, SIGKILLed inside the save of step 4, continues from
+    step 2 on 1 rank with the recorded streams and ends on the 1-rank run's trajectory."""
+    common = _shards_config(tmp_path)
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    p = _run([*common, f"train.run_dir={ref}", "train.steps=6"], 1, tmp_path)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    assert "data.streams=8: chosen for this new run: the largest divisor of the global batch 8" in p.stdout, p.stdout
+    p = _run([*common, f"train.run_dir={run}", "train.steps=6"], 2, tmp_path, kill_at="engine_state@4:1")
+    assert p.returncode != 0 and [c.name for c in list_complete(run)] == ["step_00000002"], p.stdout[-2000:] + p.stderr[-2000:]
+    assert "data.streams=8: chosen for this new run" in p.stdout and "2 rank(s)" in p.stdout, p.stdout
+    a, b = _rows(ref), _rows(run)
+    assert len(b) >= 3 and set(b) <= set(a)
+    two = max(abs(a[k] - b[k]) / abs(a[k]) for k in b)
+    assert two < 1e-4, f"2 ranks vs 1: per-step bits/dim differ by {two:.2e} relative"
+    assert "streams: 8" in (list_complete(run)[-1] / "config.yaml").read_text(), "the choice is recorded"
+
+    p = _run([*common, f"train.run_dir={run}", "train.steps=6"], 1, tmp_path)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    assert "data.streams=8: recorded by step_00000002 when the run was created" in p.stdout, p.stdout
+    assert "resuming step_00000002 written by 2 rank(s)" in p.stdout, p.stdout
+    b = _rows(run)
+    assert sorted(b) == list(range(1, 7))
+    resumed = max(abs(a[k] - b[k]) / abs(a[k]) for k in a)
+    print(f"default data.streams: 2 ranks vs 1 {two:.2e}, 2 ranks killed -> 1 rank vs 1 {resumed:.2e} (relative)")
+    assert resumed < 1e-4, f"killed on 2 ranks, resumed on 1: per-step bits/dim differ by {resumed:.2e} relative"
+
+
+def test_a_checkpoint_without_a_recorded_choice_keeps_the_per_rank_order(tmp_path):
+    """A run from before data.streams=null (its config.yaml without the field; it read in the
+    per-rank order, data.streams=0) resumed with today's default config: it keeps that order,
+    step for step the uninterrupted data.streams=0 run (whose rank count is then fixed, as
+    tests/test_resume_changes.py checks)."""
+    common = _shards_config(tmp_path)
+    straight, old = tmp_path / "straight", tmp_path / "old"
+    for run_dir, steps in ((straight, 4), (old, 2)):
+        p = _run([*common, f"train.run_dir={run_dir}", f"train.steps={steps}", "data.streams=0"], 1, tmp_path)
+        assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    for f in (old / "config.yaml", list_complete(old)[-1] / "config.yaml"):  # as written before the field existed
+        f.write_text("".join(line for line in f.read_text().splitlines(True) if "streams:" not in line))
+    p = _run([*common, f"train.run_dir={old}", "train.steps=4"], 1, tmp_path)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    assert "data.streams=0: recorded by step_00000002 (not recorded: a run from before it)" in p.stdout, p.stdout
+    assert _rows(old) == _rows(straight), "the per-rank order, continued exactly"
+    assert "streams: 0" in (list_complete(old)[-1] / "config.yaml").read_text(), "recorded from now on"

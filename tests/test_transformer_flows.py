@@ -116,6 +116,22 @@ def test_tarflow_jacobian_is_triangular_in_token_order(reverse):
         assert torch.equal(block(x)[0][..., -1, -1], x[..., -1, -1])
 
 
+def test_a_one_token_tarflow_is_the_identity_and_refused():
+    block = perturb_(TarFlowBlock(C, 1, width=8, depth=2, heads=2).double(), 0.5, seed=2)
+    x = randn((3, C, 1, 1), seed=3)
+    z, ld = block(x)
+    assert torch.equal(z, x) and torch.equal(ld, torch.zeros(3, dtype=ld.dtype)), "nothing to condition on"
+    two = perturb_(TarFlowBlock(C, 2, width=8, depth=2, heads=2).double(), 0.5, seed=2)
+    x2 = randn((3, C, 1, 2), seed=3)
+    assert not torch.equal(two(x2)[0], x2), "with two tokens the second is transformed (the check is not vacuous)"
+    ok = ["model.preset=tarflow", "model.width=8", "model.vit_heads=2", "data.image_size=8"]
+    assert load_config(None, [*ok, "model.patch_size=4"]).model.patch_size == 4  # 2x2 tokens
+    with pytest.raises(ConfigError, match=r"'model.patch_size': tarflow needs at least 2x2 patch tokens.*"
+                                          r"patch_size <= 4"):
+        load_config(None, [*ok, "model.patch_size=8"])
+    assert load_config(None, [*ok, "model.preset=jet", "model.patch_size=8"]).model.patch_size == 8  # jet: channels
+
+
 @pytest.mark.parametrize("reverse", [False, True])
 def test_tarflow_cached_inverse_equals_uncached(reverse):
     block = perturb_(TarFlowBlock(4, 16, width=8, depth=2, heads=2, reverse=reverse).double(), 0.5, seed=4)

@@ -39,7 +39,7 @@ import weakref
 import numpy as np
 import torch
 
-from .order import check_sharing
+from .order import check_sharing, choose_streams
 from .reader import BadDataPolicy
 from .splits import Split, resolve_split
 from .workers import BatchRing, _ignore_job_signals, _Stream, _Streams
@@ -60,7 +60,9 @@ class ShardLoader:
     With ``data.streams`` = S > 0 the order is the canonical streams' (see :class:`_Streams` and
     the config field): global batch t is the same for every world size and worker count that
     divide S, and the state holds every stream's position once the ranks have exchanged theirs
-    (:meth:`stream_positions` / :meth:`adopt_positions`), so any such topology can resume it."""
+    (:meth:`stream_positions` / :meth:`adopt_positions`), so any such topology can resume it.
+    ``data.streams`` = None takes :func:`.order.choose_streams`'s S for this topology (what a new
+    run chooses; ``flowscale train`` resolves it first, to the recorded value on a resume)."""
 
     PREFETCH = 2
     """The DataLoader's prefetch_factor: items asked of each worker ahead of the one being read."""
@@ -77,6 +79,8 @@ class ShardLoader:
         self.num_workers = data_cfg.num_workers
         self.W = max(1, self.num_workers)
         self.S = data_cfg.streams
+        if self.S is None:  # a new run's choice (flowscale train resolves it first, a resume to the recorded one)
+            self.S, _ = choose_streams(data_cfg.batch_size, split.counts, world_size, self.num_workers)
         if self.S:
             if self.S % (world_size * self.W):
                 raise ConfigError(f"config field 'data.streams': {self.S} streams cannot be divided among {world_size} "
@@ -85,6 +89,7 @@ class ShardLoader:
             per_rank = self.S // world_size
             self.my_streams = list(range(rank * per_rank, (rank + 1) * per_rank))
             self.stream_pos: dict[int, tuple[int, int]] = {g: (0, 0) for g in range(self.S)}
+            self._block_pos: dict[int, list[tuple[int, int]]] = {}  # worker -> its block's latest positions
             check_sharing(split.counts, self.S, 1, split.where)
         else:
             check_sharing(split.counts, world_size, self.W, split.where)
@@ -113,8 +118,8 @@ class ShardLoader:
             # (data.streams=0) or a worker's parts of W batches (streams). One slot to spare.
             self._ring = BatchRing(self.PREFETCH * self.W + 3, self.batch_size, self.split.image_shape, self.split.manifest.labels)
         if self.S:
-            ds = _Streams(self.split, self.cfg, self.seed, self.my_streams, self.W, self.cfg.batch_size // self.S,
-                          dict(self.stream_pos), dict(self.policy.bad), self._ring, group=self.W)
+            ds = _Streams(self.split, self.cfg, self.seed, self.S, self.my_streams, self.W, self.cfg.batch_size // self.S,
+                          dict(self._positions()), dict(self.policy.bad), self._ring, group=self.W)
         else:
             ds = _Stream(self.split, self.cfg, self.seed, self.rank, self.W, self.world_size, self.batch_size,
                          list(self.positions), self.batches % self.W, dict(self.policy.bad), self._ring)
@@ -161,8 +166,7 @@ class ShardLoader:
         for j, (_, _, (w, positions, met)) in enumerate(parts):
             if w != j:
                 raise RuntimeError(f"loader batch {self.batches}: part {j} came from worker {w}")
-            for g, epoch, t in positions:
-                self.stream_pos[g] = (epoch, t)
+            self._block_pos[j] = positions  # read into stream_pos when asked (_positions): not per batch
             for entry in met:
                 self.policy.note(*entry)
         self.batches += 1
@@ -198,10 +202,19 @@ class ShardLoader:
         if isinstance(x, int) and x != n:
             raise RuntimeError(f"loader batch {self.batches - 1}: a worker wrote batch {x} of its ring, expected {n}")
 
+    def _positions(self) -> dict[int, tuple[int, int]]:
+        """Every stream's (epoch, t): the workers' latest positions of this rank's streams
+        (worker j reads the j-th block of them) over what was saved or adopted."""
+        k = len(self.my_streams) // self.W
+        for j, positions in self._block_pos.items():
+            self.stream_pos.update(zip(self.my_streams[j * k:(j + 1) * k], positions))
+        self._block_pos.clear()
+        return self.stream_pos
+
     def stream_positions(self) -> dict[int, tuple[int, int]]:
         """This rank's streams and their (epoch, t): what the other ranks need to hold every
         stream's place (the trainer all-gathers it before each save)."""
-        return {g: self.stream_pos[g] for g in self.my_streams} if self.S else {}
+        return {g: self._positions()[g] for g in self.my_streams} if self.S else {}
 
     def adopt_positions(self, gathered) -> None:
         """Take the positions of the streams other ranks read (a list of :meth:`stream_positions`)."""
@@ -234,7 +247,7 @@ class ShardLoader:
     def epoch(self) -> float:
         """Epochs completed by this rank's workers (streams), on average (for logging)."""
         if self.S:
-            return float(np.mean([self.stream_pos[g][0] for g in self.my_streams]))
+            return float(np.mean([self._positions()[g][0] for g in self.my_streams]))
         return float(np.mean([p[0] for p in self.positions]))
 
     def _fingerprint(self) -> dict:
@@ -250,7 +263,7 @@ class ShardLoader:
         [shard name, index, samples lost] rows, and the fingerprint a resume must match."""
         bad = [[name, index, lost] for (name, index), lost in sorted(self.policy.bad.items())]
         if self.S:
-            return {"batches": self.batches, "stream_positions": [list(self.stream_pos[g]) for g in range(self.S)],
+            return {"batches": self.batches, "stream_positions": [list(self._positions()[g]) for g in range(self.S)],
                     "bad": bad, **self._fingerprint()}
         return {"batches": self.batches, "positions": [list(p) for p in self.positions], "bad": bad,
                 **self._fingerprint()}
@@ -267,6 +280,7 @@ class ShardLoader:
         self.batches = int(state["batches"])
         if self.S:
             self.stream_pos = {g: (int(p[0]), int(p[1])) for g, p in enumerate(state["stream_positions"])}
+            self._block_pos = {}
         else:
             self.positions = [(int(p[0]), int(p[1])) for p in state["positions"]]  # older states add a skip count
         self.policy.bad.clear()

@@ -36,7 +36,7 @@ FOREIGN_IMAGE_EXTS = ("jpg", "jpeg", "webp", "gif", "bmp", "tif", "tiff", "ppm")
 
 class ForeignSample(ValueError):
     """A sample with an image member flowscale never writes (.jpg, ...): its shard is not a flowscale shard."""
-from .tar import SampleReader, open_shard
+from .tar import READ_AHEAD, SampleReader, open_shard
 
 
 class BadDataPolicy:
@@ -128,7 +128,7 @@ class ShardCursor:
     or None when the shard is broken at or before it. The break (``broken``: why, ``broken_at``:
     from which sample) goes to ``policy`` once, when it shows, whether or not ``want``."""
 
-    def __init__(self, split: Split, s: int, policy: BadDataPolicy):
+    def __init__(self, split: Split, s: int, policy: BadDataPolicy, buffer: int = READ_AHEAD):
         self.url, self.entry, self.where, self.policy = split.urls[s], split.manifest.shards[s], split.where, policy
         self.broken: str | None = None
         self.broken_at: int | None = None
@@ -137,7 +137,7 @@ class ShardCursor:
             self._break(0, split.bad_shards[s])
             return
         try:
-            self.f, seekable = open_shard(self.url)
+            self.f, seekable = open_shard(self.url, buffer)
         except OSError as e:
             self._break(0, f"cannot open shard ({type(e).__name__}: {e})")
             return

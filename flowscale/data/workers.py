@@ -21,14 +21,15 @@ from .. import seeds
 from .order import EpochPlan
 from .reader import BadDataPolicy, SampleDecoder, ShardCursor
 from .splits import Split
+from .tar import READ_AHEAD, read_ahead
 
 class _PlanReader:
     """Reads a worker's positions in stream order from ``t0`` on, keeping the bytes of those
     still to be emitted and skipping the rest unread. A position of a broken shard, from its
     break on, holds None (the break went to ``policy`` once, when the cursor met it)."""
 
-    def __init__(self, split: Split, plan: EpochPlan, t0: int, policy: BadDataPolicy):
-        self.split, self.plan, self.t0, self.policy = split, plan, t0, policy
+    def __init__(self, split: Split, plan: EpochPlan, t0: int, policy: BadDataPolicy, buffer: int = READ_AHEAD):
+        self.split, self.plan, self.t0, self.policy, self.buffer = split, plan, t0, policy, buffer
         self.pending: dict[int, tuple | None] = {}
         self.ptr = int(plan.order[t0:].min()) if t0 < plan.length else plan.length
         self.unit = -1
@@ -51,7 +52,7 @@ class _PlanReader:
         s = self.plan.units[u][0]
         if u != self.unit:
             self.close()
-            self.unit, self.cursor = u, ShardCursor(self.split, s, self.policy)
+            self.unit, self.cursor = u, ShardCursor(self.split, s, self.policy, self.buffer)
         want = self.plan.emit_time[p] >= self.t0
         got = self.cursor.read(idx, want)
         if want:
@@ -64,12 +65,13 @@ class _StreamReader:
     order of :class:`.order.EpochPlan`, read through :class:`_PlanReader`, decoded and flipped
     straight into the caller's batch rows (:meth:`fill`), so a sample's pixels are copied once,
     from the shard's bytes to the batch. ``known``: the ledger of bad data met before (not
-    reported again)."""
+    reported again). ``buffer``: a local shard's read-ahead (:func:`.tar.read_ahead`)."""
 
     def __init__(self, split: Split, data_cfg, seed: int, g: int, G: int, start: tuple[int, int],
-                 known: dict | None = None):
-        self.split, self.cfg, self.seed, self.g, self.G = split, data_cfg, seed, g, G
+                 known: dict | None = None, buffer: int = READ_AHEAD):
+        self.split, self.cfg, self.seed, self.g, self.G, self.buffer = split, data_cfg, seed, g, G, buffer
         self.epoch, self.t = start
+        self.counts = split.counts  # a list made from the manifest on every access: once, not per fill
         self.decode = SampleDecoder(split.manifest)
         self.policy = BadDataPolicy(data_cfg.bad_data, data_cfg.max_skipped, split.where, known, echo=False,
                                     advice=split.convert_advice)
@@ -85,11 +87,11 @@ class _StreamReader:
         """Write the next len(x) samples into ``x`` (uint8 [b, C, H, W]) and their labels into ``y``
         (int64 [b], or None); returns (epoch, t, met) after them. ``met``: the bad data first met
         while filling, as :attr:`.reader.BadDataPolicy.met` lists it."""
-        split, counts, decode, flip, i, b = self.split, self.split.counts, self.decode, self.cfg.random_flip, 0, len(x)
+        split, counts, decode, flip, i, b = self.split, self.counts, self.decode, self.cfg.random_flip, 0, len(x)
         while i < b:
             if self.plan is None:
                 self.plan = EpochPlan(counts, self.epoch, self.seed, self.g, self.G, self.cfg.shuffle_buffer)
-                self.reader = _PlanReader(split, self.plan, self.t, self.policy)
+                self.reader = _PlanReader(split, self.plan, self.t, self.policy, self.buffer)
                 self.flips.clear()
                 self.whole_epoch, self.usable = self.t == 0, 0
             if self.t >= self.plan.length:
@@ -237,11 +239,12 @@ class _Streams(torch.utils.data.IterableDataset):
     place; without one (a slot still held, or no workers) the training process joins the parts.
     A DataLoader item is a worker's parts of ``group`` consecutive batches (the loader uses
     group = W), so a batch costs one item, as with data.streams=0, not one per worker: on a
-    busy CPU the DataLoader's per-item work in both processes is what a W-fold count costs."""
+    busy CPU the DataLoader's per-item work in both processes is what a W-fold count costs.
+    A part's positions are its block's (epoch, t), in stream order."""
 
-    def __init__(self, split: Split, data_cfg, seed: int, streams: list[int], num_workers: int, b: int,
+    def __init__(self, split: Split, data_cfg, seed: int, S: int, streams: list[int], num_workers: int, b: int,
                  starts: dict[int, tuple[int, int]], known: dict, ring: BatchRing | None = None, group: int = 1):
-        self.split, self.cfg, self.seed, self.streams, self.W = split, data_cfg, seed, streams, num_workers
+        self.split, self.cfg, self.seed, self.S, self.streams, self.W = split, data_cfg, seed, S, streams, num_workers
         self.b, self.starts, self.known, self.ring, self.group = b, starts, known, ring, group
 
     def __iter__(self):
@@ -249,7 +252,8 @@ class _Streams(torch.utils.data.IterableDataset):
         i = 0 if info is None else info.id
         k, b = len(self.streams) // self.W, self.b
         mine = self.streams[i * k:(i + 1) * k]
-        readers = [_StreamReader(self.split, self.cfg, self.seed, g, self.cfg.streams, self.starts[g], self.known)
+        # its k streams hold k shards open at once: they share one reader's read-ahead
+        readers = [_StreamReader(self.split, self.cfg, self.seed, g, self.S, self.starts[g], self.known, read_ahead(k))
                    for g in mine]
         n = 0
         try:
@@ -259,10 +263,11 @@ class _Streams(torch.utils.data.IterableDataset):
                     slot = None if self.ring is None else self.ring.claim(n, slice(i * k * b, (i + 1) * k * b))
                     x, y = _batch_arrays(k * b, self.split) if slot is None else slot
                     positions, met = [], []
-                    for j, (g, reader) in enumerate(zip(mine, readers)):
+                    for j, reader in enumerate(readers):
                         epoch, t, m = reader.fill(x[j * b:(j + 1) * b], None if y is None else y[j * b:(j + 1) * b])
-                        positions.append((g, epoch, t))
-                        met += m
+                        positions.append((epoch, t))
+                        if m:
+                            met += m
                     parts.append((*_handed_over(n, slot, x, y), (i, positions, met)))
                     n += 1
                 yield parts

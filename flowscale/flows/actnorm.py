@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .base import Flow, accumulate_grads, watched
+from .base import Flow, accumulate_grads, watch, watched
 
 
 class ActNorm(Flow):
@@ -119,7 +119,7 @@ def initialize_actnorm(model: nn.Module, *inputs, all_reduce: Callable[[torch.Te
         if not kwargs_.get("reverse", False) and not bool(module.initialized):
             module.data_init(x, all_reduce)
 
-    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in pending]
+    handles = [watch(m, hook, with_kwargs=True) for m in pending]
     try:
         model(*inputs, **kwargs)
     finally:

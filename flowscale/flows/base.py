@@ -24,10 +24,14 @@ accumulating parameter gradients. The default inverts without a graph, reruns ``
 one and calls autograd; a layer that can share work between the two overrides it and sets
 ``fused_backprop = True`` (a coupling evaluates its network once for both; ActNorm and the 1x1
 convs are differentiated by hand, with no forward rerun). Overrides pass parameter gradients
-through autograd (:func:`accumulate_grads`) and take the default path while a hook watches the
-layer (:func:`watched`). ``store_activations``
-is the runtime flag (set by the reconstruction-health check) that makes inverse recompute keep
-this layer's activations instead of trusting its inverse.
+through autograd (:func:`accumulate_grads`) and take the default path while the layer is
+watched (:func:`watched`: a hook installed with :func:`watch`, or DeepSpeed ZeRO-3 holding its
+parameters), so that every call is a module call.
+
+Each layer also carries one runtime flag, declared on :class:`Flow`: ``store_activations``
+(set by the reconstruction-health check, :func:`flowscale.inverse_checkpoint.check_and_flag`,
+alike on every rank) makes inverse recompute keep this layer's activations instead of
+trusting its inverse.
 
 A flow built of chains of steps (the multi-scale flows: squeeze -> K steps -> split, level by
 level) declares them, with a default of none::
@@ -43,6 +47,8 @@ A flow that declares no chains is refused by them by name.
 
 from __future__ import annotations
 
+import sys
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Iterable, Iterator
 
@@ -126,14 +132,65 @@ def run_chain_default(i: int, chain, h: torch.Tensor, cond):
     return z, logdet, None
 
 
+_WATCHES: "weakref.WeakKeyDictionary[nn.Module, int]" = weakref.WeakKeyDictionary()
+"""Modules with hooks installed through :func:`watch`, and how many."""
+
+
+class WatchHandle:
+    """A hook installed by :func:`watch`: ``remove()`` uninstalls it and ends the watch (a
+    context manager too)."""
+
+    def __init__(self, module: nn.Module, handle):
+        self._module = weakref.ref(module)
+        self._handle = handle
+
+    def remove(self) -> None:
+        if self._handle is None:
+            return
+        self._handle.remove()
+        self._handle = None
+        module = self._module()
+        if module is not None:
+            left = _WATCHES.get(module, 0) - 1
+            if left > 0:
+                _WATCHES[module] = left
+            else:
+                _WATCHES.pop(module, None)
+
+    def __enter__(self) -> "WatchHandle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+def watch(module: nn.Module, hook: Callable, *, pre: bool = True, with_kwargs: bool = False) -> WatchHandle:
+    """Install ``hook`` as a forward pre-hook (``pre``) or forward hook of ``module`` (torch's
+    ``register_forward_pre_hook`` / ``register_forward_hook``) and declare the module watched
+    while it is installed (:func:`watched`): every call of it then goes through ``module(...)``.
+    A hook that must see every call of a layer (the ActNorm data init; a test counting calls) is
+    installed this way; a hook installed with torch's own methods sees the calls that are made,
+    and layers may take shortcuts past it."""
+    register = module.register_forward_pre_hook if pre else module.register_forward_hook
+    handle = register(hook, with_kwargs=with_kwargs)
+    _WATCHES[module] = _WATCHES.get(module, 0) + 1
+    return WatchHandle(module, handle)
+
+
+def _zero3_partitioned(module: nn.Module) -> bool:
+    """True when DeepSpeed ZeRO-3 holds ``module``'s parameters: it gathers them in forward hooks
+    of its own, and its parameters say so (DeepSpeed's public ``is_zero_param``). DeepSpeed not
+    imported: no ZeRO-3 parameter can exist."""
+    zero = sys.modules.get("deepspeed.runtime.zero.utils")
+    return zero is not None and any(zero.is_zero_param(p) for p in module.parameters())
+
+
 def watched(*modules: nn.Module) -> bool:
-    """True when something watches module calls (a global hook, or a hook on one of
-    ``modules``): DeepSpeed ZeRO-3 gathers parameters in forward hooks, the ActNorm init reads
-    inputs in one. A layer's shortcut that uses parameters without calling the module (a
-    hand-written backprop, a folded norm) takes the module path instead."""
-    if nn.modules.module._global_forward_pre_hooks or nn.modules.module._global_forward_hooks:
-        return True
-    return any(m._forward_pre_hooks or m._forward_hooks for m in modules)
+    """True when something must see every call of one of ``modules``: a hook installed with
+    :func:`watch` (the ActNorm data init reads inputs in one), or DeepSpeed ZeRO-3, which
+    gathers parameters in its forward hooks. A layer's shortcut that uses parameters without
+    calling the module (a hand-written backprop, a folded norm) takes the module path instead."""
+    return any(m in _WATCHES for m in modules) or any(_zero3_partitioned(m) for m in modules)
 
 
 def accumulate_grads(tensors, grads) -> None:

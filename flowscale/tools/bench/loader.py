@@ -9,7 +9,8 @@ batch, so worker start-up is not counted, and every batch is read once by a copy
 buffer, as training copies it to the GPU (a batch from a worker process arrives in shared
 memory, and its pages are only mapped when touched). The readers take turns, round after
 round, and the table gives each one's median, so they share whatever else loads the machine;
-with ``--streams S`` the npy shards are also read with ``data.streams=S`` in the same rounds.
+the npy shards are also read with canonical streams in the same rounds: ``data.streams`` as a
+new run chooses it (``--streams auto``, the default), or ``--streams S``.
 Prints a markdown table with the ratios to ImageFolder and of streams to the default order.
 """
 
@@ -64,6 +65,9 @@ def _rate(make, n_batches: int, batch_size: int, seconds: float = 0.0) -> float:
     try:
         first = next(it)  # start-up (worker processes, first reads) is not timed
         sink = torch.empty_like(first[0] if isinstance(first, (tuple, list)) else first)
+        # Let it go, as training does with every batch: a batch kept holds its slot of the shard loader's
+        # ring, and every batch due in that slot would come the slower way (its own shared memory, parts joined).
+        del first
         t0, done = time.perf_counter(), 0
         while done == 0 or time.perf_counter() - t0 < seconds:
             for _ in range(n_batches):
@@ -83,10 +87,12 @@ def _rate(make, n_batches: int, batch_size: int, seconds: float = 0.0) -> float:
         del it
 
 
-def measure(size: int, n: int, workers: int, batch_size: int, tmp: Path, streams: int = 16, passes: int = 2,
+def measure(size: int, n: int, workers: int, batch_size: int, tmp: Path, streams: int | None = None, passes: int = 2,
             repeats: int = 3, seconds: float = 2.0) -> dict[str, float]:
     """Median images/s of each reader over ``repeats`` rounds; in a round each reader reads ``passes``
-    passes over the images in turn, so the readers share whatever else loads the machine."""
+    passes over the images in turn, so the readers share whatever else loads the machine.
+    ``streams``: the canonical streams of the "npy_streams" reader (None: a new run's choice,
+    :func:`flowscale.data.order.choose_streams`; 0: no such reader); "streams" gives the value."""
     import statistics
 
     import torch
@@ -109,13 +115,16 @@ def measure(size: int, n: int, workers: int, batch_size: int, tmp: Path, streams
         return lambda: build_train_loader(cfg)
 
     readers = {"folder": folder, "png": shards("png", 0), "npy": shards("npy", 0)}
-    if streams:
+    if streams != 0:
         readers["npy_streams"] = shards("npy", streams)
+        probe = readers["npy_streams"]()
+        streams = probe.S
+        probe.close()
     rates: dict[str, list[float]] = {k: [] for k in readers}
     for _ in range(repeats):
         for k, make in readers.items():
             rates[k].append(_rate(make, passes * (n // batch_size), batch_size, seconds))
-    return {k: statistics.median(v) for k, v in rates.items()}
+    return {**{k: statistics.median(v) for k, v in rates.items()}, "streams": streams}
 
 
 def run(ns) -> int:
@@ -133,16 +142,17 @@ def run(ns) -> int:
           f"{platform.processor() or platform.machine()}):\n")
     head = ("| size | images | ImageFolder+PIL | shards PNG | shards npy | PNG / ImageFolder | npy / ImageFolder | "
             "prep's default (auto) / ImageFolder |")
-    if ns.streams:
-        head += f" npy, data.streams={ns.streams} | streams / default (npy) |"
+    if ns.streams != 0:
+        head += " npy, canonical streams | data.streams | streams / default (npy) |"
     print(head)
     print("|---" * (head.count("|") - 1) + "|")
     for size, n, r in rows:
         enc = default_encoding(size)
         line = (f"| {size}x{size} | {n} | {r['folder']:.0f} | {r['png']:.0f} | {r['npy']:.0f} | "
                 f"{r['png'] / r['folder']:.2f}x | {r['npy'] / r['folder']:.2f}x | {enc}: {r[enc] / r['folder']:.2f}x |")
-        if ns.streams:
-            line += f" {r['npy_streams']:.0f} | {r['npy_streams'] / r['npy']:.2f}x |"
+        if ns.streams != 0:
+            chosen = f"{r['streams']} (auto)" if ns.streams is None else str(r["streams"])
+            line += f" {r['npy_streams']:.0f} | {chosen} | {r['npy_streams'] / r['npy']:.2f}x |"
         print(line)
     return 0
 
@@ -154,9 +164,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--images", type=int, default=4096, help="images per size (a quarter of it above 64px; default 4096)")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers for every reader (default: 2)")
     p.add_argument("--batch-size", type=int, default=64, help="batch size (default: 64)")
-    p.add_argument("--streams", type=int, default=16,
+    p.add_argument("--streams", type=lambda s: None if s == "auto" else int(s), default=None,
                    help="also time npy shards with data.streams=S, alternating with the default order (0: skip; "
-                        "default 16)")
+                        "default auto: the streams a new run chooses, data.streams=null)")
     p.add_argument("--passes", type=int, default=2, help="passes over the images timed per reader and round (default 2)")
     p.add_argument("--seconds", type=float, default=2.0,
                    help="time each reader for at least this long, in whole multiples of --passes (default 2)")

@@ -133,7 +133,8 @@ def run(args) -> int:
     from ...config import ConfigError, load_config
     from ...data import build_train_loader, eval_split, first_images
     from ...data.splits import resolve_split
-    from ...distributed import cleanup, cpu_threads, init_distributed
+    from ...distributed import cleanup, init_distributed
+    from ...threads import cpu_threads
     from .converge import train_one
 
     if args.steps is None and args.minutes is None:

@@ -1,111 +1,53 @@
-"""Resuming with another config or topology: what may change, and moving ZeRO state between layouts.
+"""Every DeepSpeed-version-specific piece of flowscale's checkpoint handling, in one place.
 
-:func:`resume_changes` holds a run's config against the checkpoint it continues (its
-``config.yaml`` and ``COMPLETE``, no pickles), on every rank before anything is written: the
-model, the data stream and its order, the precision and (without ``data.streams``) the number
-of ranks and workers may not change; what may is returned and printed. ZeRO-1/2/3 optimizer
-state on another layout (ranks or stage) goes through DeepSpeed's universal checkpoint
-(:func:`to_universal`, made once per checkpoint), loaded by :func:`flowscale.checkpoint.load`.
+Supported DeepSpeed: **0.19.x** (``>=0.19,<0.20``, pinned in pyproject.toml; :func:`check_version`
+refuses any other at the start of training). What is specific to that version:
+
+- :func:`to_universal`: runs DeepSpeed's ``ds_to_universal`` converter, then completes its output
+  (:func:`_for_every_stage`) so that every ZeRO stage's loader of 0.19 reads it, renames Adamax's
+  ``exp_inf`` around the converter (it knows Adam's moment names only), and writes the universal
+  layout itself from a ZeRO-0 checkpoint (:func:`_universal_from_whole`), which the converter does
+  not read.
+- :func:`load_whole`: loads a universal checkpoint into a ZeRO-0 engine, which 0.19 does not.
+
+The file names and dictionary keys read and written here (``mp_rank_00_model_states.pt``,
+``zero/<param>/{fp32,exp_avg,step}.pt``, ``optimizer_state_dict``, ``ds_version``, ...) are
+DeepSpeed 0.19's; a new DeepSpeed version is supported by checking them against its loaders
+(``deepspeed/checkpoint/universal_checkpoint.py``, ``runtime/engine.py``) and widening
+:data:`SUPPORTED`. Which checkpoint needs a conversion is decided in :mod:`flowscale.restore`.
 """
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from pathlib import Path
 
 from .distributed import barrier
+from .engine import client_optimizer
+
+SUPPORTED = ">=0.19,<0.20"
+"""The DeepSpeed versions whose checkpoint layout this module reads and writes (pyproject.toml pins the same)."""
 
 
-# What a resumed run may not change: the model, what the data stream and its order are made
-# of, and what DeepSpeed's files are laid out for. Everything else (optimizer, schedule,
-# memory mode, logging, steps, eval data) may change, and the change is printed.
-FIXED_ON_RESUME = ("model.", "data.dataset", "data.train_manifest", "data.train_shards", "data.image_size",
-                   "data.channels", "data.n_bits", "data.batch_size", "data.train_size", "data.seed",
-                   "data.random_flip", "data.shuffle_buffer", "data.streams", "train.seed",
-                   "engine.precision")
-# Without data.streams the order also follows the loader workers and the ranks.
-FIXED_WITHOUT_STREAMS = ("data.num_workers",)
+class UnsupportedDeepSpeed(RuntimeError):
+    """The installed DeepSpeed is outside :data:`SUPPORTED`."""
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
+def check_version(version: str | None = None) -> None:
+    """Refuse a DeepSpeed outside :data:`SUPPORTED` with one line (``version``: default the installed one)."""
+    from importlib.metadata import version as installed
 
+    from packaging.specifiers import SpecifierSet
 
-def saved_config(ckpt: Path) -> dict:
-    """The config ``ckpt`` was written with (its config.yaml), flattened to dotted fields."""
-    import yaml
-
-    return _flat(yaml.safe_load((ckpt / "config.yaml").read_text()))
-
-
-def written_by(ckpt: Path) -> int:
-    """The number of ranks that wrote a complete checkpoint."""
-    return int(json.loads((ckpt / "COMPLETE").read_text())["world_size"])
-
-
-def resume_changes(ckpt: Path, config: dict, world_size: int) -> list[str]:
-    """Check that a run configured by ``config`` (the resolved tree, as a dict) on
-    ``world_size`` ranks can continue from ``ckpt``; returns the fields that changed, as
-    ``"field old -> new"``. Raises ConfigError naming the first field that may not change, and
-    the way out. Reads only config.yaml and COMPLETE (no pickles): every rank can call it
-    before anything is written."""
-    from .config import ConfigError
-
-    saved = saved_config(ckpt)
-    now = _flat(config)
-
-    def norm(v):
-        return list(v) if isinstance(v, (list, tuple)) else v
-
-    # Fields added to flowscale after the checkpoint was written are not in its config: skipped.
-    diffs = [(f, saved[f], now[f]) for f in sorted(set(saved) & set(now)) if norm(saved[f]) != norm(now[f])]
-    weights = ckpt / "model.safetensors"
-    fixed = FIXED_ON_RESUME + (() if now.get("data.streams") else FIXED_WITHOUT_STREAMS)
-    for field, old, new in diffs:
-        if field.startswith(fixed):
-            raise ConfigError(f"config field '{field}': {ckpt} was written with {old!r}, this run has {new!r}, and it "
-                              f"cannot change on resume: resume with {old!r}, or start a new train.run_dir (its "
-                              f"weights: {weights}). Nothing was written")
-    by = written_by(ckpt)
-    if by != world_size and not now.get("data.streams"):
-        raise ConfigError(f"{ckpt} was written by {by} ranks and this run has {world_size}; without "
-                          f"data.streams the data position is per rank: resume on {by} ranks, or start a new "
-                          f"train.run_dir (its weights: {weights}). Nothing was written")
-    (s0, s1) = (saved.get("engine.zero_stage", 0), now.get("engine.zero_stage", 0))
-    if (s0 == 0) != (s1 == 0) and now.get("engine.precision") != "fp32":
-        raise ConfigError(f"config field 'engine.zero_stage': {ckpt} was written with ZeRO-{s0}, this run has "
-                          f"ZeRO-{s1}, and with engine.precision={now.get('engine.precision')!r} optimizer state moves "
-                          f"between ZeRO-1/2/3 layouts only, not to or from ZeRO-0 (fp32 runs may cross). Resume with "
-                          f"{'ZeRO-0' if s0 == 0 else 'ZeRO-1, 2 or 3'}, or start a new train.run_dir (its weights: "
-                          f"{weights}). Nothing was written")
-    if s1 == 3 and (by != world_size or s0 != s1) and now.get("optim.name") == "adamax":
-        raise ConfigError(f"config field 'engine.zero_stage': DeepSpeed's universal checkpoint restores only Adam's "
-                          f"moments into ZeRO-3, and this run uses optim.name='adamax': resume {ckpt} with ZeRO-1 or 2 "
-                          f"on {world_size} rank(s), or with ZeRO-{s0} on {by}. Nothing was written")
-    return [f"{field} {old!r} -> {new!r}" for field, old, new in diffs if field != "train.run_dir"]
+    version = version or installed("deepspeed")
+    if not SpecifierSet(SUPPORTED).contains(version, prereleases=True):
+        raise UnsupportedDeepSpeed(
+            f"DeepSpeed {version} is installed; flowscale supports deepspeed{SUPPORTED} (the checkpoint layout "
+            f"flowscale/deepspeed_universal.py reads and writes): pip install 'deepspeed{SUPPORTED}'")
 
 
 UNIVERSAL = "universal"  # <ckpt>/universal/: DeepSpeed's topology-free copy of a ZeRO-1/2/3 checkpoint
-
-
-def needs_universal(ckpt: Path, zero_stage: int, world_size: int) -> bool:
-    """Whether resuming ``ckpt`` with ``zero_stage`` on ``world_size`` ranks goes through a
-    universal checkpoint: optimizer state on another layout, except ZeRO-0 to ZeRO-0 (whole)."""
-    saved = saved_stage(ckpt)
-    return not saved == zero_stage == 0 and (saved != zero_stage or written_by(ckpt) != world_size)
-
-
-def saved_stage(ckpt: Path) -> int:
-    """The ZeRO stage ``ckpt`` was written with (its config.yaml)."""
-    return saved_config(ckpt).get("engine.zero_stage", 0)
 
 
 def _for_every_stage(folder: Path, from_zero3: bool) -> None:
@@ -149,10 +91,10 @@ def _for_every_stage(folder: Path, from_zero3: bool) -> None:
             os.link(source, folder / name)
 
 
-def to_universal(ckpt: Path, rank: int) -> tuple[Path, float]:
-    """Collective: rank 0 converts ``ckpt`` with DeepSpeed's ds_to_universal into
-    ``ckpt/universal`` (once; kept for later restarts), the others wait. Returns (the folder,
-    seconds the conversion took; 0 when it was there)."""
+def to_universal(ckpt: Path, rank: int, source_stage: int, adamax: bool) -> tuple[Path, float]:
+    """Collective: rank 0 converts ``ckpt`` (written with ZeRO-``source_stage``; ``adamax``: by
+    torch's Adamax) with DeepSpeed's ds_to_universal into ``ckpt/universal`` (once; kept for later
+    restarts), the others wait. Returns (the folder, seconds the conversion took; 0 when it was there)."""
     import subprocess
     import sys
 
@@ -161,14 +103,12 @@ def to_universal(ckpt: Path, rank: int) -> tuple[Path, float]:
         t0 = time.time()
         tmp = ckpt / f".{UNIVERSAL}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        saved = saved_config(ckpt)
-        source_stage = saved.get("engine.zero_stage", 0)
         if source_stage == 0:  # whole state: laid out the same way here, no converter needed
             _universal_from_whole(ckpt, tmp)
         else:
             # DeepSpeed's converter knows Adam's moments by name only: Adamax's exp_inf goes in as exp_avg_sq
             # (through a copy of the optimizer files; the checkpoint is not touched) and comes out renamed back.
-            renamed = _adamax_as_adam(ckpt) if saved.get("optim.name") == "adamax" else None
+            renamed = _adamax_as_adam(ckpt) if adamax else None
             try:
                 r = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
                                     str(renamed or ckpt), "--output_folder", str(tmp), "--inject_missing_state"],
@@ -258,7 +198,7 @@ def load_whole(engine, folder: Path) -> None:
 
     states = torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
     zero = folder / "zero"
-    module, optimizer = engine.module, engine.flowscale_client_optimizer
+    module, optimizer = engine.module, client_optimizer(engine)
 
     def part(name: str, key: str):
         t = torch.load(zero / name / f"{key}.pt", map_location="cpu", weights_only=False)
@@ -276,4 +216,3 @@ def load_whole(engine, folder: Path) -> None:
     engine.lr_scheduler.load_state_dict(states["lr_scheduler"])
     engine.global_steps, engine.global_samples = states["global_steps"], states["global_samples"]
     engine.skipped_steps = states["skipped_steps"]
-
