@@ -154,7 +154,7 @@ def scale_lr(engine, factor: float) -> None:
     not chained) sets every step's LR afresh from the step count, so the change lasts one step."""
     if factor == 1.0:
         return
-    for group in engine.flowscale_client_optimizer.param_groups:
+    for group in client_optimizer(engine).param_groups:
         group["lr"] *= factor
 
 

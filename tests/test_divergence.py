@@ -88,8 +88,8 @@ def test_poisoned_run_rolls_back_skips_the_window_and_ends_near_an_undisturbed_r
     bpd = {r["step"]: r["bpd"] for r in records if "bpd" in r}
     assert sorted(bpd) == list(range(1, 25)), "every step once in metrics.jsonl"
     diverged = [json.loads(line) for line in (healed / "metrics.superseded.jsonl").read_text().splitlines()]
-    assert max(r["bpd"] for r in diverged if "bpd" in r) > 100, "the fault made the run diverge for real"
     assert max(bpd.values()) < 8, "no spike left in the healed run's record"
+    assert max(r["bpd"] for r in diverged if "bpd" in r) > 5 * max(bpd.values()), "the fault made the run diverge for real"
     # The data: after the rollback, step k trains on the batch the undisturbed run saw at step k + 7.
     got, seen = read_batches(healed), read_batches(ref)
     assert all(got[k] == seen[k] for k in range(1, 11))
