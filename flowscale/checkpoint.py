@@ -127,8 +127,12 @@ def set_aside_newer(run_dir: str | Path, step: int) -> Path | None:
     newer = [p for p in list_complete(run_dir) if int(_NAME.match(p.name).group(1)) > step]
     if not newer:
         return None
-    dest = checkpoint_dir(run_dir) / time.strftime("superseded-%Y%m%d-%H%M%S")
-    dest.mkdir(parents=True, exist_ok=True)
+    base = checkpoint_dir(run_dir) / time.strftime("superseded-%Y%m%d-%H%M%S")
+    dest, n = base, 1
+    while dest.exists():  # twice within a second (rollbacks): a folder of its own each time
+        n += 1
+        dest = base.with_name(f"{base.name}-{n}")
+    dest.mkdir(parents=True)
     for p in newer:
         p.rename(dest / p.name)
     point_latest(run_dir)

@@ -82,6 +82,7 @@ def _split_config_and_overrides(args: list[str]) -> tuple[str | None, list[str]]
 
 
 def cmd_train(ns) -> int:
+    from .divergence import rollback_summary
     from .train import main
 
     path, overrides = _split_config_and_overrides(ns.args)
@@ -89,7 +90,8 @@ def cmd_train(ns) -> int:
     result = main(cfg, resume=not ns.no_resume, resume_from=ns.resume, trust_checkpoint=ns.trust_checkpoint)
     test = result.get("test_bpd")
     if is_main_process():
-        print(f"done: step {result['step']}" + (f", test bits/dim {test:.4f}" if test is not None else ""))
+        print(f"done: step {result['step']}" + (f", test bits/dim {test:.4f}" if test is not None else "")
+              + rollback_summary(result.get("rollbacks", [])))
     return 0
 
 

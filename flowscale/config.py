@@ -339,8 +339,9 @@ class EngineConfig:
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     """torch.distributed backend; auto = nccl on GPU, gloo on CPU."""
     max_bad_steps: int = 5
-    """A step with a non-finite loss is skipped (and counted); this many in a row stops training
-    with an error naming the step. No checkpoint is written from bad weights."""
+    """A step with a non-finite loss is skipped (and counted); this many in a row are a divergence
+    (train.on_divergence: rolled back, or a stop with an error naming the step). No checkpoint is
+    written from bad weights."""
     threads: int = 0
     """Intra-op CPU threads per process (torch.set_num_threads). 0 = automatic: OMP_NUM_THREADS
     when the launcher set it (torchrun sets 1), else the CPUs of this process's affinity mask
@@ -448,6 +449,55 @@ class MemoryConfig:
 
 
 @dataclass
+class DivergenceConfig:
+    """The divergence watch (flowscale/divergence.py; README: Divergence). Defaults measured on
+    normal demo and Glow/RealNVP Fashion-MNIST runs (README): none of them fires there."""
+    watch: bool = True
+    """Watch bits/dim spikes, gradient-norm blow-ups and the health check's bands. false = only
+    engine.max_bad_steps vetoed (non-finite) steps in a row count as divergence (as before)."""
+    warmup_steps: int = 100
+    """Clean steps whose bits/dim and gradient norm enter the running statistics before the spike
+    and gradient checks arm (early training falls faster than any running mean follows)."""
+    ema_decay: float = 0.98
+    """Decay of the running mean/variance of bits/dim and of the running gradient norm (memory
+    of about 1 / (1 - decay) = 50 steps)."""
+    spike_sigmas: float = 6.0
+    """A step is a spike when bits/dim > running mean + max(spike_sigmas * running std, spike_margin)."""
+    spike_margin: float = 0.5
+    """The least margin (bits/dim) above the running mean that counts as a spike; 0 = no spike check."""
+    grad_factor: float = 20.0
+    """A step's gradient norm (before clipping) above this many times its running mean flags it;
+    0 = no gradient check."""
+    patience: int = 3
+    """Flagged steps (spike, gradient, non-finite) in a row that make a divergence."""
+    max_reconstruction_error: float = 0.1
+    """At a health check (memory.check_every), a relative reconstruction error |x - f^-1(f(x))|/|x|
+    above this declares divergence at once (healthy: <= 2.2e-7 fp32, <= 6e-3 bf16; the
+    recompute tolerance memory.max_reconstruction_error is far below); 0 = off."""
+    max_logdet_per_dim: float = 20.0
+    """At a health check, a flow step whose |log-det| per dimension exceeds this declares
+    divergence at once (a step that expands or contracts volume by e^20 per dimension); 0 = off."""
+    max_rollbacks: int = 3
+    """train.on_divergence=rollback: rollbacks allowed in one run; one more divergence stops it."""
+    max_rollbacks_per_window: int = 2
+    """Rollbacks allowed to the same checkpoint: diverging again past it after this many (each
+    with a skipped window and a lowered LR) stops the run."""
+    lr_factor: float = 0.5
+    """After a rollback, the LR of the next lr_steps steps is multiplied by this (1 = unchanged;
+    a second rollback to the same checkpoint multiplies it again)."""
+    lr_steps: int = 250
+    """Steps after a rollback that run with the lowered LR."""
+
+    def __post_init__(self):
+        _check(0 < self.ema_decay < 1, "divergence.ema_decay", f"must be in (0, 1), got {self.ema_decay}")
+        _check(0 < self.lr_factor <= 1, "divergence.lr_factor", f"must be in (0, 1], got {self.lr_factor}")
+        for name in ("spike_sigmas", "spike_margin", "grad_factor", "max_reconstruction_error", "max_logdet_per_dim"):
+            _check(getattr(self, name) >= 0, f"divergence.{name}", f"must be >= 0 (0 = off), got {getattr(self, name)}")
+        _at_least(self, "divergence", warmup_steps=0, patience=1, max_rollbacks=0, max_rollbacks_per_window=1,
+                  lr_steps=0)
+
+
+@dataclass
 class TrainConfig:
     steps: int = 500
     """Optimisation steps to run (the loop stops at this global step)."""
@@ -485,6 +535,13 @@ class TrainConfig:
     batch (64-bit BLAKE2b of its uint8 pixels, after the flip) to
     ``run_dir/batches/rank_XXXXX.jsonl``; records past the step a run resumes from are moved to
     ``batches/superseded.jsonl``. :func:`flowscale.analysis.audit.batch_keys` maps them to sample keys."""
+    on_divergence: Literal["rollback", "abort"] = "rollback"
+    """What a divergence (see the divergence section) does. rollback = restore the newest
+    checkpoint written while healthy, skip the data of the diverged window, lower the LR for a
+    while (divergence.lr_factor) and continue, within divergence.max_rollbacks; abort = stop
+    with one line and exit code 1. Rollback by default: an aborted job that Slurm requeues
+    resumes into the same divergence, while a rollback costs only the steps since that
+    checkpoint and the skipped batches, and every one is logged."""
 
     def __post_init__(self):
         _at_least(self, "train", steps=1)
@@ -514,6 +571,8 @@ class Config:
     """Weights & Biases tracking."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """The training loop, run directory, logging and checkpoint cadence."""
+    divergence: DivergenceConfig = field(default_factory=DivergenceConfig)
+    """The divergence watch: what counts as diverged, and the limits on rollbacks."""
 
     def __post_init__(self):
         _check(not (self.engine.zero_stage == 3 and self.optim.ema_decay > 0), "optim.ema_decay",

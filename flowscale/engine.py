@@ -149,6 +149,15 @@ def client_optimizer(engine) -> torch.optim.Optimizer:
     return veto.inner if veto is not None else engine.client_optimizer
 
 
+def scale_lr(engine, factor: float) -> None:
+    """Multiply the LR of the next optimizer step by ``factor``. The LR schedule (a LambdaLR,
+    not chained) sets every step's LR afresh from the step count, so the change lasts one step."""
+    if factor == 1.0:
+        return
+    for group in client_optimizer(engine).param_groups:
+        group["lr"] *= factor
+
+
 def initialize(cfg: Config, flow, optimizer, schedule, world_size: int, load_universal: bool = False):
     """deepspeed.initialize with the generated config and ``optimizer`` (a torch optimizer)
     under a :class:`VetoableOptimizer`; returns the engine."""

@@ -42,6 +42,12 @@ class HealthCheck:
         why = f" ({cfg.engine.precision}: max(1e-3, 4 eps))" if cfg.memory.max_reconstruction_error is None else ""
         self.unstable = UnstableSteps(tolerance, cfg.memory.on_unstable, micro_batch, cfg.memory.inverse_recompute, why)
         self.checked = False
+        self.last: dict | None = None
+
+    def take(self) -> dict | None:
+        """The numbers of the check that ran before the step just taken (None if none ran); cleared."""
+        last, self.last = self.last, None
+        return last
 
     def __call__(self, flow, x: torch.Tensor, step: int) -> None:
         """Check ``flow`` on the batch ``x`` about to train step ``step + 1``, when due (collective: every rank)."""
@@ -52,5 +58,6 @@ class HealthCheck:
         health, line = health_metrics(flow, x[:self.cfg.memory.check_batch_size], self.cfg, self.dtype,
                                       self.unstable, step)
         self.log.log(step, health, echo=False)
+        self.last = health
         if line:
             self.log.info(f"step {step}: {line}")

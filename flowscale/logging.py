@@ -93,8 +93,8 @@ class RunLogger:
         if self.is_main and progress and sys.stdout.isatty():
             self.bar = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True, desc="train")
         if self.is_main and wandb_cfg is not None and wandb_cfg.mode != "disabled":
-            self.wandb = _init_wandb(self.path.parent, wandb_cfg, {**(config_dict or {}), **(run_info or {})},
-                                     self._rewind_to)
+            self._wandb_args = (wandb_cfg, {**(config_dict or {}), **(run_info or {})})
+            self.wandb = _init_wandb(self.path.parent, *self._wandb_args, self._rewind_to)
             self._offline_hint("W&B run offline")
 
     def info(self, msg: str) -> None:
@@ -143,6 +143,9 @@ class RunLogger:
             tmp = self.path.with_name(".metrics.jsonl.tmp")
             tmp.write_text("".join(k + "\n" for k in keep))
             os.replace(tmp, self.path)
+            if self.wandb is not None:  # a rollback mid-run: the live W&B run is rewound the same way
+                self.wandb.finish()
+                self.wandb = _init_wandb(self.path.parent, *self._wandb_args, step)
         return len(moved)
 
     def advance(self, n: int = 1, **postfix) -> None:

@@ -1,6 +1,6 @@
 """What a checkpoint carries besides DeepSpeed's files (model, optimizer, LR schedule):
 
-    TrainState   client.pt        the loop's counters (step, vetoed steps), with the resolved config
+    TrainState   client.pt        the loop's counters (step, vetoed steps, the divergence watch, healthy), with the config
     RankState    rank_XXXXX.pt    one rank's data-loader position and RNG streams
 
 Both go through :func:`flowscale.checkpoint.save` / :func:`~flowscale.checkpoint.load` by name,
@@ -9,9 +9,10 @@ and :mod:`flowscale.restore` puts them back.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .distributed import all_gather_objects
+from .divergence import DivergenceWatch
 from .seeds import rng_state, set_rng_state
 
 
@@ -24,25 +25,27 @@ class TrainState:
     """Vetoed (non-finite) steps in a row, up to the last one."""
     skipped_total: int = 0
     """Vetoed steps over the whole run."""
+    divergence: DivergenceWatch = field(default_factory=DivergenceWatch)
+    """The divergence watch: running statistics, current streak, rollbacks so far."""
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "bad_in_row": self.bad_in_row, "skipped_total": self.skipped_total}
+        return {"step": self.step, "bad_in_row": self.bad_in_row, "skipped_total": self.skipped_total,
+                "divergence": self.divergence.state_dict(), "healthy": self.healthy}
 
     def load_state_dict(self, d: dict) -> None:
         self.step, self.bad_in_row, self.skipped_total = d["step"], d["bad_in_row"], d["skipped_total"]
+        self.divergence = DivergenceWatch()  # checkpoints from before the watch start it afresh
+        self.divergence.load_state_dict(d.get("divergence", {}))
+
+    @property
+    def healthy(self) -> bool:
+        """No step of a running streak was flagged or vetoed: a checkpoint now may be rolled back to."""
+        return self.divergence.healthy and self.bad_in_row == 0
 
     def count(self, skipped: bool) -> None:
         """Account for the step just taken."""
         self.bad_in_row = self.bad_in_row + 1 if skipped else 0
         self.skipped_total += int(skipped)
-
-    def stop_if_diverged(self, max_bad_steps: int) -> None:
-        """``max_bad_steps`` vetoed steps in a row stop the run (before any eval or save)."""
-        if self.bad_in_row >= max_bad_steps:
-            raise FloatingPointError(
-                f"non-finite loss or gradient in {self.bad_in_row} steps in a row (last at step {self.step}); lower "
-                f"optim.lr, raise optim.warmup_steps, or use bounded scales (model.scale_fn). No checkpoint was "
-                f"written from these weights.")
 
 
 @dataclass

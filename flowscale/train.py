@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -26,10 +27,11 @@ from .build import build_training, pick_device
 from .config import Config, to_dict
 from .data import build_train_loader, eval_split, first_images
 from .data.splits import resolve_split
+from .divergence import Rollback, rollback_target
 from .deepspeed_universal import check_version
 from .distributed import (DistInfo, all_gather_objects, barrier, bit_identical_on_ranks, cleanup, init_distributed,
-                          rank0_decides, topology)
-from .engine import train_step
+                          max_over_ranks, rank0_decides, topology)
+from .engine import scale_lr, train_step
 from .evaluate import PeriodicEval
 from .health import HealthCheck
 from .lock import release
@@ -77,6 +79,19 @@ def main(cfg: Config, resume: bool = True, resume_from: str | Path | None = None
         release(lock)
         cleanup()
         torch.set_num_threads(threads_before)
+
+
+class Diverged(FloatingPointError):
+    """The run diverged and was stopped (train.on_divergence=abort, or no rollback allowed)."""
+
+
+ADVICE = ("lower optim.lr, raise optim.warmup_steps, or use bounded scales (model.scale_fn); to tune the watch "
+          "see README: Divergence. No checkpoint was written from these weights.")
+
+
+def _written_healthy(ckpt: Path) -> bool:
+    """The ``healthy`` flag of a checkpoint's client state (checkpoints from before the flag: True)."""
+    return bool(torch.load(ckpt / "client.pt", map_location="cpu", weights_only=True).get("healthy", True))
 
 
 class Trainer:
@@ -137,6 +152,55 @@ class Trainer:
         # "loss" is bits/dim itself unless a penalty is added; "skipped" is 0 here (vetoes log skipped_steps above).
         self.log.log(step, {k: v for k, v in metrics.items()
                             if k != "skipped" and (k != "loss" or self.cfg.optim.invconv_l2)})
+
+    def diverged(self, metrics: dict) -> bool:
+        """The step's flags, agreed over ranks (one all-reduce), into the divergence watch; on
+        divergence abort (raises :class:`Diverged`) or roll back. True after a rollback."""
+        d, state = self.cfg.divergence, self.state
+        local = torch.tensor(state.divergence.flags(d, metrics, self.health.take()), device=self.device)
+        why = state.divergence.observe(d, state.step, max_over_ranks(local).tolist(), metrics, state.bad_in_row,
+                                       self.cfg.engine.max_bad_steps)
+        if why is None:
+            return False
+        self.roll_back(why)
+        return True
+
+    def roll_back(self, why: str) -> None:
+        """Restore the newest checkpoint written while healthy before the streak began (through
+        :meth:`restore`), keep the data position (the diverged window's batches are not replayed),
+        lower the LR for divergence.lr_steps steps and record the rollback (in the watch's state,
+        so in every later checkpoint, and in metrics.jsonl / W&B). Every rank, the same decision."""
+        cfg, state, watch = self.cfg, self.state, self.state.divergence
+        at, first_bad = state.step, watch.first_bad
+        line = f"diverged at step {at}: {why}"
+        if cfg.train.on_divergence == "abort":
+            raise Diverged(f"{line} (last at step {at}); stopped (train.on_divergence=abort). {ADVICE}")
+        target = rollback_target(ckpt_io.list_complete(self.run_dir), _written_healthy, first_bad)
+        to = int(target.name.split("_")[1]) if target is not None else -1
+        refused = (f"no checkpoint written while healthy at step <= {first_bad - 2} to roll back to "
+                   f"(train.checkpoint_every={cfg.train.checkpoint_every})" if target is None
+                   else watch.refusal(cfg.divergence, to))
+        if refused:
+            raise Diverged(f"{line} (last at step {at}); not rolled back: {refused}. {ADVICE}")
+        batches = at - to
+        record = Rollback(at_step=at, to_step=to, first_bad=first_bad, reason=why, skipped_batches=batches,
+                          skipped_samples=batches * self.run.layout["global"], lr_factor=cfg.divergence.lr_factor,
+                          lr_until=to + cfg.divergence.lr_steps)
+        history = [*watch.rollbacks, asdict(record)]
+        position = self.loader.state_dict()  # past the diverged window
+        if self.info.is_main:  # the diverged trajectory's checkpoints: kept aside, never "latest"
+            ckpt_io.set_aside_newer(self.run_dir, to)
+        barrier()
+        self.restore(RestorePlan(run_dir=self.run_dir, world_size=self.info.world_size,
+                                 zero_stage=cfg.engine.zero_stage, resume=True, checkpoint=target, chosen=True))
+        self.loader.load_state_dict(position)
+        self.state.divergence.rollbacks = history
+        self.log.info(f"{line}; rollback {len(history)}/{cfg.divergence.max_rollbacks}: restored {target.name}, "
+                      f"skipping the data of steps {to + 1}-{at} ({record.skipped_samples} samples), LR x"
+                      f"{record.lr_factor:g} until step {record.lr_until}")
+        self.log.log(to, {"rollback": len(history), "rollback_from_step": at, "rollback_first_bad": first_bad,
+                          "rollback_skipped_samples": record.skipped_samples, "rollback_lr_factor": record.lr_factor},
+                     echo=False)
 
     def save_due(self, last_save: float) -> bool:
         t, step = self.cfg.train, self.state.step
@@ -202,7 +266,8 @@ class Trainer:
                     self.hand_over(guard, saved=saved_step == state.step)
                 x, y = next(loader)  # uint8 [B, C, H, W]; labels int64 [B] when the shards have them, else None
                 self.health(self.run.module, x, state.step)  # when due: reconstruction error, log-det statistics
-                loss_fn = faults.loss_at(state.step + 1, self.info.rank, self.loss_fn)  # the declared fault point
+                loss_fn = faults.loss_at(state.step + 1, self.info.rank, self.loss_fn, loader.batches)  # the fault point
+                scale_lr(engine, state.divergence.lr_factor(state.step + 1))  # lowered after a rollback, else 1
                 metrics = train_step(engine, (x, y, *self.noise(x)), loss_fn)  # bits/dim, backward, step (or veto)
                 state.step += 1
                 if cfg.train.record_batches:
@@ -213,7 +278,10 @@ class Trainer:
                         self.run.ema.update(self.run.module)
                     throughput.add(len(x))
                 self.log_train(metrics, throughput)
-                state.stop_if_diverged(cfg.engine.max_bad_steps)
+                if self.diverged(metrics):  # abort: raises; rollback: back at a healthy checkpoint, past this data
+                    state = self.state
+                    saved_step = state.step
+                    continue
                 metrics.update(self.periodic_eval(state.step, final=state.step == cfg.train.steps))
                 if self.save_due(last_save):
                     self.save()
@@ -225,7 +293,7 @@ class Trainer:
                 warnings.warn("model replicas differ across ranks at the end of training")
         if not metrics:  # resumed a finished run: report its final state without training
             metrics = self.periodic_eval(state.step, final=True)
-        return {"step": state.step, **metrics}
+        return {"step": state.step, **metrics, "rollbacks": list(state.divergence.rollbacks)}
 
 
 class Throughput:
