@@ -203,17 +203,17 @@ def rollback_summary(rollbacks: list[dict]) -> str:
 
 
 def replay(records: list[dict], cfg, max_bad_steps: int = 5) -> list[dict]:
-    """Run the watch over a run's metrics records (``train.log_every=1``); returns the points where
+    """Run the watch over a run's metrics records (:func:`flowscale.logging.read_metrics`, ``train.log_every=1``); returns the points where
     it would have declared divergence: [{"step", "why"}]. Each alarm restarts the streak (as a
     rollback would, without restoring anything), so every separate alarm is counted."""
     watch, health, bad_in_row, alarms = DivergenceWatch(), None, 0, []
     for r in records:
-        if "recon_err/step_max" in r or "logdet_step/max_abs" in r:
-            health = r  # measured before the step that follows it
+        if "health/recon_err/step_max" in r or "health/logdet_step/max_abs" in r:
+            health = {k.partition("/")[2]: v for k, v in r.items() if k.startswith("health/")}  # before the next step
             continue
-        if "bpd" in r:
-            metrics = {"bpd": r["bpd"], "grad_norm": r.get("grad_norm", float("nan")), "skipped": 0}
-        elif "skipped_steps" in r:
+        if "train/bpd" in r:
+            metrics = {"bpd": r["train/bpd"], "grad_norm": r.get("optim/grad_norm", float("nan")), "skipped": 0}
+        elif "optim/skipped_steps" in r:
             metrics = {"skipped": 1}
         else:
             continue

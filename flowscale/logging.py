@@ -48,6 +48,12 @@ METRIC_NAMES: dict[str, str] = {
     # perf
     "images_per_s": "perf/images_per_s",
     "mem_gb": "perf/mem_gb",
+    # divergence: a rollback (train.on_divergence=rollback), logged at the step restored
+    "rollback": "divergence/rollback",  # how many rollbacks so far
+    "rollback_from_step": "divergence/from_step",
+    "rollback_first_bad": "divergence/first_bad_step",
+    "rollback_skipped_samples": "divergence/skipped_samples",
+    "rollback_lr_factor": "divergence/lr_factor",
     # samples: the grid's path in metrics.jsonl, the image (captioned) in W&B
     "samples": "samples/grid",
 }

@@ -67,7 +67,7 @@ def _train(tmp, name, *extra, fault=None):
 
 
 def _test_bpd(run):
-    return [r["test_bpd"] for r in read_metrics(run) if "test_bpd" in r][-1]
+    return [r["test/bpd"] for r in read_metrics(run) if "test/bpd" in r][-1]
 
 
 @pytest.fixture(scope="module")
@@ -82,14 +82,14 @@ def runs(tmp_path_factory):
 def test_poisoned_run_rolls_back_skips_the_window_and_ends_near_an_undisturbed_run(runs):
     _, ref, healed = runs
     records = read_metrics(healed)
-    events = [r for r in records if "rollback" in r]
-    assert events == [{"step": 10, "rollback": 1, "rollback_from_step": 17, "rollback_first_bad": 15,
-                       "rollback_skipped_samples": 56, "rollback_lr_factor": 0.5}]
-    bpd = {r["step"]: r["bpd"] for r in records if "bpd" in r}
+    events = [r for r in records if "divergence/rollback" in r]
+    assert events == [{"step": 10, "divergence/rollback": 1, "divergence/from_step": 17, "divergence/first_bad_step": 15,
+                       "divergence/skipped_samples": 56, "divergence/lr_factor": 0.5}]
+    bpd = {r["step"]: r["train/bpd"] for r in records if "train/bpd" in r}
     assert sorted(bpd) == list(range(1, 25)), "every step once in metrics.jsonl"
     diverged = [json.loads(line) for line in (healed / "metrics.superseded.jsonl").read_text().splitlines()]
     assert max(bpd.values()) < 8, "no spike left in the healed run's record"
-    assert max(r["bpd"] for r in diverged if "bpd" in r) > 5 * max(bpd.values()), "the fault made the run diverge for real"
+    assert max(r["train/bpd"] for r in diverged if "train/bpd" in r) > 5 * max(bpd.values()), "the fault made the run diverge for real"
     # The data: after the rollback, step k trains on the batch the undisturbed run saw at step k + 7.
     got, seen = read_batches(healed), read_batches(ref)
     assert all(got[k] == seen[k] for k in range(1, 11))
@@ -125,7 +125,7 @@ def test_killed_after_the_rollback_and_resumed_is_bit_identical(runs, tmp_path):
     assert "1 rollback: step 17 -> 10 (56 samples skipped)" in p.stdout, p.stdout[-2000:]
     a, b = final_weights(run), final_weights(healed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "resumed run differs from the healed one"
-    assert sorted(r["step"] for r in read_metrics(run) if "bpd" in r) == list(range(1, 25))
+    assert sorted(r["step"] for r in read_metrics(run) if "train/bpd" in r) == list(range(1, 25))
 
 
 def test_abort_mode_stops_with_one_line(tmp_path, capsys):
@@ -144,7 +144,7 @@ def test_rollback_cap_per_window_stops_with_what_to_try(tmp_path, capsys):
     assert rc == 1 and len(err) == 1, err
     assert "not rolled back: 1 rollback(s) to step 10 already (divergence.max_rollbacks_per_window=1)" in err[0]
     assert "lower optim.lr" in err[0]
-    assert [r["rollback"] for r in read_metrics(run) if "rollback" in r] == [1]
+    assert [r["divergence/rollback"] for r in read_metrics(run) if "divergence/rollback" in r] == [1]
 
 
 def test_watch_flags_spikes_after_warmup_and_keeps_them_out_of_its_statistics():
@@ -206,6 +206,6 @@ def test_rollback_on_two_ranks_killed_and_resumed_on_one_with_data_streams(tmp_p
     # rounding-level gradient components into moves of up to lr).
     worst = max((a[k] - b[k]).abs().max().item() for k in a if a[k].is_floating_point())
     assert worst < 1e-4, worst
-    bpd = [{r["step"]: r["bpd"] for r in read_metrics(d) if "bpd" in r} for d in (ref, run)]
+    bpd = [{r["step"]: r["train/bpd"] for r in read_metrics(d) if "train/bpd" in r} for d in (ref, run)]
     assert max(abs(bpd[0][k] - bpd[1][k]) / bpd[0][k] for k in bpd[0]) < 1e-5
-    assert sorted(r["step"] for r in read_metrics(run) if "bpd" in r) == list(range(1, 25))
+    assert sorted(r["step"] for r in read_metrics(run) if "train/bpd" in r) == list(range(1, 25))
