@@ -57,7 +57,7 @@ def test_train_overrides_after_an_option_and_the_start_up_line_names_the_data(tm
                    "--debug", "train.steps=2"])
     assert rc == 0
     out = capsys.readouterr().out
-    assert [r["step"] for r in read_metrics(run) if "bpd" in r] == [1, 2], "the last override wins"
+    assert [r["step"] for r in read_metrics(run) if "train/bpd" in r] == [1, 2], "the last override wins"
     line = next(ln for ln in out.splitlines() if ln.startswith("data:"))
     assert f"data: shards, train 12 images ({tmp_path / 'train' / 'manifest.json'}), test 5 images" in line, line
     assert "3x8x8 8-bit" in line

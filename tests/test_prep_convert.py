@@ -284,4 +284,4 @@ def test_help_states_the_auto_encoding_threshold(capsys):
 
     with pytest.raises(SystemExit):
         prep(["folder", "--help"])
-    assert f"npy (raw, fastest to decode) up to {RAW_UP_TO}px" in " ".join(capsys.readouterr().out.split())
+    assert f"auto = npy (raw, fastest to decode) for images of at most {RAW_UP_TO} px per side" in " ".join(capsys.readouterr().out.split())

@@ -216,7 +216,7 @@ def _shards_config(tmp_path: Path) -> list[str]:
 
 def _rows(run_dir: Path) -> dict[int, float]:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["bpd"] for r in rows if "bpd" in r}
+    return {r["step"]: r["train/bpd"] for r in rows if "train/bpd" in r}
 
 
 def _run(cmd_overrides: list[str], nproc: int, tmp_path: Path, kill_at: str | None = None) -> subprocess.CompletedProcess:
