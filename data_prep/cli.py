@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import textwrap
 import os
 import sys
 from pathlib import Path
@@ -287,6 +288,16 @@ def _verify(ns) -> int:
         print(f"problem: {p}")
     print(f"{len(problems)} problem(s)" if problems else "all shards match their manifests")
     return 1 if problems else 0
+
+
+def add_command(sub) -> None:
+    """Add ``flowscale prep`` to the ``flowscale`` command's sub-parsers (declared in pyproject's
+    flowscale.commands entry points)."""
+    pr = sub.add_parser("prep", help="convert a dataset into webdataset shards + manifest; verify shards",
+                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
+                        description="Convert datasets into shards (parallel, resumable, deterministic) or verify them.\n"
+                                    + "\n".join(textwrap.wrap(ENCODING_RULE, width=92)))
+    add_parsers(pr.add_subparsers(dest="prep", required=True, metavar="DATASET"))
 
 
 def build_parser() -> argparse.ArgumentParser:

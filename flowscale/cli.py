@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 import textwrap
+from importlib.metadata import entry_points
 from pathlib import Path
 
 from .config import CONFIG_DIR, ConfigError, config_summary, describe_fields, list_configs, load_config
@@ -48,6 +50,35 @@ class _Parser(argparse.ArgumentParser):
             self._intermixing = False
 
 
+COMMANDS = "flowscale.commands"
+"""The entry-point group through which packages outside the library add sub-commands: each entry
+is a function ``add(subparsers)`` that adds its parser and sets ``func``. flowscale's own
+distribution declares ``submit`` (launch.submit) and ``prep`` (data_prep.cli) there, so the
+library never imports launch/ or data_prep/; they import the library."""
+
+TOOLS = {"plan": "flowscale.tools.plan:add_parser", "bench": "flowscale.tools.bench:add_command",
+         **{name: "flowscale.tools.latent_cli:add_parsers" for name in ("encode", "interpolate", "manipulate", "sweep")}}
+"""The library's own tool commands -> the function that adds their parsers (imported lazily)."""
+
+
+BUILTIN = ("train", "eval", "sample", "bound")
+"""The commands defined here (no tool is imported for them)."""
+
+
+def _load(where: str):
+    module, _, attr = where.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def _command_named(argv: list[str]) -> str | None:
+    """The sub-command ``argv`` names, if it is a tool or a plug-in command (None otherwise: load them all)."""
+    words = [a for a in argv if not a.startswith("-")]
+    if not words:
+        return None
+    known = set(TOOLS) | {ep.name for ep in entry_points(group=COMMANDS)}
+    return words[0] if words[0] in known or words[0] in BUILTIN else None
+
+
 CONFIG_ARG = "[CONFIG] [section.field=value ...]"
 CONFIG_HELP = ("optional config: a bundled config's name (see --list-configs) or a YAML file; "
                "then dotted overrides")
@@ -69,12 +100,12 @@ class _ListConfigs(argparse.Action):
         parser.exit(0)
 
 
-def _add_config_args(parser: argparse.ArgumentParser, help_suffix: str = "") -> None:
+def add_config_args(parser: argparse.ArgumentParser, help_suffix: str = "") -> None:
     parser.add_argument("args", nargs="*", metavar=CONFIG_ARG, help=CONFIG_HELP + help_suffix)
     parser.add_argument("--list-configs", action=_ListConfigs)
 
 
-def _split_config_and_overrides(args: list[str]) -> tuple[str | None, list[str]]:
+def split_config_and_overrides(args: list[str]) -> tuple[str | None, list[str]]:
     """The first positional is the config (a file or a bundled name) unless it is an override (contains '=')."""
     if args and "=" not in args[0]:
         return args[0], args[1:]
@@ -85,7 +116,7 @@ def cmd_train(ns) -> int:
     from .divergence import rollback_summary
     from .train import main
 
-    path, overrides = _split_config_and_overrides(ns.args)
+    path, overrides = split_config_and_overrides(ns.args)
     cfg = load_config(path, overrides)
     result = main(cfg, resume=not ns.no_resume, resume_from=ns.resume, trust_checkpoint=ns.trust_checkpoint)
     test = result.get("test_bpd")
@@ -142,7 +173,7 @@ def cmd_sample(ns) -> int:
 def cmd_bound(ns) -> int:
     from .analysis.bound import dataset_bound
 
-    path, overrides = _split_config_and_overrides(ns.args)
+    path, overrides = split_config_and_overrides(ns.args)
     cfg = load_config(path, overrides)
     try:
         out = dataset_bound(cfg.data, ns.split, ns.max_images, ns.batch_size, ns.seed)
@@ -158,36 +189,11 @@ def cmd_bound(ns) -> int:
     return 0
 
 
-def cmd_submit(ns) -> int:
-    from launch.submit import submit
-
-    path, overrides = _split_config_and_overrides(ns.args)
-    out = submit(path, overrides, nodes=ns.nodes, gpus_per_node=ns.gpus_per_node, tasks_per_node=ns.tasks_per_node,
-                 cpus_per_task=ns.cpus_per_task, partition=ns.partition, time_min=ns.time, account=ns.account,
-                 constraint=ns.constraint, signal_delay_s=ns.signal_delay, mem_gb=ns.mem_gb, array=ns.array,
-                 local=ns.local, max_timeouts=ns.max_timeouts, slurm=dict(ns.slurm), dry_run=ns.dry_run)
-    if ns.dry_run:
-        print(out, end="")  # the script, byte for byte
-        return 0
-    where = "on this machine (submitit's local executor)" if ns.local else "to Slurm"
-    for j in out:
-        print(f"submitted job {j.job_id} {where}; logs: {j.paths.stdout} / {j.paths.stderr}")
-    if ns.wait:
-        for j in out:
-            print(f"job {j.job_id}: {j.results()}")
-    return 0
-
-
-def _slurm_option(text: str) -> tuple[str, str | bool]:
-    from launch.submit import slurm_option
-
-    try:
-        return slurm_option(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The ``flowscale`` parser for ``argv`` (default: sys.argv[1:]): the training commands always,
+    and of the tools and plug-in commands only the one ``argv`` names (all of them when it names
+    none, e.g. for ``--help``), so a command imports no tool it does not run."""
+    wanted = _command_named(sys.argv[1:] if argv is None else argv)
     # allow_abbrev=False: this parser sees every option of the command line, the sub-command's
     # too, and with abbreviations `submit --local` would be an ambiguous prefix of --local_rank.
     p = _Parser(prog="flowscale", allow_abbrev=False,
@@ -207,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "  flowscale train my_config.yaml optim.lr=5e-4\n"
                                    "  flowscale train --list-configs",
                        epilog=_fields_epilog())
-    _add_config_args(t)
+    add_config_args(t)
     t.add_argument("--no-resume", action="store_true",
                    help="refuse to continue an existing run (fails if train.run_dir holds checkpoints)")
     t.add_argument("--resume", metavar="PATH", default=None,
@@ -245,77 +251,19 @@ def build_parser() -> argparse.ArgumentParser:
                                    "covariance Sigma of the dequantised, scaled data, in bits/dim with the\n"
                                    "discretisation term. Every nonlinear flow should beat it.\n\n"
                                    "examples:\n  flowscale bound\n  flowscale bound dlf_cifar10 --max-images 20000")
-    _add_config_args(s, " (the data section is used)")
+    add_config_args(s, " (the data section is used)")
     s.add_argument("--split", default="train", choices=["train", "test"], help="which split (default: train)")
     s.add_argument("--max-images", type=int, default=None, help="use at most this many images (default: all)")
     s.add_argument("--batch-size", type=int, default=256, help="images per read (default: 256)")
     s.add_argument("--seed", type=int, default=0, help="seed of the dequantisation noise (default: 0)")
     s.set_defaults(func=cmd_bound)
-    s = sub.add_parser("submit", help="run the same training as a Slurm job through submitit (requeues on preemption)",
-                       formatter_class=argparse.RawDescriptionHelpFormatter,
-                       description="Submit `flowscale train CONFIG [overrides]` to Slurm: one task per GPU, resume on requeue.\n\n"
-                                   "CONFIG is the name of a bundled config (--list-configs) or a YAML file. Slurm's sbatch and\n"
-                                   "srun must be on PATH; without them submit stops (it never trains here unasked): --local runs\n"
-                                   "the job on this machine through submitit's local executor, and --dry-run prints the job\n"
-                                   "script, exactly as submitit would submit it, on any machine.\n\n"
-                                   "CPUs per task default to one per loader worker (data.num_workers) plus the training\n"
-                                   "process's threads (engine.threads, 1 when automatic), printed at submission. Any other\n"
-                                   "sbatch option goes in with --slurm KEY[=VALUE] (repeatable), e.g. --slurm requeue for sites\n"
-                                   "that requeue only jobs asking for it, --slurm mem-per-cpu=4G, --slurm qos=high; memory per\n"
-                                   "node is --mem-gb.\n\n"
-                                   "examples:\n  flowscale submit glow_imagenet64 --nodes 2 --gpus-per-node 8 --partition gpu --time 1440\n"
-                                   "  flowscale submit glow_imagenet64 --gpus-per-node 8 --mem-gb 480 --slurm requeue --slurm qos=high\n"
-                                   "  flowscale submit demo --array sweep.yaml --dry-run\n"
-                                   "  flowscale submit demo --local train.steps=100")
-    _add_config_args(s)
-    s.add_argument("--nodes", type=int, default=1, help="nodes (default: 1)")
-    s.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node; one task per GPU (default: 0 = CPU)")
-    s.add_argument("--tasks-per-node", type=int, default=None, help="tasks per node (default: gpus-per-node, or 1)")
-    s.add_argument("--cpus-per-task", type=int, default=None,
-                   help="CPU cores per task (default: data.num_workers + max(1, engine.threads), printed)")
-    s.add_argument("--mem-gb", type=float, default=None, help="memory per node in GB (default: the partition's)")
-    s.add_argument("--partition", default=None, help="Slurm partition")
-    s.add_argument("--time", type=int, default=60, help="time limit per job in minutes; the job requeues itself (default: 60)")
-    s.add_argument("--account", default=None, help="Slurm account")
-    s.add_argument("--constraint", default=None, help="Slurm constraint (e.g. a100)")
-    s.add_argument("--signal-delay", type=int, default=120,
-                   help="seconds before the time limit at which Slurm sends USR2 (default: 120)")
-    s.add_argument("--max-timeouts", type=int, default=100,
-                   help="requeues after hitting the time limit before giving up (default: 100; submitit's own "
-                        "default of 3 would end a week-long run on a 24 h partition); preemptions requeue without limit")
-    s.add_argument("--slurm", action="append", default=[], metavar="KEY[=VALUE]", type=_slurm_option,
-                   help="an extra sbatch option for the job script (repeatable): requeue -> #SBATCH --requeue, "
-                        "qos=high -> #SBATCH --qos=high; options that flags above set are refused")
-    s.add_argument("--array", default=None, metavar="SWEEP.yaml",
-                   help="a job array: a YAML list of {dotted.key: value} overrides, one job each")
-    how = s.add_mutually_exclusive_group()
-    how.add_argument("--local", action="store_true",
-                     help="run the job on this machine with submitit's local executor (no Slurm needed)")
-    how.add_argument("--dry-run", action="store_true",
-                     help="print the job script submitit would submit (arrays included) and submit nothing; "
-                          "needs no Slurm")
-    s.add_argument("--wait", action="store_true", help="wait for the job(s) and print their results")
-    s.set_defaults(func=cmd_submit)
 
-    from data_prep.cli import ENCODING_RULE, EXAMPLES as prep_examples, add_parsers as add_prep_parsers
-
-    pr = sub.add_parser("prep", help="convert a dataset into webdataset shards + manifest; verify shards",
-                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=prep_examples,
-                        description="Convert datasets into shards (parallel, resumable, deterministic) or verify them.\n"
-                                    + "\n".join(textwrap.wrap(ENCODING_RULE, width=92)))
-    add_prep_parsers(pr.add_subparsers(dest="prep", required=True, metavar="DATASET"))
-
-    from .tools.plan import add_parser as add_plan_parser
-
-    add_plan_parser(sub)
-    from .tools.latent_cli import add_parsers as add_latent_parsers
-
-    add_latent_parsers(sub)  # encode, interpolate, manipulate, sweep
-    b = sub.add_parser("bench", help="benchmarks that print a table (memory, ...)",
-                       description="Benchmarks. Each prints a table; ratios are measured side by side in one run.")
-    from .tools.bench import add_parsers
-
-    add_parsers(b.add_subparsers(dest="bench", required=True, metavar="BENCHMARK"))
+    for name, where in TOOLS.items():  # the library's own tools, imported only when named (or for --help)
+        if wanted is None or wanted == name:
+            _load(where)(sub)
+    for ep in entry_points(group=COMMANDS):  # commands of packages beside the library (launch, data_prep)
+        if wanted is None or wanted == ep.name:
+            ep.load()(sub)
     return p
 
 
@@ -358,7 +306,7 @@ def _expected(e: BaseException) -> int | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ns = build_parser().parse_args(argv)
+    ns = build_parser(argv).parse_args(argv)
     debug = getattr(ns, "debug", False) or os.environ.get("FLOWSCALE_DEBUG", "") not in ("", "0")
     try:
         return ns.func(ns)

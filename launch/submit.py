@@ -18,6 +18,7 @@ script the Slurm executor would hand to sbatch, built by the same function on an
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import shutil
@@ -27,6 +28,7 @@ from pathlib import Path
 import submitit
 import yaml
 
+from flowscale.cli import add_config_args, split_config_and_overrides
 from flowscale.config import Config, ConfigError, config_path as resolve_config, load_config
 from flowscale.distributed import master_port
 
@@ -241,3 +243,79 @@ def submit(config_path: str | None, overrides: list[str], nodes: int = 1, gpus_p
     with ex.batch():  # one array job (submitted when the block ends)
         submitted = [ex.submit(TrainJob(config_path, ov)) for ov in jobs]
     return submitted
+
+
+# -- the `flowscale submit` command (declared in pyproject's flowscale.commands entry points) -------
+
+def cmd_submit(ns) -> int:
+    path, overrides = split_config_and_overrides(ns.args)
+    out = submit(path, overrides, nodes=ns.nodes, gpus_per_node=ns.gpus_per_node, tasks_per_node=ns.tasks_per_node,
+                 cpus_per_task=ns.cpus_per_task, partition=ns.partition, time_min=ns.time, account=ns.account,
+                 constraint=ns.constraint, signal_delay_s=ns.signal_delay, mem_gb=ns.mem_gb, array=ns.array,
+                 local=ns.local, max_timeouts=ns.max_timeouts, slurm=dict(ns.slurm), dry_run=ns.dry_run)
+    if ns.dry_run:
+        print(out, end="")  # the script, byte for byte
+        return 0
+    where = "on this machine (submitit's local executor)" if ns.local else "to Slurm"
+    for j in out:
+        print(f"submitted job {j.job_id} {where}; logs: {j.paths.stdout} / {j.paths.stderr}")
+    if ns.wait:
+        for j in out:
+            print(f"job {j.job_id}: {j.results()}")
+    return 0
+
+
+def _slurm_option(text: str) -> tuple[str, str | bool]:
+    try:
+        return slurm_option(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def add_command(sub) -> None:
+    """Add ``flowscale submit`` to the ``flowscale`` command's sub-parsers."""
+    s = sub.add_parser("submit", help="run the same training as a Slurm job through submitit (requeues on preemption)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Submit `flowscale train CONFIG [overrides]` to Slurm: one task per GPU, resume on requeue.\n\n"
+                                   "CONFIG is the name of a bundled config (--list-configs) or a YAML file. Slurm's sbatch and\n"
+                                   "srun must be on PATH; without them submit stops (it never trains here unasked): --local runs\n"
+                                   "the job on this machine through submitit's local executor, and --dry-run prints the job\n"
+                                   "script, exactly as submitit would submit it, on any machine.\n\n"
+                                   "CPUs per task default to one per loader worker (data.num_workers) plus the training\n"
+                                   "process's threads (engine.threads, 1 when automatic), printed at submission. Any other\n"
+                                   "sbatch option goes in with --slurm KEY[=VALUE] (repeatable), e.g. --slurm requeue for sites\n"
+                                   "that requeue only jobs asking for it, --slurm mem-per-cpu=4G, --slurm qos=high; memory per\n"
+                                   "node is --mem-gb.\n\n"
+                                   "examples:\n  flowscale submit glow_imagenet64 --nodes 2 --gpus-per-node 8 --partition gpu --time 1440\n"
+                                   "  flowscale submit glow_imagenet64 --gpus-per-node 8 --mem-gb 480 --slurm requeue --slurm qos=high\n"
+                                   "  flowscale submit demo --array sweep.yaml --dry-run\n"
+                                   "  flowscale submit demo --local train.steps=100")
+    add_config_args(s)
+    s.add_argument("--nodes", type=int, default=1, help="nodes (default: 1)")
+    s.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node; one task per GPU (default: 0 = CPU)")
+    s.add_argument("--tasks-per-node", type=int, default=None, help="tasks per node (default: gpus-per-node, or 1)")
+    s.add_argument("--cpus-per-task", type=int, default=None,
+                   help="CPU cores per task (default: data.num_workers + max(1, engine.threads), printed)")
+    s.add_argument("--mem-gb", type=float, default=None, help="memory per node in GB (default: the partition's)")
+    s.add_argument("--partition", default=None, help="Slurm partition")
+    s.add_argument("--time", type=int, default=60, help="time limit per job in minutes; the job requeues itself (default: 60)")
+    s.add_argument("--account", default=None, help="Slurm account")
+    s.add_argument("--constraint", default=None, help="Slurm constraint (e.g. a100)")
+    s.add_argument("--signal-delay", type=int, default=120,
+                   help="seconds before the time limit at which Slurm sends USR2 (default: 120)")
+    s.add_argument("--max-timeouts", type=int, default=100,
+                   help="requeues after hitting the time limit before giving up (default: 100; submitit's own "
+                        "default of 3 would end a week-long run on a 24 h partition); preemptions requeue without limit")
+    s.add_argument("--slurm", action="append", default=[], metavar="KEY[=VALUE]", type=_slurm_option,
+                   help="an extra sbatch option for the job script (repeatable): requeue -> #SBATCH --requeue, "
+                        "qos=high -> #SBATCH --qos=high; options that flags above set are refused")
+    s.add_argument("--array", default=None, metavar="SWEEP.yaml",
+                   help="a job array: a YAML list of {dotted.key: value} overrides, one job each")
+    how = s.add_mutually_exclusive_group()
+    how.add_argument("--local", action="store_true",
+                     help="run the job on this machine with submitit's local executor (no Slurm needed)")
+    how.add_argument("--dry-run", action="store_true",
+                     help="print the job script submitit would submit (arrays included) and submit nothing; "
+                          "needs no Slurm")
+    s.add_argument("--wait", action="store_true", help="wait for the job(s) and print their results")
+    s.set_defaults(func=cmd_submit)
