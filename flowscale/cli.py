@@ -258,8 +258,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="seed of the dequantisation noise (default: 0)")
     s.set_defaults(func=cmd_bound)
 
-    for name, where in TOOLS.items():  # the library's own tools, imported only when named (or for --help)
-        if wanted is None or wanted == name:
+    for where in dict.fromkeys(TOOLS.values()):  # the library's own tools, imported only when named (or for --help)
+        if wanted is None or TOOLS.get(wanted) == where:
             _load(where)(sub)
     for ep in entry_points(group=COMMANDS):  # commands of packages beside the library (launch, data_prep)
         if wanted is None or wanted == ep.name:
