@@ -377,3 +377,17 @@ def write_mnist(root: Path, n_train: int = 20, n_test: int = 8, gz_train: bool =
         write_idx(root / f"{prefix}-labels-idx1-ubyte{ext}", y, gz)
         out[split] = (x, y)
     return out
+
+
+def imported_packages(path) -> set[str]:
+    """The top-level names of every absolute import in the Python file ``path`` (anywhere in it,
+    inside functions too)."""
+    import ast
+
+    names = set()
+    for node in ast.walk(ast.parse(Path(path).read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names

@@ -4,12 +4,12 @@ imports no tool it does not run."""
 
 from __future__ import annotations
 
-import ast
 import subprocess
 import sys
 from pathlib import Path
 
 import flowscale
+from helpers import imported_packages
 
 LIBRARY = Path(flowscale.__file__).resolve().parent
 OUTSIDE = {"launch", "data_prep"}
@@ -17,13 +17,7 @@ OUTSIDE = {"launch", "data_prep"}
 
 def imports_outside(path: Path) -> set[str]:
     """The top-level packages of OUTSIDE that ``path`` imports (anywhere in it)."""
-    names = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.Import):
-            names |= {a.name.split(".")[0] for a in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names.add(node.module.split(".")[0])
-    return names & OUTSIDE
+    return imported_packages(path) & OUTSIDE
 
 
 def test_the_library_never_imports_launch_or_data_prep():

@@ -4,22 +4,16 @@ itself; importing it runs it a second time under another name)."""
 
 from __future__ import annotations
 
-import ast
 from pathlib import Path
+
+from helpers import imported_packages
 
 TESTS = Path(__file__).resolve().parent
 
 
 def local_imports(path: Path) -> set[str]:
     """The modules of tests/ that ``path`` imports (anywhere in it, inside functions too)."""
-    local = {p.stem for p in TESTS.glob("*.py")}
-    names = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.Import):
-            names |= {a.name.split(".")[0] for a in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names.add(node.module.split(".")[0])
-    return names & local
+    return imported_packages(path) & {p.stem for p in TESTS.glob("*.py")}
 
 
 def test_no_test_module_imports_another_or_conftest():
