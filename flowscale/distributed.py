@@ -9,9 +9,12 @@ Understood launchers, in order of precedence:
   of SLURM_JOB_NODELIST as master and a port derived from the job id (:func:`master_port`);
 * nothing: a single process, rendezvous on 127.0.0.1 and a free port.
 
-The environment is read, not completed: the rendezvous goes to the process group as arguments
-(``tcp://MASTER_ADDR:MASTER_PORT``, rank, world size). What DeepSpeed reads only from the
-environment is set in one place, :func:`_deepspeed_environment`.
+A launcher that knows the job itself (``flowscale submit``: submitit's JobEnvironment) passes a
+:class:`DistInfo` to :func:`init_distributed` instead. Either way the environment is read, not
+completed: the rendezvous goes to the process group as arguments (``tcp://MASTER_ADDR:MASTER_PORT``,
+rank, world size). The two variables DeepSpeed 0.19 reads from nowhere else are held for the
+life of the process group only (:class:`DeepSpeedEnvironment`): set by :func:`init_distributed`
+where missing, put back as they were by :func:`cleanup`.
 """
 
 from __future__ import annotations
@@ -116,15 +119,39 @@ def prepare_accelerator(device: str = "auto") -> str:
     return device
 
 
-def _deepspeed_environment(info: DistInfo, device: str) -> None:
-    """The two settings DeepSpeed (0.19.x) takes only from the environment, set where the
-    launcher did not: DS_ACCELERATOR=cpu (read once, when deepspeed is first imported, to pick
-    its accelerator; for cpu it must be said before that) and LOCAL_RANK (DeepSpeedEngine
-    asserts it at initialize, ZeRO-3 places its buffers by ``os.environ["LOCAL_RANK"]``). The
-    only environment writes of flowscale's process-group code."""
-    if device == "cpu":
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    os.environ["LOCAL_RANK"] = str(info.local_rank)
+class DeepSpeedEnvironment:
+    """The environment variables DeepSpeed (0.19.x) takes from nowhere else, held for the life of
+    the process group: DS_ACCELERATOR=cpu (read once, when deepspeed is first imported, to pick
+    its accelerator; for cpu it must be said before that) and LOCAL_RANK (DeepSpeedEngine asserts
+    it at initialize; ZeRO-3 reads ``os.environ["LOCAL_RANK"]`` to place its buffers, at
+    initialize and in its per-step checks). :meth:`hold` sets what the launcher did not, noting
+    what was there; :meth:`release` puts every one back (a variable that was absent is removed),
+    so a run leaves the environment as it found it. The one place flowscale writes os.environ."""
+
+    def __init__(self):
+        self.before: dict[str, str | None] = {}
+        """Each variable set, with its value before (None: absent). Empty while nothing is held."""
+
+    def hold(self, info: DistInfo, device: str) -> None:
+        wanted = {"LOCAL_RANK": str(info.local_rank)}
+        if device == "cpu" and "DS_ACCELERATOR" not in os.environ:
+            wanted["DS_ACCELERATOR"] = "cpu"
+        for name, value in wanted.items():
+            if os.environ.get(name) != value:
+                self.before.setdefault(name, os.environ.get(name))
+                os.environ[name] = value
+
+    def release(self) -> None:
+        for name, value in self.before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        self.before.clear()
+
+
+DEEPSPEED_ENVIRONMENT = DeepSpeedEnvironment()
+"""This process's: held by :func:`init_distributed`, released by :func:`cleanup`."""
 
 
 def _skip_deepspeed_shm_comm() -> None:
@@ -138,12 +165,13 @@ def _skip_deepspeed_shm_comm() -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
-def init_distributed(backend: str = "auto", device: str = "auto") -> DistInfo:
-    """Start the process group (gloo on CPU, nccl on GPU unless told otherwise) at the
-    rendezvous of :func:`dist_env`, passed as arguments."""
-    info = dist_env()
+def init_distributed(backend: str = "auto", device: str = "auto", rendezvous: DistInfo | None = None) -> DistInfo:
+    """Start the process group (gloo on CPU, nccl on GPU unless told otherwise) at
+    ``rendezvous`` (a launcher's own account of the job), else that of :func:`dist_env`, passed
+    as arguments. Pair with :func:`cleanup`."""
+    info = rendezvous or dist_env()
     device = prepare_accelerator(device)
-    _deepspeed_environment(info, device)
+    DEEPSPEED_ENVIRONMENT.hold(info, device)
     import deepspeed
 
     _skip_deepspeed_shm_comm()
@@ -159,7 +187,8 @@ def init_distributed(backend: str = "auto", device: str = "auto") -> DistInfo:
 
 def cleanup() -> None:
     """Destroy the process group (a rare SIGABRT at exit otherwise) and DeepSpeed's cached
-    groups with it, so ``main`` can run again in the same process (tests, notebooks)."""
+    groups with it, so ``main`` can run again in the same process (tests, notebooks), and give
+    back the environment variables held for DeepSpeed (:class:`DeepSpeedEnvironment`)."""
     import sys
 
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -172,6 +201,7 @@ def cleanup() -> None:
 
         gc.collect()  # the group's last references: not left for a forked DataLoader worker to collect
     _forget_deepspeed_groups()
+    DEEPSPEED_ENVIRONMENT.release()
 
 
 def _forget_deepspeed_groups() -> None:

@@ -188,15 +188,15 @@ def _init_wandb(run_dir: Path, cfg, config_dict: dict, rewind_to: int | None = N
     """Start or continue the run whose id is in wandb_id.txt. ``rewind_to``: the run continues from
     an earlier step than it logged (its later records were superseded): W&B's ``resume_from``
     rewinds it there, so the steps logged again replace the old ones instead of being dropped as
-    out of order."""
+    out of order. Where it writes and how quietly are arguments (``dir``, ``settings``), not
+    environment variables: the run's files go under ``run_dir/wandb``; W&B's artifact cache
+    (WANDB_CACHE_DIR) is not used, as flowscale logs no artifacts."""
     import os
     import uuid
 
     import wandb
 
-    os.environ.setdefault("WANDB_DIR", str(run_dir))
-    os.environ.setdefault("WANDB_CACHE_DIR", str(run_dir / "wandb" / "cache"))
-    os.environ.setdefault("WANDB_SILENT", "true")
+    quiet = {} if "WANDB_SILENT" in os.environ else {"silent": True}  # WANDB_SILENT=false: W&B's own output
     id_file = run_dir / "wandb_id.txt"
     known = id_file.is_file()
     run_id = id_file.read_text().strip() if known else uuid.uuid4().hex[:12]
@@ -204,7 +204,7 @@ def _init_wandb(run_dir: Path, cfg, config_dict: dict, rewind_to: int | None = N
     where = ({"resume_from": f"{run_id}?_step={rewind_to}"} if known and rewind_to is not None
              else {"id": run_id, "resume": "allow"})
     return wandb.init(project=cfg.project, entity=cfg.entity, name=cfg.name or run_dir.name, mode=cfg.mode,
-                      dir=str(run_dir), config=config_dict, **where)
+                      dir=str(run_dir), config=config_dict, settings=wandb.Settings(**quiet), **where)
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:

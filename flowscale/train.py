@@ -4,8 +4,8 @@
            -> engine.train_step (DeepSpeed: micro-batches, veto, step) -> EMA -> log / eval / sample / checkpoint
 
 The same function runs as a single process, under ``torchrun``, under the ``deepspeed``
-launcher and under Slurm (rank and rendezvous come from the environment, see
-:mod:`flowscale.distributed`). Resume is the default: if the run directory holds a complete
+launcher and under Slurm (rank and rendezvous come from the environment, or from the caller,
+see :mod:`flowscale.distributed`). Resume is the default: if the run directory holds a complete
 checkpoint, training continues from it with model, optimizer, LR schedule, EMA, data
 position, step and every rank's RNG restored, so the continued run takes exactly the steps
 an uninterrupted one would have.
@@ -44,17 +44,19 @@ from .state import RankState
 
 
 def main(cfg: Config, resume: bool = True, resume_from: str | Path | None = None,
-         trust_checkpoint: bool = False) -> dict:
+         trust_checkpoint: bool = False, rendezvous: DistInfo | None = None) -> dict:
     """Train per ``cfg`` on this process's rank; returns the final metrics (bits/dim, step).
 
     ``resume``: continue from the newest complete checkpoint of ``train.run_dir`` (the default).
     ``resume_from``: continue from this checkpoint (a ``step_XXXXXXXX`` directory, or a run
     directory meaning its newest). DeepSpeed checkpoints are pickles, so one from outside
     ``train.run_dir`` is only loaded with ``trust_checkpoint=True``. (See :mod:`flowscale.restore`.)
+    ``rendezvous``: this process's place in the job, from a launcher that knows it (``flowscale
+    submit``); by default read from the environment (:func:`flowscale.distributed.dist_env`).
     """
     check_version()  # the DeepSpeed whose checkpoint layout flowscale.deepspeed_universal knows
     pick_device(cfg.train.device)  # a device that is not there is refused before anything starts
-    info = init_distributed(cfg.engine.backend, cfg.train.device)
+    info = init_distributed(cfg.engine.backend, cfg.train.device, rendezvous)
     config = to_dict(cfg)  # W&B's copy of the config (filled in below with the resolved data.streams)
     log = RunLogger(cfg.train.run_dir, cfg.train.steps, is_main=info.is_main, progress=cfg.train.progress,
                     wandb_cfg=cfg.wandb, config_dict=config)

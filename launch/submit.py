@@ -1,8 +1,10 @@
 """``flowscale submit``: run ``flowscale train`` as a Slurm job through submitit.
 
-One task per GPU. Each task maps submitit's JobEnvironment to RANK / WORLD_SIZE / LOCAL_RANK /
-MASTER_ADDR / MASTER_PORT and calls the same ``flowscale.train.main`` as ``flowscale train``
-(DeepSpeed picks the device from LOCAL_RANK; CUDA_VISIBLE_DEVICES is left alone).
+One task per GPU. Each task reads its place in the job from submitit's JobEnvironment (global
+and local rank, task count, first host) and hands it, with the job's rendezvous port
+(:func:`flowscale.distributed.master_port`, or MASTER_PORT where exported), to the same
+``flowscale.train.main`` as ``flowscale train``, as arguments: nothing is written into the
+environment (DeepSpeed picks the device from the local rank; CUDA_VISIBLE_DEVICES is left alone).
 
 Preemption and time limits: Slurm sends USR2 (``--signal`` ahead of the limit); submitit
 calls :meth:`TrainJob.checkpoint` on rank 0 inside the signal handler, which only returns a
@@ -30,7 +32,7 @@ import yaml
 
 from flowscale.cli import add_config_args, split_config_and_overrides
 from flowscale.config import Config, ConfigError, config_path as resolve_config, load_config
-from flowscale.distributed import master_port
+from flowscale.distributed import DistInfo, master_port
 
 
 class TrainJob:
@@ -42,14 +44,13 @@ class TrainJob:
 
     def __call__(self) -> dict:
         env = submitit.JobEnvironment()
-        job_key = str(env.job_id)
-        os.environ.update(RANK=str(env.global_rank), WORLD_SIZE=str(env.num_tasks), LOCAL_RANK=str(env.local_rank),
-                          MASTER_ADDR=env.hostnames[0],
-                          MASTER_PORT=os.environ.get("FLOWSCALE_MASTER_PORT", str(master_port(job_key))))
+        place = DistInfo(rank=env.global_rank, world_size=env.num_tasks, local_rank=env.local_rank,
+                         master_addr=env.hostnames[0],
+                         master_port=int(os.environ.get("MASTER_PORT") or master_port(str(env.job_id))))
         from flowscale.train import main
 
         cfg = load_config(self.config_path, self.overrides)
-        result = main(cfg)  # resumes from the newest complete checkpoint of train.run_dir
+        result = main(cfg, rendezvous=place)  # resumes from the newest complete checkpoint of train.run_dir
         return {"rank": env.global_rank, **{k: v for k, v in result.items() if isinstance(v, (int, float, str))}}
 
     def checkpoint(self, *args, **kwargs) -> submitit.helpers.DelayedSubmission:

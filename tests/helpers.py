@@ -255,9 +255,9 @@ def free_port() -> int:
 
 
 def clear_env(monkeypatch, *names):
-    """Remove variables for one test AND restore their absence afterwards: values that the code
-    under test writes into os.environ (init_distributed sets LOCAL_RANK for DeepSpeed) must not leak
-    into later tests. (A plain delenv of an absent variable records nothing to undo.)"""
+    """Remove variables for one test AND restore their absence afterwards: a value set while the
+    test runs must not leak into later tests. (A plain delenv of an absent variable records
+    nothing to undo.)"""
     for k in names:
         monkeypatch.setenv(k, "")
         monkeypatch.delenv(k)

@@ -7,6 +7,7 @@ new names."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -113,3 +114,25 @@ def test_every_metric_has_one_section():
     assert all(v.count("/") >= 1 for v in METRIC_NAMES.values())
     with pytest.raises(KeyError, match="'new_thing' has no section: add it to flowscale.logging.METRIC_NAMES"):
         metric_name("new_thing")
+
+
+THIRD_PARTY_WRITES = {"PYTORCH_NVML_BASED_CUDA_CHECK", "TORCHINDUCTOR_CACHE_DIR", "WANDB_SERVICE"}
+"""Set by the libraries themselves, not by flowscale: DeepSpeed's import (the first two, through
+torch) and W&B's service process (its socket)."""
+
+
+def test_a_run_started_from_python_leaves_the_environment_as_it_found_it(tmp_path, monkeypatch, single_process_env):
+    """The variables DeepSpeed reads from nowhere else (LOCAL_RANK, DS_ACCELERATOR) are held only
+    while the process group lives, and W&B is told where and how quietly by arguments: after a run
+    with offline W&B, os.environ is what it was, and W&B's files are under the run directory."""
+    for name in ("LOCAL_RANK", "DS_ACCELERATOR", "WANDB_MODE", "WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_SILENT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)
+    before = dict(os.environ)
+    cfg = load_config(None, TINY + [f"train.run_dir={tmp_path / 'run'}", "wandb.mode=offline", "train.steps=1"])
+    train_main(cfg)
+    after = dict(os.environ)
+    changed = {k: after.get(k) for k in set(before) | set(after) if before.get(k) != after.get(k)}
+    assert set(changed) <= THIRD_PARTY_WRITES, changed
+    assert len(list((tmp_path / "run").glob("wandb/offline-run-*/run-*.wandb"))) == 1
+    assert not (tmp_path / "wandb").exists()  # nothing in the working directory
