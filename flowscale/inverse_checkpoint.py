@@ -23,9 +23,11 @@ replayed in backward, so bf16 autocast works.
 
 Floating point breaks exact invertibility: reconstruction errors compound down the chain,
 worst for badly conditioned 1x1 convs and unbounded scales. :func:`reconstruction_errors`
-measures |x - f^{-1}(f(x))| / |x| per level and per step; :func:`check_and_flag` marks a
-step whose own error exceeds a bound so that it stores its activations instead (the chain
-is cut there into recomputed segments and ordinary autograd steps).
+measures |x - f^{-1}(f(x))| / |x| per level and per step; :func:`check_and_flag` hands a
+step whose own error exceeds a bound back to ordinary autograd: the wrapper around its chain
+(:class:`InvertibleSequence`, ``stored``) keeps that step's activations instead, cutting the
+chain there into recomputed segments and ordinary autograd steps. The layers themselves carry
+no such state.
 
 Usage (applied from outside the single-device model)::
 
@@ -98,20 +100,37 @@ class InvertibleSequence(FlowSequence):
     """A FlowSequence whose forward under autograd keeps no intermediate activations.
 
     Built around the steps of the FlowSequence it replaces: the same modules, so the same
-    parameters and state-dict keys. A step with ``step.store_activations = True`` (the
-    contract's flag, set by :func:`check_and_flag`) is run with ordinary autograd instead.
+    parameters and state-dict keys. The wrapper owns the whole recompute state, per instance:
+    ``recompute`` (the switch) and ``stored`` (the steps run with ordinary autograd). Neither is
+    a parameter, buffer or state-dict entry: checkpoints do not carry them.
     """
+
+    stored: frozenset[int]
+    """Indices of the steps run with ordinary autograd, keeping their activations, because their
+    inverse is not accurate enough. Set through :meth:`store` (by :func:`check_and_flag`, alike on
+    every rank); runtime state, empty after construction and re-derived by the next check (training
+    runs one at the first step of every start, so a resumed run flags afresh)."""
 
     def __init__(self, steps, recompute: bool = True):
         super().__init__(steps)
         self.recompute = recompute
         """The switch: False runs the chain with ordinary autograd (:func:`plain_autograd`)."""
+        self.stored = frozenset()
+
+    def store(self, indices) -> None:
+        """Run the steps at ``indices`` (into this chain) with ordinary autograd from now on, and
+        every other step through its inverse; replaces the previous set."""
+        stored = frozenset(int(j) for j in indices)
+        outside = sorted(j for j in stored if not 0 <= j < len(self.steps))
+        if outside:
+            raise IndexError(f"InvertibleSequence.store: steps {outside} outside this chain of {len(self.steps)} steps")
+        self.stored = stored
 
     def _segments(self):
         """Consecutive runs of steps: (recompute?, [steps])."""
         runs: list[tuple[bool, list[Flow]]] = []
-        for step in self.steps:
-            ok = not step.store_activations
+        for j, step in enumerate(self.steps):
+            ok = j not in self.stored
             if runs and runs[-1][0] == ok:
                 runs[-1][1].append(step)
             else:
@@ -234,12 +253,14 @@ def check_and_flag(flow: nn.Module, x: torch.Tensor, max_error: float, cond: tor
                    reduce=None) -> dict:
     """Measure reconstruction errors and flag unstable steps to store their activations.
 
-    A step whose own relative error exceeds ``max_error`` gets ``store_activations = True``;
-    steps back under the bound are returned to recompute. ``reduce``: a collective taking the
-    per-step errors (a 1-d float64 tensor) to their maximum over ranks, so every rank flags the
-    same steps (the backward graphs, and DeepSpeed's gradient buckets, then line up). Returns
-    the errors plus ``"flagged"``: the number of flagged steps and ``"stored"``: their
-    (chain, step) indices.
+    A step whose own relative error exceeds ``max_error`` is flagged; on a chain wrapped for
+    inverse recompute (:class:`InvertibleSequence`) the flagged steps become its ``stored`` set,
+    so they run with ordinary autograd and every other step (back under the bound included) is
+    recomputed. Other chains hold nothing to flag; their errors are reported alike. ``reduce``: a
+    collective taking the per-step errors (a 1-d float64 tensor) to their maximum over ranks, so
+    every rank flags the same steps (the backward graphs, and DeepSpeed's gradient buckets, then
+    line up). Returns the errors plus ``"flagged"``: the number of flagged steps and ``"stored"``:
+    their (chain, step) indices, over all chains.
     """
     errs = reconstruction_errors(flow, x, cond)
     flat = torch.tensor([e for per_step in errs["step"] for e in per_step], dtype=torch.float64)
@@ -247,13 +268,12 @@ def check_and_flag(flow: nn.Module, x: torch.Tensor, max_error: float, cond: tor
     if reduce is not None:
         flat = reduce(flat)
     stored, k = [], 0
-    for i, (holder, per_step) in enumerate(zip(flow.require_chains("the reconstruction check"), errs["step"])):
-        for j, step in enumerate(holder.steps):
-            bad = not (flat[k].item() <= max_error)
-            step.store_activations = bad
-            if bad:
-                stored.append((i, j))
-            k += 1
+    for i, holder in enumerate(flow.require_chains("the reconstruction check")):
+        bad = [j for j in range(len(holder.steps)) if not (flat[k + j].item() <= max_error)]
+        if isinstance(holder.steps, InvertibleSequence):
+            holder.steps.store(bad)
+        stored += [(i, j) for j in bad]
+        k += len(holder.steps)
     errs["step_max"] = flat.max().item() if len(flat) else 0.0
     errs["flagged"] = len(stored)
     errs["stored"] = stored

@@ -16,7 +16,7 @@ from flowscale.flows.jet import SpatialCoupling
 from flowscale.flows.nets import glow_net
 from flowscale.flows.permutations import InvConv1x1, InvConv1x1LU
 from flowscale.inverse_checkpoint import (InvertibleSequence, check_and_flag, checkpoint_steps, inverse_checkpoint,
-                                          reconstruction_errors)
+                                          plain_autograd, reconstruction_errors)
 from flowscale.loss import flow_bpd_dequantized
 from helpers import assert_same_loss_and_gradients, loss_and_grads, perturb_, small_flow, worst_relative_difference
 
@@ -197,8 +197,8 @@ def test_flagged_steps_store_activations_and_keep_gradients_exact():
     wrapped = inverse_checkpoint(copy.deepcopy(plain))
     x = torch.rand(4, 3, 16, 16, dtype=torch.float64) - 0.5
     base = saved_bytes(wrapped, x)
-    wrapped.levels[0].steps[2].store_activations = True
-    wrapped.levels[1].steps[5].store_activations = True
+    wrapped.levels[0].steps.store([2])
+    wrapped.levels[1].steps.store([5])
     assert saved_bytes(wrapped, x) > base
     _, _, ga = loss_and_grads(plain, x)
     _, _, gb = loss_and_grads(wrapped, x)
@@ -210,17 +210,53 @@ def test_reconstruction_error_is_measured_and_bad_steps_are_flagged():
     x = torch.rand(4, 3, 8, 8) - 0.5
     healthy = check_and_flag(flow, x, max_error=1e-4)
     assert len(healthy["level"]) == 2 and max(healthy["level"]) < 1e-5 and healthy["flagged"] == 0
-    # Make one 1x1 conv nearly singular (condition number ~1e7): its float32 inverse drifts.
-    conv = [m for m in flow.levels[0].steps[1].modules() if isinstance(m, InvConv1x1)][0]
-    with torch.no_grad():
-        u, s, vh = torch.linalg.svd(conv.weight.double())
-        s = torch.logspace(0, -7, len(s), dtype=torch.float64)
-        conv.weight.copy_((u @ torch.diag(s) @ vh).float())
+    assert [level.steps.stored for level in flow.levels] == [frozenset(), frozenset()]
+    nearly_singular_(flow.levels[0].steps[1], 1e-7)  # condition number 1e7: its float32 inverse drifts
     errs = check_and_flag(flow, x, max_error=1e-4)
     assert errs["step"][0][1] > 1e-4 and errs["level"][0] > 1e-4
-    assert flow.levels[0].steps[1].store_activations is True
-    assert errs["flagged"] >= 1
-    assert not getattr(flow.levels[1].steps[0], "store_activations", False)
+    assert 1 in flow.levels[0].steps.stored and (0, 1) in errs["stored"]
+    assert errs["flagged"] == len(errs["stored"]) >= 1
+    assert 0 not in flow.levels[1].steps.stored
+
+
+def nearly_singular_(step, smallest: float) -> None:
+    """Give ``step``'s 1x1 conv singular values spread log-evenly from 1 down to ``smallest``."""
+    conv = [m for m in step.modules() if isinstance(m, InvConv1x1)][0]
+    with torch.no_grad():
+        u, _, vh = torch.linalg.svd(conv.weight.double())
+        s = torch.logspace(0, math.log10(smallest), len(conv.weight), dtype=torch.float64)
+        conv.weight.copy_((u @ torch.diag(s) @ vh).to(conv.weight.dtype))
+
+
+def test_the_wrapper_owns_the_stored_steps_and_gradients_stay_exact():
+    """check_and_flag sets the set of stored steps on the chain's wrapper, not on the layers; it is
+    runtime state outside the state dict (a resumed run re-derives it at its first check, so a
+    checkpoint loads into a wrapped or plain flow alike); gradients stay those of plain autograd."""
+    plain = small_flow("glow", levels=2, steps=3, width=8, size=8, scale=0.1, seed=5)
+    nearly_singular_(plain.levels[1].steps[2], 1e-14)  # its float64 inverse drifts (2e-2 measured)
+    wrapped = inverse_checkpoint(copy.deepcopy(plain))
+    x = torch.rand(4, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(6)) - 0.5
+    errs = check_and_flag(wrapped, x, max_error=1e-6)
+    assert errs["stored"] == [(1, 2)] and errs["flagged"] == 1, errs
+    assert [level.steps.stored for level in wrapped.levels] == [frozenset(), frozenset({2})]
+    assert not [type(m).__name__ for m in wrapped.modules() if "store_activations" in vars(m)]
+    assert not hasattr(type(wrapped.levels[0].steps[0]), "store_activations")
+    assert wrapped.state_dict().keys() == plain.state_dict().keys()
+    _, _, ga = loss_and_grads(plain, x)
+    _, _, gb = loss_and_grads(wrapped, x)
+    assert worst_relative_difference(ga, gb) < 1e-10
+    # Back under the bound (here: a looser one), the step is recomputed again, and its drifting
+    # inverse shows in the gradients (0.1 measured): the stored set is what kept them exact.
+    assert check_and_flag(wrapped, x, max_error=1.0)["flagged"] == 0 and wrapped.levels[1].steps.stored == frozenset()
+    assert worst_relative_difference(ga, loss_and_grads(wrapped, x)[2]) > 1e-3
+    with pytest.raises(IndexError, match=r"steps \[3\] outside this chain of 3 steps"):
+        wrapped.levels[0].steps.store([3])
+    # The switch is per instance too: plain_autograd turns it off for the block and restores it.
+    assert not hasattr(InvertibleSequence, "recompute")
+    wrapped.levels[1].steps.recompute = False
+    with plain_autograd(wrapped):
+        assert [level.steps.recompute for level in wrapped.levels] == [False, False]
+    assert [level.steps.recompute for level in wrapped.levels] == [True, False]
 
 
 def test_recompute_levels_selects_levels():

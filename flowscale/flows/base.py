@@ -28,10 +28,10 @@ through autograd (:func:`accumulate_grads`) and take the default path while the 
 watched (:func:`watched`: a hook installed with :func:`watch`, or DeepSpeed ZeRO-3 holding its
 parameters), so that every call is a module call.
 
-Each layer also carries one runtime flag, declared on :class:`Flow`: ``store_activations``
-(set by the reconstruction-health check, :func:`flowscale.inverse_checkpoint.check_and_flag`,
-alike on every rank) makes inverse recompute keep this layer's activations instead of
-trusting its inverse.
+Layers carry no runtime state for the memory wrappers: which steps inverse recompute trusts
+to invert and which keep their activations (set by the reconstruction-health check,
+:func:`flowscale.inverse_checkpoint.check_and_flag`, alike on every rank) is held by the
+wrapper around their chain (:class:`flowscale.inverse_checkpoint.InvertibleSequence`, ``stored``).
 
 A flow built of chains of steps (the multi-scale flows: squeeze -> K steps -> split, level by
 level) declares them, with a default of none::
@@ -61,9 +61,6 @@ class Flow(nn.Module):
 
     fused_backprop: ClassVar[bool] = False
     """True where :meth:`reconstruct_and_backprop` is overridden by a cheaper exact path."""
-    store_activations: bool = False
-    """Runtime flag: inverse recompute runs this layer with ordinary autograd (its inverse is
-    not accurate enough, see :func:`flowscale.inverse_checkpoint.check_and_flag`)."""
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None, reverse: bool = False):
         if reverse:
