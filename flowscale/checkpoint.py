@@ -268,6 +268,12 @@ def _write_error(path: Path, failure: BaseException | None, needed: int | None, 
         f"earlier checkpoints are untouched.")
 
 
+def written_healthy(ckpt: Path) -> bool:
+    """The ``healthy`` flag of a checkpoint's client state: no step was flagged by the divergence
+    watch when it was written (checkpoints from before the flag: True)."""
+    return bool(torch.load(ckpt / "client.pt", map_location="cpu", weights_only=True).get("healthy", True))
+
+
 @dataclass
 class Loaded:
     """A checkpoint read back by :func:`load`."""

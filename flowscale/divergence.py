@@ -54,6 +54,25 @@ class Rollback:
     """LR multiplier applied to steps to_step+1 .. lr_until."""
     lr_until: int
 
+    def line(self, number: int, max_rollbacks: int) -> str:
+        """The log line of this run's ``number``-th rollback."""
+        return (f"diverged at step {self.at_step}: {self.reason}; rollback {number}/{max_rollbacks}: restored "
+                f"step_{self.to_step:08d}, skipping the data of steps {self.to_step + 1}-{self.at_step} "
+                f"({self.skipped_samples} samples), LR x{self.lr_factor:g} until step {self.lr_until}")
+
+    def metrics(self, number: int) -> dict:
+        """The ``divergence/*`` record (logged at ``to_step``, where training continues)."""
+        return {"rollback": number, "rollback_from_step": self.at_step, "rollback_first_bad": self.first_bad,
+                "rollback_skipped_samples": self.skipped_samples, "rollback_lr_factor": self.lr_factor}
+
+
+class Diverged(FloatingPointError):
+    """The run diverged and was stopped (train.on_divergence=abort, or no rollback allowed)."""
+
+
+ADVICE = ("lower optim.lr, raise optim.warmup_steps, or use bounded scales (model.scale_fn); to tune the watch "
+          "see README: Divergence. No checkpoint was written from these weights.")
+
 
 @dataclass
 class DivergenceWatch:
@@ -194,6 +213,28 @@ def rollback_target(checkpoints: list, healthy_of, first_bad: int):
     return None
 
 
+def decide(cfg, watch: DivergenceWatch, at: int, why: str, checkpoints: list, healthy_of,
+           global_batch: int) -> tuple:
+    """What divergence declared at step ``at`` (``why``: the watch's words) leads to under
+    ``cfg`` (the run's Config): (the checkpoint to restore, its :class:`Rollback` record). Raises
+    :class:`Diverged` in abort mode, when no checkpoint qualifies (:func:`rollback_target` over
+    ``checkpoints``, oldest first, with ``healthy_of(path)``) or past the caps (:meth:`DivergenceWatch.refusal`).
+    The same on every rank: it reads only the agreed watch and the files."""
+    line = f"diverged at step {at}: {why}"
+    if cfg.train.on_divergence == "abort":
+        raise Diverged(f"{line} (last at step {at}); stopped (train.on_divergence=abort). {ADVICE}")
+    target = rollback_target(checkpoints, healthy_of, watch.first_bad)
+    to = int(target.name.split("_")[1]) if target is not None else -1
+    refused = (f"no checkpoint written while healthy at step <= {watch.first_bad - 2} to roll back to "
+               f"(train.checkpoint_every={cfg.train.checkpoint_every})" if target is None
+               else watch.refusal(cfg.divergence, to))
+    if refused:
+        raise Diverged(f"{line} (last at step {at}); not rolled back: {refused}. {ADVICE}")
+    d = cfg.divergence
+    return target, Rollback(at_step=at, to_step=to, first_bad=watch.first_bad, reason=why, skipped_batches=at - to,
+                            skipped_samples=(at - to) * global_batch, lr_factor=d.lr_factor, lr_until=to + d.lr_steps)
+
+
 def rollback_summary(rollbacks: list[dict]) -> str:
     """The run summary's words for its rollbacks ("" when none): where, and the data skipped."""
     if not rollbacks:
@@ -242,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     ns = p.parse_args(argv)
     cfg = load_config(Path(ns.run_dir) / "config.yaml", ns.overrides)
     records = read_metrics(ns.run_dir)
-    steps = sum("bpd" in r for r in records)
+    steps = sum("train/bpd" in r for r in records)
     alarms = replay(records, cfg.divergence, cfg.engine.max_bad_steps)
     print(f"{ns.run_dir}: {steps} logged steps, {len(alarms)} alarm(s)")
     for a in alarms:

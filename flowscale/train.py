@@ -27,7 +27,7 @@ from .build import build_training, pick_device
 from .config import Config, to_dict
 from .data import build_train_loader, eval_split, first_images
 from .data.splits import resolve_split
-from .divergence import Rollback, rollback_target
+from .divergence import Rollback, decide as decide_rollback
 from .deepspeed_universal import check_version
 from .distributed import (DistInfo, all_gather_objects, barrier, bit_identical_on_ranks, cleanup, init_distributed,
                           max_over_ranks, rank0_decides, topology)
@@ -81,19 +81,6 @@ def main(cfg: Config, resume: bool = True, resume_from: str | Path | None = None
         release(lock)
         cleanup()
         torch.set_num_threads(threads_before)
-
-
-class Diverged(FloatingPointError):
-    """The run diverged and was stopped (train.on_divergence=abort, or no rollback allowed)."""
-
-
-ADVICE = ("lower optim.lr, raise optim.warmup_steps, or use bounded scales (model.scale_fn); to tune the watch "
-          "see README: Divergence. No checkpoint was written from these weights.")
-
-
-def _written_healthy(ckpt: Path) -> bool:
-    """The ``healthy`` flag of a checkpoint's client state (checkpoints from before the flag: True)."""
-    return bool(torch.load(ckpt / "client.pt", map_location="cpu", weights_only=True).get("healthy", True))
 
 
 class Trainer:
@@ -157,52 +144,32 @@ class Trainer:
 
     def diverged(self, metrics: dict) -> bool:
         """The step's flags, agreed over ranks (one all-reduce), into the divergence watch; on
-        divergence abort (raises :class:`Diverged`) or roll back. True after a rollback."""
+        divergence abort (raises :class:`~flowscale.divergence.Diverged`) or roll back. True after a rollback."""
         d, state = self.cfg.divergence, self.state
         local = torch.tensor(state.divergence.flags(d, metrics, self.health.take()), device=self.device)
         why = state.divergence.observe(d, state.step, max_over_ranks(local).tolist(), metrics, state.bad_in_row,
                                        self.cfg.engine.max_bad_steps)
         if why is None:
             return False
-        self.roll_back(why)
+        self.roll_back(*decide_rollback(self.cfg, state.divergence, state.step, why, ckpt_io.list_complete(self.run_dir),
+                                        ckpt_io.written_healthy, self.run.layout["global"]))
         return True
 
-    def roll_back(self, why: str) -> None:
-        """Restore the newest checkpoint written while healthy before the streak began (through
-        :meth:`restore`), keep the data position (the diverged window's batches are not replayed),
-        lower the LR for divergence.lr_steps steps and record the rollback (in the watch's state,
-        so in every later checkpoint, and in metrics.jsonl / W&B). Every rank, the same decision."""
-        cfg, state, watch = self.cfg, self.state, self.state.divergence
-        at, first_bad = state.step, watch.first_bad
-        line = f"diverged at step {at}: {why}"
-        if cfg.train.on_divergence == "abort":
-            raise Diverged(f"{line} (last at step {at}); stopped (train.on_divergence=abort). {ADVICE}")
-        target = rollback_target(ckpt_io.list_complete(self.run_dir), _written_healthy, first_bad)
-        to = int(target.name.split("_")[1]) if target is not None else -1
-        refused = (f"no checkpoint written while healthy at step <= {first_bad - 2} to roll back to "
-                   f"(train.checkpoint_every={cfg.train.checkpoint_every})" if target is None
-                   else watch.refusal(cfg.divergence, to))
-        if refused:
-            raise Diverged(f"{line} (last at step {at}); not rolled back: {refused}. {ADVICE}")
-        batches = at - to
-        record = Rollback(at_step=at, to_step=to, first_bad=first_bad, reason=why, skipped_batches=batches,
-                          skipped_samples=batches * self.run.layout["global"], lr_factor=cfg.divergence.lr_factor,
-                          lr_until=to + cfg.divergence.lr_steps)
-        history = [*watch.rollbacks, asdict(record)]
+    def roll_back(self, target: Path, record: Rollback) -> None:
+        """Restore ``target`` (through :meth:`restore`), keep the data position (the diverged
+        window's batches are not replayed) and record the rollback (in the watch's state, so in
+        every later checkpoint, and in metrics.jsonl / W&B); the LR follows the record."""
+        history = [*self.state.divergence.rollbacks, asdict(record)]
         position = self.loader.state_dict()  # past the diverged window
         if self.info.is_main:  # the diverged trajectory's checkpoints: kept aside, never "latest"
-            ckpt_io.set_aside_newer(self.run_dir, to)
+            ckpt_io.set_aside_newer(self.run_dir, record.to_step)
         barrier()
         self.restore(RestorePlan(run_dir=self.run_dir, world_size=self.info.world_size,
-                                 zero_stage=cfg.engine.zero_stage, resume=True, checkpoint=target, chosen=True))
+                                 zero_stage=self.cfg.engine.zero_stage, resume=True, checkpoint=target, chosen=True))
         self.loader.load_state_dict(position)
         self.state.divergence.rollbacks = history
-        self.log.info(f"{line}; rollback {len(history)}/{cfg.divergence.max_rollbacks}: restored {target.name}, "
-                      f"skipping the data of steps {to + 1}-{at} ({record.skipped_samples} samples), LR x"
-                      f"{record.lr_factor:g} until step {record.lr_until}")
-        self.log.log(to, {"rollback": len(history), "rollback_from_step": at, "rollback_first_bad": first_bad,
-                          "rollback_skipped_samples": record.skipped_samples, "rollback_lr_factor": record.lr_factor},
-                     echo=False)
+        self.log.info(record.line(len(history), self.cfg.divergence.max_rollbacks))
+        self.log.log(record.to_step, record.metrics(len(history)), echo=False)
 
     def save_due(self, last_save: float) -> bool:
         t, step = self.cfg.train, self.state.step

@@ -24,7 +24,7 @@ import torch
 from flowscale.analysis.audit import read_batches
 from flowscale.checkpoint import list_complete
 from flowscale.config import DivergenceConfig, load_config
-from flowscale.divergence import DivergenceWatch, replay
+from flowscale.divergence import DivergenceWatch, main as replay_command, replay
 from flowscale.logging import read_metrics
 
 from helpers import child_env, final_weights, train_command
@@ -79,7 +79,7 @@ def runs(tmp_path_factory):
     return tmp, ref, healed
 
 
-def test_poisoned_run_rolls_back_skips_the_window_and_ends_near_an_undisturbed_run(runs):
+def test_poisoned_run_rolls_back_skips_the_window_and_ends_near_an_undisturbed_run(runs, capsys):
     _, ref, healed = runs
     records = read_metrics(healed)
     events = [r for r in records if "divergence/rollback" in r]
@@ -103,9 +103,13 @@ def test_poisoned_run_rolls_back_skips_the_window_and_ends_near_an_undisturbed_r
     assert moved == ["step_00000015"], "the diverged trajectory's checkpoint is kept aside, never resumed"
     final, undisturbed = _test_bpd(healed), _test_bpd(ref)
     assert abs(final - undisturbed) < MARGIN, (final, undisturbed)
-    # The undisturbed run raises no alarm (replayed from its own metrics); the poisoned one does.
+    # The undisturbed run raises no alarm, replayed from its own metrics (the replay command
+    # counts its 24 logged steps); the poisoned one does.
     cfg = load_config(ref / "config.yaml")
     assert replay(read_metrics(ref), cfg.divergence) == []
+    capsys.readouterr()
+    assert replay_command([str(ref)]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == f"{ref}: 24 logged steps, 0 alarm(s)"
 
 
 def test_killed_after_the_rollback_and_resumed_is_bit_identical(runs, tmp_path):
