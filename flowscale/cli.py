@@ -7,7 +7,7 @@ import importlib
 import os
 import sys
 import textwrap
-from importlib.metadata import entry_points
+from importlib.metadata import distributions, entry_points
 from pathlib import Path
 
 from .config import CONFIG_DIR, ConfigError, config_summary, describe_fields, list_configs, load_config
@@ -61,6 +61,18 @@ TOOLS = {"plan": "flowscale.tools.plan:add_parser", "bench": "flowscale.tools.be
 """The library's own tool commands -> the function that adds their parsers (imported lazily)."""
 
 
+def plugin_commands() -> dict:
+    """name -> entry point of every command in the :data:`COMMANDS` group. importlib's
+    ``entry_points()`` reads one distribution per name, the first on sys.path, so a stale
+    ``flowscale.egg-info`` in the working directory (left by an old ``setup.py develop``) would
+    hide the installed flowscale's commands; every flowscale found on sys.path is read too."""
+    found = {ep.name: ep for ep in entry_points(group=COMMANDS)}
+    for dist in distributions(name="flowscale"):
+        for ep in dist.entry_points.select(group=COMMANDS):
+            found.setdefault(ep.name, ep)
+    return found
+
+
 BUILTIN = ("train", "eval", "sample", "bound")
 """The commands defined here (no tool is imported for them)."""
 
@@ -75,7 +87,7 @@ def _command_named(argv: list[str]) -> str | None:
     words = [a for a in argv if not a.startswith("-")]
     if not words:
         return None
-    known = set(TOOLS) | {ep.name for ep in entry_points(group=COMMANDS)}
+    known = set(TOOLS) | set(plugin_commands())
     return words[0] if words[0] in known or words[0] in BUILTIN else None
 
 
@@ -261,8 +273,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     for where in dict.fromkeys(TOOLS.values()):  # the library's own tools, imported only when named (or for --help)
         if wanted is None or TOOLS.get(wanted) == where:
             _load(where)(sub)
-    for ep in entry_points(group=COMMANDS):  # commands of packages beside the library (launch, data_prep)
-        if wanted is None or wanted == ep.name:
+    for name, ep in plugin_commands().items():  # commands of packages beside the library (launch, data_prep)
+        if wanted is None or wanted == name:
             ep.load()(sub)
     return p
 

@@ -78,3 +78,22 @@ def test_prep_help_states_the_encoding_threshold_the_code_uses(tmp_path, capsys)
         assert cli_main(["prep", "folder", str(src), str(tmp_path / str(px)), "--resolution", str(px),
                          "--workers", "1", "--no-progress"]) == 0
         assert json.loads((tmp_path / str(px) / "train" / "manifest.json").read_text())["encoding"] == encoding
+
+
+def test_a_stale_egg_info_in_the_working_directory_hides_no_command(tmp_path):
+    """``python -m`` puts the working directory first on sys.path, so an old ``flowscale.egg-info``
+    there (no entry_points.txt) is the flowscale importlib.metadata reads first; ``submit`` and
+    ``prep`` (entry points of the installed flowscale) must still be commands."""
+    import subprocess
+    import sys
+
+    stale = tmp_path / "flowscale.egg-info"
+    stale.mkdir()
+    (stale / "PKG-INFO").write_text("Metadata-Version: 2.1\nName: flowscale\nVersion: 0.0.1\n")
+    probe = "import importlib.metadata as m; print(m.distribution('flowscale').version)"
+    shadowed = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True)
+    assert shadowed.stdout.strip() == "0.0.1", shadowed  # the stale metadata is what importlib reads first
+    for command in ("submit", "prep"):
+        p = subprocess.run([sys.executable, "-m", "flowscale.cli", command, "--help"], cwd=tmp_path,
+                           capture_output=True, text=True)
+        assert p.returncode == 0 and f"usage: flowscale {command}" in p.stdout, p.stderr[-2000:]
