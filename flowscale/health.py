@@ -3,7 +3,7 @@ error |x - f^-1(f(x))| / |x| and per-level statistics of each step's log-det per
 
 The reconstruction check also decides which flow steps store their activations instead of being
 recomputed through their inverses (the same on every rank; see
-:class:`flowscale.inverse_checkpoint.UnstableSteps`).
+:class:`flowscale.reconstruction.UnstableSteps`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from .analysis.lipschitz import logdet_stats
 from .config import Config
 from .data.quantize import preprocess
 from .distributed import max_over_ranks
-from .inverse_checkpoint import UnstableSteps, reconstruction_tolerance
+from .reconstruction import UnstableSteps, reconstruction_tolerance
 
 
 def health_metrics(flow, batch: torch.Tensor, cfg: Config, dtype: torch.dtype, unstable: UnstableSteps,

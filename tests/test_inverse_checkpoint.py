@@ -15,8 +15,8 @@ from flowscale.flows.couplings import Coupling
 from flowscale.flows.jet import SpatialCoupling
 from flowscale.flows.nets import glow_net
 from flowscale.flows.permutations import InvConv1x1, InvConv1x1LU
-from flowscale.inverse_checkpoint import (InvertibleSequence, check_and_flag, checkpoint_steps, inverse_checkpoint,
-                                          plain_autograd, reconstruction_errors)
+from flowscale.inverse_checkpoint import InvertibleSequence, checkpoint_steps, inverse_checkpoint, plain_autograd
+from flowscale.reconstruction import check_and_flag, reconstruction_errors
 from flowscale.loss import flow_bpd_dequantized
 from helpers import assert_same_loss_and_gradients, loss_and_grads, perturb_, small_flow, worst_relative_difference
 
@@ -349,7 +349,7 @@ def _train_bf16(tmp_path, *extra):
 def test_bf16_recompute_stays_on_at_the_precision_tolerance(tmp_path, capsys):
     """bf16 reconstructs to ~1 eps per step (6e-3 measured); the default bound follows the
     precision (max(1e-3, 4 eps) = 3.1e-2), so recompute is not switched off silently."""
-    from flowscale.inverse_checkpoint import reconstruction_tolerance
+    from flowscale.reconstruction import reconstruction_tolerance
 
     assert reconstruction_tolerance(None, torch.bfloat16) == pytest.approx(4 * 2 ** -7)
     assert reconstruction_tolerance(None, torch.float32) == 1e-3

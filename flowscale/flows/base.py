@@ -30,7 +30,7 @@ parameters), so that every call is a module call.
 
 Layers carry no runtime state for the memory wrappers: which steps inverse recompute trusts
 to invert and which keep their activations (set by the reconstruction-health check,
-:func:`flowscale.inverse_checkpoint.check_and_flag`, alike on every rank) is held by the
+:func:`flowscale.reconstruction.check_and_flag`, alike on every rank) is held by the
 wrapper around their chain (:class:`flowscale.inverse_checkpoint.InvertibleSequence`, ``stored``).
 
 A flow built of chains of steps (the multi-scale flows: squeeze -> K steps -> split, level by

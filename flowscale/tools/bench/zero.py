@@ -121,7 +121,7 @@ def run_case(case: str, args, info, reference: dict | None) -> dict:
     from ...config import ConfigError, load_config
     from ...distributed import max_over_ranks
     from ...engine import train_step
-    from ...inverse_checkpoint import UnstableSteps, reconstruction_tolerance
+    from ...reconstruction import UnstableSteps, reconstruction_tolerance
     from ...loss import sample_noise, training_loss
 
     row = {"case": case}
