@@ -16,7 +16,7 @@ from flowscale.flows.jet import SpatialCoupling
 from flowscale.flows.nets import glow_net
 from flowscale.flows.permutations import InvConv1x1, InvConv1x1LU
 from flowscale.inverse_checkpoint import InvertibleSequence, checkpoint_steps, inverse_checkpoint, plain_autograd
-from flowscale.reconstruction import check_and_flag, reconstruction_errors
+from flowscale.reconstruction import check_and_flag
 from flowscale.loss import flow_bpd_dequantized
 from helpers import assert_same_loss_and_gradients, loss_and_grads, perturb_, small_flow, worst_relative_difference
 
