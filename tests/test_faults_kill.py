@@ -29,7 +29,6 @@ import subprocess
 import time
 from pathlib import Path
 
-import pytest
 import torch
 
 from flowscale.checkpoint import list_complete

@@ -16,7 +16,7 @@ from flowscale.analysis import latent
 from flowscale.cli import main as cli_main
 from flowscale.config import load_config
 from flowscale.data import demo_images
-from flowscale.tools.latent_cli import DIRECTIONS_FILE, load_directions
+from flowscale.tools.latent_cli import load_directions
 from helpers import small_flow
 
 SCALES = [-1.0, -0.5, 0.0, 0.5, 1.0]

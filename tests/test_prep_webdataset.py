@@ -275,7 +275,7 @@ def test_class_name_labels_are_indexed_alike_by_every_worker_and_split(tmp_path,
     assert prep(["verify", str(tmp_path / "a"), "--no-progress"]) == 0
 
     # A test split holding some of the classes, indexed as the train split: --classes OUT/train.
-    test = named_shards(tmp_path / "test", ["tiger shark", "tench", "koi", "tench"])
+    named_shards(tmp_path / "test", ["tiger shark", "tench", "koi", "tench"])
     cmd = ["webdataset", str(tmp_path / "test"), str(tmp_path / "a"), "--split", "test", "--label-field", "label",
            "--classes", str(tmp_path / "a" / "train"), "--no-progress"]
     capsys.readouterr()
@@ -297,7 +297,7 @@ def test_class_name_labels_are_indexed_alike_by_every_worker_and_split(tmp_path,
     assert m["classes"] == fish and m["source"]["labels"].endswith(f"indexed by --classes {tmp_path / 'fish.txt'})")
     assert labels_of(tmp_path / "c" / "train") == {k: fish.index(y) for k, y in train.items() if y in fish}
     # ... and names index labels; a label beyond it, a negative one or a float is bad input.
-    idx = named_shards(tmp_path / "idx", ["0", 2, " 1", 3, 5, -1, 1.5], per_shard=10)
+    named_shards(tmp_path / "idx", ["0", 2, " 1", 3, 5, -1, 1.5], per_shard=10)
     assert prep(["webdataset", str(tmp_path / "idx"), str(tmp_path / "d"), "--classes", str(tmp_path / "fish.txt"),
                  "--workers", "1"] + args) == 0
     m = json.loads((tmp_path / "d" / "train" / "manifest.json").read_text())

@@ -115,7 +115,6 @@ def build_case(size: int, k: int, mode: str, width: int, device: str, seed: int 
     import torch
 
     from ...config import ModelConfig
-    from ...flows.actnorm import initialize_actnorm
     from ...flows.models import build_flow
     from ...inverse_checkpoint import checkpoint_steps, inverse_checkpoint
 

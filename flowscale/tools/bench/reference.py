@@ -239,7 +239,6 @@ def time_levels(flow, x, repeats: int, warmup: int = 1) -> list[dict]:
 
 def profile_tables(cases: dict, rows: int = 30) -> dict:
     """{case: torch.profiler op table (self CPU time) of one training step}, after one untimed step."""
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
     out = {}
